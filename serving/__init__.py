@@ -1,0 +1,4 @@
+"""espro's inference runtime: the complex bundle, the predictive math and the member engine.
+
+Importing this package never imports Ray; only the Serve application module does.
+"""

@@ -1,0 +1,163 @@
+"""Split conformal prediction sets and the abstention threshold, as pure tensor functions.
+
+Calibration (offline) computes :func:`conformity_scores` on a held-out split of pooled
+probabilities and turns them into a threshold with :func:`conformal_threshold`; serving
+builds :func:`prediction_sets` from that threshold. Both sides score every class with the
+same private function, so a class's score never depends on which side computed it.
+
+The argument checks shared by the predictive math and the evaluation metrics live here too,
+because this module sits at the bottom of the import graph (``serving.predictive`` imports it).
+"""
+
+from __future__ import annotations
+
+import math
+from enum import StrEnum
+from fractions import Fraction
+
+import torch
+from torch import Tensor
+
+
+class ConformalMethod(StrEnum):
+    """How a class is scored against an instance; a lower score means a better fit."""
+
+    APS = "aps"
+    """Adaptive prediction sets (non-randomised): the total probability of the classes ranked
+    at or above the class. Equal probabilities are ranked by class index (the lower index
+    first), so the sets grow in a fixed order and may be empty below the top probability."""
+    LAC = "lac"
+    """Least ambiguous classifier: one minus the class's probability. Smallest sets on average."""
+
+
+def check_floating(x: Tensor, name: str, *, ndim: int | None = None) -> None:
+    """Check that ``x`` is a floating tensor with ``ndim`` dimensions (any, if ``None``, but at
+    least one) and a non-empty last dimension. Values are not checked: on the serving path that
+    would force a device sync.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"Expected `{name}` to be a torch.Tensor, but got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise TypeError(f"Expected `{name}` to be a floating tensor, but got dtype {x.dtype}.")
+    dims_ok = x.ndim >= 1 if ndim is None else x.ndim == ndim
+    if not dims_ok or x.shape[-1] == 0:
+        dims = "at least 1" if ndim is None else str(ndim)
+        raise ValueError(
+            f"Expected `{name}` to have {dims} dimension(s) and a non-empty last dimension, "
+            f"but got shape {tuple(x.shape)}."
+        )
+
+
+def check_labels(labels: Tensor, probs: Tensor) -> None:
+    """Check that ``labels`` is an integer tensor ``[N]`` of class indices for ``probs [N, C]``."""
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"Expected `labels` to be a torch.Tensor, but got {type(labels).__name__}.")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"Expected `labels` to be an integer tensor, but got dtype {labels.dtype}.")
+    if labels.shape != probs.shape[:1]:
+        raise ValueError(
+            f"Expected `labels` to have shape {tuple(probs.shape[:1])} to match `probs` of shape "
+            f"{tuple(probs.shape)}, but got {tuple(labels.shape)}."
+        )
+    if labels.numel() == 0:
+        raise ValueError("Expected at least one instance, but got none.")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= probs.shape[-1]:
+        raise ValueError(
+            f"Expected `labels` in [0, {probs.shape[-1] - 1}], but got values in [{low}, {high}]."
+        )
+
+
+def _check_fraction(value: float, name: str, *, closed_low: bool = False) -> None:
+    low_ok = value >= 0 if closed_low else value > 0
+    if not (low_ok and value < 1):
+        interval = "[0, 1)" if closed_low else "(0, 1)"
+        raise ValueError(f"Expected `{name}` in {interval}, but got {value}.")
+
+
+def _as_method(method: ConformalMethod | str) -> ConformalMethod:
+    try:
+        return ConformalMethod(method)
+    except ValueError:
+        expected = ", ".join(repr(m.value) for m in ConformalMethod)
+        raise ValueError(
+            f"Expected `method` to be one of {expected}, but got {method!r}."
+        ) from None
+
+
+def _class_scores(probs: Tensor, method: ConformalMethod) -> Tensor:
+    """Score of every class for every instance, ``[N, C]``: the one definition both sides use."""
+    if method is ConformalMethod.LAC:
+        return 1 - probs
+    # APS: rank classes by probability (descending, ties by class index via a stable sort),
+    # accumulate, and scatter each running total back to its class's column.
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    return torch.empty_like(probs).scatter_(-1, order, sorted_probs.cumsum(dim=-1))
+
+
+def conformity_scores(probs: Tensor, labels: Tensor, method: ConformalMethod | str) -> Tensor:
+    """Score of each instance's true class, ``[N]``, from pooled probabilities ``[N, C]``."""
+    method = _as_method(method)
+    check_floating(probs, "probs", ndim=2)
+    check_labels(labels, probs)
+    return _class_scores(probs, method).gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
+
+
+def conformal_threshold(scores: Tensor, coverage: float) -> float:
+    """Split-conformal threshold: the ``ceil((n + 1) * coverage)``-th smallest of ``n`` scores.
+
+    Sets built with it contain the true class with probability at least ``coverage`` on
+    exchangeable data. When that rank exceeds ``n`` (too few calibration points for the
+    coverage asked) the threshold is ``+inf`` and every set holds every class.
+    ``coverage`` is read as the decimal it prints as, so ``(n + 1) * 0.28`` with ``n = 24`` is
+    exactly 7, not ``7.000000000000001`` rounded up to 8.
+    """
+    _check_fraction(coverage, "coverage")
+    if not isinstance(scores, Tensor) or scores.ndim != 1 or scores.numel() == 0:
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise ValueError(f"Expected `scores` to be a non-empty 1-D tensor, but got {shape}.")
+    n = scores.numel()
+    rank = math.ceil((n + 1) * Fraction(repr(float(coverage))))
+    if rank > n:
+        return math.inf
+    return float(torch.kthvalue(scores, rank).values)
+
+
+def prediction_sets(probs: Tensor, threshold: float, method: ConformalMethod | str) -> Tensor:
+    """Boolean sets ``[B, C]``: class ``y`` is in the set iff its score is ``<= threshold``."""
+    method = _as_method(method)
+    check_floating(probs, "probs", ndim=2)
+    if math.isnan(threshold):
+        raise ValueError("Expected `threshold` to be a number or +inf, but got nan.")
+    return _class_scores(probs, method) <= threshold
+
+
+def abstention_threshold(confidence: Tensor, correct: Tensor, target_error: float) -> float:
+    """Lowest confidence to answer at, so that the calibration error among answers is bounded.
+
+    Returns the smallest threshold ``t`` (one of the calibration confidences) such that the
+    error rate among calibration points with ``confidence >= t`` is at most ``target_error``;
+    this keeps as many points as possible. Points with equal confidence are kept or dropped
+    together. Serve by abstaining when ``confidence < t``. If no ``t`` achieves the target,
+    returns ``+inf``, which is above every confidence: abstain on everything.
+    """
+    _check_fraction(target_error, "target_error", closed_low=True)
+    check_floating(confidence, "confidence", ndim=1)
+    if not isinstance(correct, Tensor) or correct.dtype != torch.bool:
+        got = correct.dtype if isinstance(correct, Tensor) else type(correct).__name__
+        raise TypeError(f"Expected `correct` to be a bool tensor, but got {got}.")
+    if correct.shape != confidence.shape:
+        raise ValueError(
+            f"Expected `correct` to have the shape of `confidence` {tuple(confidence.shape)}, "
+            f"but got {tuple(correct.shape)}."
+        )
+    sorted_conf, order = torch.sort(confidence, descending=True, stable=True)
+    errors = (~correct[order]).cumsum(0, dtype=torch.float64)
+    kept = torch.arange(1, errors.numel() + 1, dtype=torch.float64, device=errors.device)
+    # A threshold keeps whole groups of ties, so only the last position of each group counts.
+    group_end = torch.ones_like(sorted_conf, dtype=torch.bool)
+    group_end[:-1] = sorted_conf[:-1] != sorted_conf[1:]
+    feasible = (group_end & (errors / kept <= target_error)).nonzero()
+    if feasible.numel() == 0:
+        return math.inf
+    return float(sorted_conf[feasible[-1, 0]])

@@ -1,0 +1,76 @@
+"""Run one architecture under many weight settings: the reference member engine.
+
+Every member is a dictionary of parameters and buffers materialised once; a forward pass is a
+``torch.func.functional_call`` of the shared module under each member's state, so no module
+is copied per member and no layer is rewritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from serving.manifest import InputSpec
+
+MemberState = Mapping[str, torch.Tensor]
+
+
+class InputError(ValueError):
+    """Inputs that do not match the bundle's input spec; the message says what was expected."""
+
+
+class MemberEnsemble:
+    """A module and the states of its members, answering raw (unnormalised) inputs."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        members: Sequence[MemberState],
+        input_spec: InputSpec,
+        *,
+        device: str | torch.device = "cpu",
+        chunk_size: int = 1024,
+    ) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.members = [{k: v.to(self.device) for k, v in m.items()} for m in members]
+        self.input_spec = input_spec
+        self.chunk_size = chunk_size
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def check_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Validate a raw batch against the input spec and return it as float32."""
+        shape = tuple(self.input_spec.shape)
+        if x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+            raise InputError(
+                f"expected inputs of shape [batch, {', '.join(map(str, shape))}], "
+                f"got {list(x.shape)}"
+            )
+        if x.shape[0] == 0:
+            raise InputError("the batch is empty")
+        if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64, torch.uint8)):
+            raise InputError(f"expected numeric inputs, got dtype {x.dtype}")
+        x = x.to(torch.float32)
+        if not torch.isfinite(x).all():
+            raise InputError("inputs contain NaN or infinite values")
+        return x
+
+    @torch.no_grad()
+    def outputs(self, x: torch.Tensor, members: Sequence[int] | None = None) -> torch.Tensor:
+        """Member outputs ``[S, B, num_outputs]`` for a raw batch ``[B, *input_shape]``."""
+        x = self.input_spec.normalise(self.check_inputs(x).to(self.device))
+        chosen = [self.members[i] for i in members] if members is not None else self.members
+        chunks = [
+            torch.stack([functional_call(self.model, m, (part,)) for m in chosen])
+            for part in x.split(self.chunk_size)
+        ]
+        return torch.cat(chunks, dim=1)

@@ -1,0 +1,214 @@
+"""The bundle manifest: a pydantic schema kept apart from the code that reads the tensors.
+
+A bundle is a directory holding ``manifest.json`` and ``vertices.safetensors``. The manifest
+says how to rebuild the network (architecture and input spec), which simplexes the complex
+holds, which points were drawn from each (Dirichlet coordinates and their seed), how to turn
+member outputs into a calibrated prediction, and the sha256 of every other file.
+
+Tensor names inside ``vertices.safetensors`` follow :func:`vertex_key`, :func:`buffer_key`
+and :func:`draw_buffer_key`.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import StrEnum
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serving.conformal import ConformalMethod
+
+SCHEMA_VERSION = 1
+"""Bumped whenever a reader of the previous version would misread a new bundle."""
+
+MANIFEST_FILE = "manifest.json"
+TENSORS_FILE = "vertices.safetensors"
+
+
+class Task(StrEnum):
+    """What the network predicts."""
+
+    CLASSIFICATION = "classification"
+    """Logits over classes; members are pooled in probability space."""
+    REGRESSION = "regression"
+    """A Gaussian per member (mean and raw scale); members form a mixture."""
+
+
+def vertex_key(simplex: int, vertex: int, name: str) -> str:
+    """Tensor name of parameter ``name`` of vertex ``vertex`` of simplex ``simplex``."""
+    return f"simplex.{simplex}.vertex.{vertex}.{name}"
+
+
+def buffer_key(simplex: int, name: str) -> str:
+    """Tensor name of buffer ``name`` shared by the draws of a simplex (its mode's buffers)."""
+    return f"simplex.{simplex}.buffer.{name}"
+
+
+def draw_buffer_key(simplex: int, draw: int, name: str) -> str:
+    """Tensor name of the BatchNorm statistic ``name`` recomputed for one draw."""
+    return f"simplex.{simplex}.draw.{draw}.{name}"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ArchitectureSpec(_Strict):
+    """How to rebuild the network: a registered builder name (or ``module:callable``)."""
+
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class InputSpec(_Strict):
+    """Shape, dtype and normalisation of one instance, as a client sends it.
+
+    Normalisation is ``(x - mean) / std``; for rank-1 inputs ``mean``/``std`` are per
+    feature, for higher ranks per channel (dimension 0 of ``shape``).
+    """
+
+    shape: tuple[int, ...]
+    dtype: Literal["float32"] = "float32"
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @model_validator(mode="after")
+    def _check(self) -> InputSpec:
+        if not self.shape or any(d <= 0 for d in self.shape):
+            raise ValueError(f"shape must be non-empty and positive, got {list(self.shape)}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if len(value) != self.shape[0]:
+                raise ValueError(
+                    f"{name} must have {self.shape[0]} entries (dimension 0 of shape), "
+                    f"got {len(value)}"
+                )
+        if any(s <= 0 or not math.isfinite(s) for s in self.std):
+            raise ValueError("std entries must be finite and positive")
+        return self
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise a batch ``[B, *shape]`` of raw inputs."""
+        view = (-1,) + (1,) * (len(self.shape) - 1)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(view)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(view)
+        return (x - mean) / std
+
+
+class DrawSpec(_Strict):
+    """One member: a point of its simplex given by Dirichlet coordinates."""
+
+    alpha: tuple[float, ...]
+    batchnorm: bool = False
+    """Whether the member has its own recomputed BatchNorm statistics in the tensor file."""
+
+    @field_validator("alpha")
+    @classmethod
+    def _on_simplex(cls, alpha: tuple[float, ...]) -> tuple[float, ...]:
+        if any(a < 0 for a in alpha) or abs(sum(alpha) - 1.0) > 1e-5:
+            raise ValueError("alpha must be non-negative and sum to 1")
+        return alpha
+
+
+class SimplexSpec(_Strict):
+    """A simplex grown from one mode: its vertices and the members drawn from it."""
+
+    num_vertices: int = Field(ge=1)
+    draw_seed: int
+    draws: tuple[DrawSpec, ...] = Field(min_length=1)
+    log_volume: float | None = None
+    """log V² of the simplex (Cayley–Menger), ``None`` for a single vertex."""
+
+    @model_validator(mode="after")
+    def _check(self) -> SimplexSpec:
+        for i, draw in enumerate(self.draws):
+            if len(draw.alpha) != self.num_vertices:
+                raise ValueError(
+                    f"draws[{i}].alpha has {len(draw.alpha)} coordinates for "
+                    f"{self.num_vertices} vertices"
+                )
+        return self
+
+
+class ConformalSpec(_Strict):
+    """Split conformal prediction sets calibrated on a held-out split."""
+
+    method: ConformalMethod
+    coverage: float = Field(gt=0, lt=1)
+    threshold: float | None
+    """Score threshold; ``None`` when the calibration split is too small for the coverage,
+    in which case every class is in every set."""
+    num_calibration: int = Field(ge=1)
+
+    @property
+    def score_threshold(self) -> float:
+        """The threshold to compare conformity scores with (``inf``: every class)."""
+        return math.inf if self.threshold is None else self.threshold
+
+
+class AbstentionSpec(_Strict):
+    """Abstain when the pooled confidence is below ``threshold``."""
+
+    target_error: float = Field(gt=0, lt=1)
+    threshold: float
+    calibration_coverage: float = Field(ge=0, le=1)
+    """Fraction of the calibration split that the threshold keeps."""
+
+
+class Manifest(_Strict):
+    """Everything needed to rebuild, verify and run a complex of simplexes."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    version: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    task: Task
+    architecture: ArchitectureSpec
+    input: InputSpec
+    num_outputs: int = Field(ge=1)
+    class_names: tuple[str, ...] = ()
+    parameter_names: tuple[str, ...] = Field(min_length=1)
+    buffer_names: tuple[str, ...] = ()
+    batchnorm_buffer_names: tuple[str, ...] = ()
+    simplexes: tuple[SimplexSpec, ...] = Field(min_length=1)
+    temperature: float = Field(default=1.0, gt=0)
+    """Classification: member logits are divided by it. Regression: variances are scaled."""
+    conformal: ConformalSpec | None = None
+    abstention: AbstentionSpec | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, str] = Field(default_factory=dict)
+    """sha256 (hex) of every file of the bundle except the manifest itself."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Manifest:
+        if self.task is Task.CLASSIFICATION and len(self.class_names) != self.num_outputs:
+            raise ValueError(
+                f"class_names has {len(self.class_names)} entries for {self.num_outputs} outputs"
+            )
+        if self.task is Task.REGRESSION and self.num_outputs != 2:
+            raise ValueError("regression networks output (mean, raw scale): num_outputs must be 2")
+        if not set(self.batchnorm_buffer_names) <= set(self.buffer_names):
+            raise ValueError("batchnorm_buffer_names must be a subset of buffer_names")
+        for i, simplex in enumerate(self.simplexes):
+            if any(d.batchnorm for d in simplex.draws) and not self.batchnorm_buffer_names:
+                raise ValueError(f"simplexes[{i}] has BatchNorm draws but the model has none")
+        return self
+
+    @property
+    def num_members(self) -> int:
+        """Members over all simplexes."""
+        return sum(len(s.draws) for s in self.simplexes)
+
+    def tensor_keys(self) -> set[str]:
+        """Every tensor name the tensor file must hold, and nothing else."""
+        keys: set[str] = set()
+        for m, simplex in enumerate(self.simplexes):
+            for j in range(simplex.num_vertices):
+                keys.update(vertex_key(m, j, n) for n in self.parameter_names)
+            keys.update(buffer_key(m, n) for n in self.buffer_names)
+            for s, draw in enumerate(simplex.draws):
+                if draw.batchnorm:
+                    keys.update(draw_buffer_key(m, s, n) for n in self.batchnorm_buffer_names)
+        return keys

@@ -1,0 +1,115 @@
+"""The calibrated predictor: a verified bundle, its members materialised once, and the math.
+
+Offline prediction, evaluation and the server all answer through :class:`Predictor`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from serving.architectures import create_model
+from serving.bundle import Bundle, load_bundle
+from serving.ensemble import MemberEnsemble
+from serving.manifest import Manifest, Task
+from serving.predictive import (
+    ClassificationPrediction,
+    RegressionPrediction,
+    classify,
+    regress,
+)
+from serving.simplex import mix_vertices
+
+Prediction = ClassificationPrediction | RegressionPrediction
+
+
+def build_model(manifest: Manifest, *, allow_custom_architecture: bool = False) -> torch.nn.Module:
+    """Instantiate the bundle's architecture (weights are supplied per member)."""
+    spec = manifest.architecture
+    return create_model(
+        spec.name,
+        input_shape=manifest.input.shape,
+        num_outputs=manifest.num_outputs,
+        allow_custom=allow_custom_architecture,
+        **spec.kwargs,
+    )
+
+
+class Predictor:
+    """Answers raw inputs with the pooled, calibrated prediction of every member of a bundle."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        device: str | torch.device = "cpu",
+        allow_custom_architecture: bool = False,
+    ) -> None:
+        self.bundle = bundle
+        manifest = bundle.manifest
+        model = build_model(manifest, allow_custom_architecture=allow_custom_architecture)
+        self._check_names(model, manifest)
+        members, self._slots = [], []
+        for m, simplex in enumerate(manifest.simplexes):
+            vertices = bundle.vertices(m)
+            slots = []
+            for s, draw in enumerate(simplex.draws):
+                slots.append(len(members))
+                members.append({**mix_vertices(vertices, draw.alpha), **bundle.buffers(m, s)})
+            self._slots.append(slots)
+        self.ensemble = MemberEnsemble(model, members, manifest.input, device=device)
+
+    @classmethod
+    def from_path(cls, path: str | Path, **kwargs: object) -> Predictor:
+        """Load and verify a bundle, then build its predictor."""
+        return cls(load_bundle(path), **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.bundle.manifest
+
+    @property
+    def max_draws(self) -> int:
+        """The most draws per simplex every simplex can provide."""
+        return min(len(slots) for slots in self._slots)
+
+    @staticmethod
+    def _check_names(model: torch.nn.Module, manifest: Manifest) -> None:
+        params = tuple(n for n, _ in model.named_parameters())
+        buffers = tuple(n for n, _ in model.named_buffers())
+        if set(params) != set(manifest.parameter_names) or set(buffers) != set(
+            manifest.buffer_names
+        ):
+            raise ValueError(
+                f"architecture {manifest.architecture.name!r} does not match the bundle: "
+                "its parameter or buffer names differ from the manifest's"
+            )
+
+    def member_indices(self, draws: int | None = None) -> list[int]:
+        """Members to run: the first ``draws`` of every simplex (all when ``None``)."""
+        if draws is None:
+            return [i for slots in self._slots for i in slots]
+        if not 1 <= draws <= self.max_draws:
+            raise ValueError(f"draws must be between 1 and {self.max_draws}, got {draws}")
+        return [i for slots in self._slots for i in slots[:draws]]
+
+    def predict(
+        self, x: torch.Tensor, *, draws: int | None = None, return_members: bool = False
+    ) -> Prediction:
+        """Pooled calibrated prediction for a raw batch ``[B, *input_shape]``."""
+        manifest = self.manifest
+        outputs = self.ensemble.outputs(x, self.member_indices(draws)).cpu()
+        if manifest.task is Task.REGRESSION:
+            return regress(
+                outputs, variance_scale=manifest.temperature, return_members=return_members
+            )
+        conformal, abstention = manifest.conformal, manifest.abstention
+        return classify(
+            outputs,
+            temperature=manifest.temperature,
+            conformal_method=conformal.method if conformal else None,
+            conformal_threshold=conformal.score_threshold if conformal else None,
+            abstain_below=abstention.threshold if abstention else None,
+            return_members=return_members,
+        )

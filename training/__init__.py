@@ -1,0 +1,1 @@
+"""espro's offline trainer: modes, simplexes (SPRO/ESPRO), calibration and evaluation."""

@@ -1,0 +1,262 @@
+"""The ``espro`` command line: train, evaluate, predict, demo, configs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from serving.bundle import BundleError, load_bundle
+from serving.ensemble import InputError
+from serving.manifest import Task
+from serving.predictive import ClassificationPrediction
+from serving.predictor import Prediction, Predictor
+from training.checkpoint import CheckpointError
+from training.config import ConfigError, builtin_configs, load_config, parse_config
+from training.data import load_dataset
+from training.evaluation import evaluate, results_table, shift_table
+from training.pipeline import train
+
+log = logging.getLogger("espro")
+
+DEMO_CONFIG = "mnist1d-demo"
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    output = Path(args.output or Path("runs") / f"{config.name}-{config.version}")
+    workdir = Path(args.workdir) if args.workdir else output.with_name(output.name + ".work")
+    log.info("training %s into %s (checkpoints in %s)", config.name, output, workdir)
+    try:
+        path, results = train(config, output, workdir=workdir, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        log.error("interrupted: run the same command again to resume from the last vertex")
+        return 130
+    if not args.keep_checkpoints:
+        shutil.rmtree(workdir, ignore_errors=True)
+    task = load_bundle(path).manifest.task
+    print(f"\nbundle written to {path}\n")
+    print(results_table(results, task))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    bundle = load_bundle(args.bundle)
+    config = parse_config(bundle.manifest.training.get("config"), f"{args.bundle} training config")
+    severities = args.severities or config.evaluation.noise_severities
+    results = evaluate(bundle, load_dataset(config.data), severities, seed=config.seed)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(results_table(results, bundle.manifest.task))
+    print("\nGaussian noise (calibrated):\n")
+    print(shift_table(results, bundle.manifest.task))
+    return 0
+
+
+def read_inputs(path: str | Path) -> torch.Tensor:
+    """Inputs from a ``.npy`` file (no pickle) or a JSON list / ``{"inputs": [...]}``."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        array = np.load(path, allow_pickle=False)
+    elif path.suffix == ".json":
+        data = json.loads(path.read_text())
+        array = np.asarray(data["inputs"] if isinstance(data, dict) else data, dtype=np.float32)
+    else:
+        raise InputError(f"{path}: expected a .npy or .json file")
+    if not np.issubdtype(array.dtype, np.number):
+        raise InputError(f"{path}: expected numbers, got dtype {array.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def prediction_records(prediction: Prediction, predictor: Predictor) -> list[dict[str, Any]]:
+    """One JSON-ready record per instance (the native wire format's ``predictions``)."""
+    manifest = predictor.manifest
+    if not isinstance(prediction, ClassificationPrediction):
+        return [
+            {"mean": float(m), "variance": float(v), "aleatoric": float(a), "epistemic": float(e)}
+            for m, v, a, e in zip(
+                prediction.mean,
+                prediction.variance,
+                prediction.aleatoric,
+                prediction.epistemic,
+                strict=True,
+            )
+        ]
+    records = []
+    for i, label in enumerate(prediction.labels.tolist()):
+        record: dict[str, Any] = {
+            "label": label,
+            "class_name": manifest.class_names[label],
+            "probabilities": prediction.probs[i].tolist(),
+            "confidence": float(prediction.confidence[i]),
+            "entropy": float(prediction.entropy[i]),
+            "expected_entropy": float(prediction.expected_entropy[i]),
+            "mutual_information": float(prediction.mutual_information[i]),
+            "disagreement": float(prediction.disagreement[i]),
+        }
+        if prediction.prediction_sets is not None:
+            record["prediction_set"] = [
+                manifest.class_names[c] for c in prediction.prediction_sets[i].nonzero().flatten()
+            ]
+        if prediction.abstain is not None:
+            record["abstain"] = bool(prediction.abstain[i])
+        if prediction.member_probs is not None:
+            record["member_probabilities"] = prediction.member_probs[:, i].tolist()
+        records.append(record)
+    return records
+
+
+def _format_records(records: list[dict[str, Any]], task: Task) -> str:
+    if task is Task.REGRESSION:
+        keys = ["mean", "variance", "aleatoric", "epistemic"]
+    else:
+        keys = ["class_name", "confidence", "entropy", "mutual_information", "prediction_set"]
+        keys += ["abstain"] if records and "abstain" in records[0] else []
+    rows = [["#", *keys]]
+    for i, r in enumerate(records):
+        cells = [
+            f"{r[k]:.4f}"
+            if isinstance(r[k], float)
+            else ",".join(r[k])
+            if isinstance(r[k], list)
+            else str(r[k])
+            for k in keys
+        ]
+        rows.append([str(i), *cells])
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows
+    )
+
+
+def print_predictions(
+    bundle: str | Path,
+    inputs: str | Path,
+    *,
+    draws: int | None = None,
+    members: bool = False,
+    as_json: bool = False,
+    allow_custom_architecture: bool = False,
+) -> None:
+    """Predict offline from a bundle and print a table or the native JSON response."""
+    predictor = Predictor.from_path(bundle, allow_custom_architecture=allow_custom_architecture)
+    prediction = predictor.predict(read_inputs(inputs), draws=draws, return_members=members)
+    records = prediction_records(prediction, predictor)
+    manifest = predictor.manifest
+    if as_json:
+        response = {
+            "model_name": manifest.name,
+            "model_version": manifest.version,
+            "bundle_sha256": predictor.bundle.digest,
+            "predictions": records,
+        }
+        print(json.dumps(response, indent=2))
+    else:
+        print(f"{manifest.name} v{manifest.version} ({predictor.bundle.digest[:12]})")
+        print(_format_records(records, manifest.task))
+
+
+def _predict(args: argparse.Namespace) -> int:
+    print_predictions(
+        args.bundle,
+        args.input,
+        draws=args.draws,
+        members=args.members,
+        as_json=args.json,
+        allow_custom_architecture=args.allow_custom_architecture,
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    config = load_config(DEMO_CONFIG)
+    path, results = train(config, output / "bundle", workdir=output / "work", overwrite=True)
+    shutil.rmtree(output / "work", ignore_errors=True)
+    print(f"\nbundle written to {path}\n")
+    print(results_table(results, Task.CLASSIFICATION))
+    print("\nGaussian noise (calibrated):\n")
+    print(shift_table(results, Task.CLASSIFICATION))
+    inputs = load_dataset(config.data).test.x[:8]
+    np.save(output / "inputs.npy", inputs.numpy())
+    print(f"\nespro predict {path} {output / 'inputs.npy'}\n")
+    print_predictions(path, output / "inputs.npy")
+    return 0
+
+
+def _configs(args: argparse.Namespace) -> int:
+    configs = builtin_configs()
+    if args.name:
+        if args.name not in configs:
+            raise ConfigError(f"no built-in config {args.name!r}; built-in: {', '.join(configs)}")
+        print(configs[args.name].read_text(), end="")
+    else:
+        print("\n".join(sorted(configs)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``espro`` command."""
+    parser = argparse.ArgumentParser(
+        prog="espro",
+        description="Train and run ESPRO simplex ensembles with calibrated uncertainty.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a complex from a YAML/TOML config and write a bundle")
+    p.add_argument("config", help="config file, or the name of a built-in config")
+    p.add_argument("-o", "--output", help="bundle directory (default runs/NAME-VERSION)")
+    p.add_argument("--workdir", help="checkpoint directory (default OUTPUT.work)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.add_argument(
+        "--keep-checkpoints", action="store_true", help="keep the work directory after success"
+    )
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="score single model, deep ensemble and ESPRO of a bundle")
+    p.add_argument("bundle")
+    p.add_argument("--json", help="also write the full results to this file")
+    p.add_argument("--severities", type=float, nargs="+", help="Gaussian-noise severities")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("predict", help="predict offline from a bundle")
+    p.add_argument("bundle")
+    p.add_argument("input", help=".npy array or JSON list of instances")
+    p.add_argument("--draws", type=int, help="draws per simplex (default: all)")
+    p.add_argument("--members", action="store_true", help="include member probabilities")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--allow-custom-architecture", action="store_true")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("demo", help="train, evaluate and predict on the embedded MNIST-1D data")
+    p.add_argument("-o", "--output", default="runs/demo", help="demo directory")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("configs", help="list the built-in configs, or print one")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=_configs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``espro`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, BundleError, InputError, CheckpointError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The training configuration: one pydantic model, read from YAML or TOML.
+
+Unknown keys are errors, and every error names the field it is about, e.g.
+``simplex.epochs: Input should be greater than 0``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from serving.architectures import ARCHITECTURES
+from serving.conformal import ConformalMethod
+from training.data import DataConfig
+from training.spro import OptimSettings
+
+BUILTIN_CONFIGS = "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be read or validated; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ModelConfig(_Section):
+    """The architecture every vertex shares."""
+
+    architecture: str = "mlp"
+    """A registered name (``mlp``, ``cnn``, ``vgg16``, ``resnet18``) or ``module:callable``."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    allow_custom: bool = False
+    """Allow ``module:callable`` architectures, which run code named by the config."""
+
+    @model_validator(mode="after")
+    def _known(self) -> ModelConfig:
+        if ":" in self.architecture:
+            if not self.allow_custom:
+                raise ValueError(
+                    f"{self.architecture!r} is custom code: set model.allow_custom: true to run it"
+                )
+        elif self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"unknown architecture {self.architecture!r}; known: {', '.join(ARCHITECTURES)}"
+            )
+        return self
+
+
+class OptimConfig(_Section):
+    """SGD with momentum and one cosine cycle."""
+
+    epochs: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    batch_size: int = Field(default=128, gt=0)
+
+    def settings(self) -> OptimSettings:
+        return OptimSettings(
+            epochs=self.epochs,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            batch_size=self.batch_size,
+        )
+
+
+class ModesConfig(OptimConfig):
+    """The M independent SGD solutions the simplexes grow from."""
+
+    epochs: int = Field(default=20, gt=0)
+    lr: float = Field(default=0.05, gt=0)
+    count: int = Field(default=3, gt=0)
+    init: list[Path] = Field(default_factory=list)
+    """Optional safetensors ``state_dict`` files that modes start from, in order."""
+
+    @model_validator(mode="after")
+    def _check_init(self) -> ModesConfig:
+        if len(self.init) > self.count:
+            raise ValueError(f"{len(self.init)} init files for {self.count} modes")
+        return self
+
+
+class SimplexConfig(OptimConfig):
+    """The extra vertices grown at each mode (SPRO)."""
+
+    epochs: int = Field(default=5, gt=0)
+    lr: float = Field(default=0.02, gt=0)
+    vertices: int = Field(default=2, ge=0)
+    """Extra vertices per mode: 0 gives a deep ensemble, k a k-simplex at each mode."""
+    samples: int = Field(default=5, gt=0)
+    """Points drawn per minibatch to estimate the expected loss over the simplex."""
+    lam: float = Field(default=0.05, ge=0, alias="lambda")
+    """Weight of the volume term ``λ log(h² + ε‖θ_0‖²)``; see :mod:`training.spro`."""
+    eps: float = Field(default=1e-4, gt=0)
+    """Floor on the squared height, relative to the mode's squared norm (:mod:`training.spro`)."""
+
+
+class DrawsConfig(_Section):
+    """Members drawn from every simplex for prediction."""
+
+    per_simplex: int = Field(default=5, gt=0)
+    batchnorm_batches: int = Field(default=50, gt=0)
+    """Training batches used to recompute BatchNorm statistics for each draw."""
+
+
+class CalibrationConfig(_Section):
+    """Held-out calibration of the pooled prediction."""
+
+    temperature: bool = True
+    conformal_method: ConformalMethod = ConformalMethod.APS
+    coverage: float = Field(default=0.9, gt=0, lt=1)
+    abstention_target_error: float = Field(default=0.05, gt=0, lt=1)
+
+
+class EvaluationConfig(_Section):
+    """Test-set evaluation, clean and under Gaussian-noise shift."""
+
+    noise_severities: list[float] = Field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 1.0])
+    """Noise standard deviations, in units of the normalised input (per-channel std)."""
+
+
+class TrainConfig(_Section):
+    """Everything ``espro train`` needs; every field has a documented default."""
+
+    name: str = Field(default="espro", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    version: str = Field(default="1", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    modes: ModesConfig = Field(default_factory=ModesConfig)
+    simplex: SimplexConfig = Field(default_factory=SimplexConfig)
+    draws: DrawsConfig = Field(default_factory=DrawsConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+
+def _format(err: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()
+    )
+
+
+def parse_config(data: Any, source: str = "config") -> TrainConfig:
+    """Validate a mapping as a :class:`TrainConfig`, naming every bad field in the error."""
+    try:
+        return TrainConfig.model_validate(data if data is not None else {})
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_format(err)}") from None
+
+
+def builtin_configs() -> dict[str, Path]:
+    """The configs shipped with espro, by name (file stem)."""
+    folder = resources.files("training") / BUILTIN_CONFIGS
+    return {
+        Path(entry.name).stem: Path(str(entry))
+        for entry in folder.iterdir()
+        if entry.name.endswith(".yaml")
+    }
+
+
+def load_config(path_or_name: str | Path) -> TrainConfig:
+    """Read a YAML or TOML config file, or a built-in config by name."""
+    path = Path(path_or_name)
+    if not path.exists():
+        builtin = builtin_configs()
+        if str(path_or_name) not in builtin:
+            raise ConfigError(
+                f"{path_or_name}: no such file and no built-in config of that name "
+                f"(built-in: {', '.join(sorted(builtin))})"
+            )
+        path = builtin[str(path_or_name)]
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"{path}: expected a .yaml, .yml or .toml file")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{path}: cannot parse: {err}") from None
+    return parse_config(data, str(path))

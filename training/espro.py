@@ -1,0 +1,214 @@
+"""ESPRO: M independent modes, a k-simplex grown at each, members drawn from every simplex.
+
+With ``k = 0`` the same code trains a deep ensemble of M members, and with ``M = 1`` a single
+model. Every random choice (initialisation, shuffling, Dirichlet draws, dropout) comes from a
+seed derived from the run's seed and the position of the vertex, so a run resumed from its
+checkpoints gives the same weights as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from serving.manifest import DrawSpec, SimplexSpec, Task
+from serving.simplex import mix_vertices, sample_dirichlet
+from training.batchnorm import batchnorm_buffer_names, recompute_batchnorm
+from training.checkpoint import Checkpoints, SavedVertex
+from training.config import TrainConfig
+from training.spro import Params, SimplexTrainer
+from training.volume import log_volume
+
+log = logging.getLogger(__name__)
+
+
+def derive_seed(seed: int, *keys: object) -> int:
+    """A 63-bit seed for one purpose of one run, stable across Python processes."""
+    text = ":".join(map(str, (seed, *keys))).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big") >> 1
+
+
+def generator(seed: int, *keys: object) -> torch.Generator:
+    """A CPU generator seeded with :func:`derive_seed`."""
+    return torch.Generator().manual_seed(derive_seed(seed, *keys))
+
+
+@dataclass
+class TrainedSimplex:
+    """One mode and the vertices grown at it."""
+
+    vertices: list[Params]
+    buffers: Params
+    seconds: list[float]
+    final_losses: list[float]
+
+    @property
+    def log_volume(self) -> float | None:
+        """log V² of the simplex, ``None`` for a lone mode."""
+        return float(log_volume(self.vertices)) if len(self.vertices) > 1 else None
+
+
+@dataclass
+class Member:
+    """A point drawn from a simplex, with BatchNorm statistics of its own if the model has any."""
+
+    simplex: int
+    alpha: tuple[float, ...]
+    state: Params
+    batchnorm: Params = field(default_factory=dict)
+
+
+def load_state_dict_file(path: str, model: nn.Module) -> Params:
+    """Parameters of ``model`` from a safetensors ``state_dict``, checked against its names."""
+    state = load_file(path)
+    names = dict(model.named_parameters())
+    missing = sorted(set(names) - set(state))
+    if missing:
+        raise ValueError(f"{path} lacks parameters {missing[:5]} of the model")
+    for name, param in names.items():
+        if state[name].shape != param.shape:
+            raise ValueError(
+                f"{path}: {name} has shape {list(state[name].shape)}, "
+                f"the model expects {list(param.shape)}"
+            )
+    return {name: state[name].to(param.dtype) for name, param in names.items()}
+
+
+def config_digest(config: TrainConfig) -> str:
+    """Digest of the settings that determine the trained vertices."""
+    relevant = config.model_dump(
+        mode="json", include={"seed", "data", "model", "modes", "simplex"}, by_alias=True
+    )
+    return hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()[:16]
+
+
+def train_complex(
+    config: TrainConfig,
+    make_model: Callable[[], nn.Module],
+    task: Task,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    checkpoints: Checkpoints | None = None,
+) -> list[TrainedSimplex]:
+    """Train every mode and grow its simplex on normalised training inputs ``x``."""
+    simplexes = []
+    for m in range(config.modes.count):
+        torch.manual_seed(derive_seed(config.seed, "init", m))
+        model = make_model()
+        init = (
+            load_state_dict_file(str(config.modes.init[m]), model)
+            if m < len(config.modes.init)
+            else None
+        )
+        trainer = SimplexTrainer(
+            model,
+            task,
+            lam=config.simplex.lam,
+            samples=config.simplex.samples,
+            eps=config.simplex.eps,
+        )
+        seconds, losses = [], []
+        for j in range(config.simplex.vertices + 1):
+            saved = checkpoints.load(m, j) if checkpoints else None
+            if saved is None:
+                saved = _train_vertex(config, trainer, m, j, x, y, init)
+                if checkpoints:
+                    checkpoints.save(m, j, saved)
+            else:
+                log.info("mode %d vertex %d: loaded from checkpoint", m, j)
+            trainer.vertices.append(saved.params)
+            if j == 0:
+                trainer.buffers = dict(saved.buffers)
+            seconds.append(saved.seconds)
+            losses.append(saved.final_loss)
+        simplexes.append(TrainedSimplex(trainer.vertices, trainer.buffers, seconds, losses))
+    return simplexes
+
+
+def _train_vertex(
+    config: TrainConfig,
+    trainer: SimplexTrainer,
+    m: int,
+    j: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    init: Params | None,
+) -> SavedVertex:
+    torch.manual_seed(derive_seed(config.seed, "vertex", m, j))
+    rng = generator(config.seed, "batches", m, j)
+    start = time.perf_counter()
+    if j == 0:
+        history = trainer.fit_mode(
+            x, y, config.modes.settings(), rng, init=init, desc=f"mode {m + 1}/{config.modes.count}"
+        )
+    else:
+        history = trainer.add_vertex(
+            x, y, config.simplex.settings(), rng, desc=f"mode {m + 1} vertex {j}"
+        )
+    seconds = time.perf_counter() - start
+    params = trainer.vertices.pop()
+    log.info("mode %d vertex %d: loss %.4f in %.1f s", m, j, history.loss[-1], seconds)
+    return SavedVertex(
+        params=params,
+        buffers=trainer.buffers if j == 0 else {},
+        seconds=seconds,
+        final_loss=history.loss[-1],
+    )
+
+
+def draw_members(
+    config: TrainConfig,
+    model: nn.Module,
+    simplexes: Sequence[TrainedSimplex],
+    x: torch.Tensor,
+) -> list[Member]:
+    """Draw ``draws.per_simplex`` members from every simplex, recomputing BatchNorm for each."""
+    bn_names = batchnorm_buffer_names(model)
+    members = []
+    for m, simplex in enumerate(simplexes):
+        alphas = sample_dirichlet(
+            len(simplex.vertices), config.draws.per_simplex, generator(config.seed, "draws", m)
+        )
+        for alpha in alphas:
+            params = mix_vertices(simplex.vertices, alpha)
+            buffers = dict(simplex.buffers)
+            batchnorm: Params = {}
+            if bn_names:
+                fresh = recompute_batchnorm(
+                    model,
+                    params,
+                    buffers,
+                    x,
+                    batch_size=config.modes.batch_size,
+                    max_batches=config.draws.batchnorm_batches,
+                )
+                batchnorm = {n: fresh[n] for n in bn_names}
+                buffers |= batchnorm
+            members.append(Member(m, tuple(alpha.tolist()), {**params, **buffers}, batchnorm))
+    return members
+
+
+def simplex_specs(
+    config: TrainConfig, simplexes: Sequence[TrainedSimplex], members: Sequence[Member]
+) -> tuple[SimplexSpec, ...]:
+    """The manifest's description of every simplex and its draws."""
+    return tuple(
+        SimplexSpec(
+            num_vertices=len(simplex.vertices),
+            draw_seed=derive_seed(config.seed, "draws", m),
+            draws=tuple(
+                DrawSpec(alpha=member.alpha, batchnorm=bool(member.batchnorm))
+                for member in members
+                if member.simplex == m
+            ),
+            log_volume=simplex.log_volume,
+        )
+        for m, simplex in enumerate(simplexes)
+    )

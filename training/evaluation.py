@@ -1,0 +1,155 @@
+"""Evaluate a complex against its own modes: single model, deep ensemble and ESPRO.
+
+All three come from one bundle: the single model is the first mode, the deep ensemble is the
+M modes, and ESPRO is every draw of every simplex. Each is scored on the clean test split and
+under Gaussian-noise shift, raw and after its own temperature (or variance) scaling fitted on
+the validation split. The outputs of all members are computed once per input set.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+import torch
+
+from serving.bundle import Bundle
+from serving.ensemble import MemberEnsemble
+from serving.manifest import Task, buffer_key
+from serving.predictive import gaussian_parameters, member_probabilities, pool
+from serving.predictor import Predictor
+from training.calibration import fit_temperature, fit_variance_scale
+from training.data import Dataset
+from training.espro import generator
+from training.metrics import classification_metrics, regression_metrics
+from training.shift import gaussian_noise
+
+
+class Method(StrEnum):
+    """The ensembles compared by every evaluation."""
+
+    SINGLE = "single"
+    """The first mode alone."""
+    DEEP_ENSEMBLE = "deep_ensemble"
+    """The M modes, one member each."""
+    ESPRO = "espro"
+    """Every draw of every simplex."""
+
+
+def _comparison_ensemble(bundle: Bundle) -> tuple[MemberEnsemble, dict[Method, list[int]]]:
+    """One ensemble holding the M modes followed by the ESPRO members, and who is who."""
+    predictor = Predictor(bundle)
+    manifest = bundle.manifest
+    modes = [
+        {
+            **bundle.vertices(m)[0],
+            **{n: bundle.tensors[buffer_key(m, n)] for n in manifest.buffer_names},
+        }
+        for m in range(len(manifest.simplexes))
+    ]
+    ensemble = MemberEnsemble(
+        predictor.ensemble.model, modes + predictor.ensemble.members, manifest.input
+    )
+    count = len(modes)
+    return ensemble, {
+        Method.SINGLE: [0],
+        Method.DEEP_ENSEMBLE: list(range(count)),
+        Method.ESPRO: list(range(count, len(ensemble))),
+    }
+
+
+def _fit_scale(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    if task is Task.CLASSIFICATION:
+        return fit_temperature(outputs, targets)
+    return fit_variance_scale(outputs, targets)
+
+
+def score(task: Task, outputs: torch.Tensor, targets: torch.Tensor, scale: float) -> dict:
+    """Metrics of member outputs ``[S, N, ·]`` at a temperature (or variance scale)."""
+    if task is Task.CLASSIFICATION:
+        return classification_metrics(pool(member_probabilities(outputs, scale)), targets)
+    means, variances = gaussian_parameters(outputs)
+    return regression_metrics(means, variances * scale, targets)
+
+
+def evaluate(
+    bundle: Bundle, dataset: Dataset, severities: list[float], *, seed: int = 0
+) -> dict[str, Any]:
+    """Scores of single, deep ensemble and ESPRO, clean and shifted, raw and calibrated."""
+    manifest = bundle.manifest
+    task = manifest.task
+    ensemble, methods = _comparison_ensemble(bundle)
+    val = ensemble.outputs(dataset.val.x)
+    scales = {
+        method: manifest.temperature
+        if method is Method.ESPRO
+        else _fit_scale(task, val[index], dataset.val.y)
+        for method, index in methods.items()
+    }
+
+    def score_all(x: torch.Tensor) -> dict[str, dict[str, dict[str, float]]]:
+        outputs = ensemble.outputs(x)
+        return {
+            method: {
+                "raw": score(task, outputs[index], dataset.test.y, 1.0),
+                "calibrated": score(task, outputs[index], dataset.test.y, scales[method]),
+            }
+            for method, index in methods.items()
+        }
+
+    rng = generator(seed, "shift")
+    return {
+        "temperature": {str(m): s for m, s in scales.items()},
+        "test": score_all(dataset.test.x),
+        "shift": {
+            "gaussian_noise": {
+                str(severity): score_all(
+                    gaussian_noise(dataset.test.x, severity, manifest.input, rng)
+                )
+                for severity in severities
+            }
+        },
+        "training_seconds": training_seconds(bundle),
+    }
+
+
+def training_seconds(bundle: Bundle) -> dict[str, float]:
+    """Training cost of each method, from the per-vertex times recorded in the manifest."""
+    per_vertex: list[list[float]] = bundle.manifest.training.get("seconds", [])
+    if not per_vertex:
+        return {}
+    return {
+        Method.SINGLE: per_vertex[0][0],
+        Method.DEEP_ENSEMBLE: sum(v[0] for v in per_vertex),
+        Method.ESPRO: sum(sum(v) for v in per_vertex),
+    }
+
+
+def results_table(results: dict[str, Any], task: Task) -> str:
+    """A Markdown table of the clean test scores of every method, raw and calibrated."""
+    keys = (
+        ["accuracy", "nll", "brier", "ece", "aurc"]
+        if task is Task.CLASSIFICATION
+        else ["nll", "rmse"]
+    )
+    seconds = results.get("training_seconds", {})
+    header = "| method | scaling | " + " | ".join(keys) + " | train s |"
+    lines = [header, "|" + "---|" * (len(keys) + 3)]
+    for method, rows in results["test"].items():
+        for scaling, metrics in rows.items():
+            cells = " | ".join(f"{metrics[k]:.4f}" for k in keys)
+            cost = f"{seconds[method]:.1f}" if method in seconds else "-"
+            lines.append(f"| {method} | {scaling} | {cells} | {cost} |")
+    return "\n".join(lines)
+
+
+def shift_table(results: dict[str, Any], task: Task) -> str:
+    """A Markdown table of calibrated scores under Gaussian noise, one row per severity."""
+    key_metrics = ["accuracy", "nll", "ece"] if task is Task.CLASSIFICATION else ["nll", "rmse"]
+    methods = list(results["test"])
+    header = "| severity | " + " | ".join(f"{m} {k}" for m in methods for k in key_metrics) + " |"
+    lines = [header, "|" + "---|" * (len(methods) * len(key_metrics) + 1)]
+    for severity, rows in results["shift"]["gaussian_noise"].items():
+        cells = " | ".join(f"{rows[m]['calibrated'][k]:.4f}" for m in methods for k in key_metrics)
+        lines.append(f"| {severity} | {cells} |")
+    return "\n".join(lines)

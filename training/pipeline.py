@@ -1,0 +1,133 @@
+"""``espro train`` end to end: data → modes → simplexes → draws → calibration → evaluation →
+bundle. The bundle is written once, atomically, after everything else has succeeded."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from serving.architectures import create_model
+from serving.bundle import Bundle, write_bundle
+from serving.manifest import InputSpec, Manifest, Task, buffer_key, draw_buffer_key, vertex_key
+from serving.predictive import member_probabilities, pool
+from serving.predictor import Predictor
+from training.batchnorm import batchnorm_buffer_names
+from training.calibration import (
+    calibrate_abstention,
+    calibrate_conformal,
+    fit_temperature,
+    fit_variance_scale,
+)
+from training.checkpoint import Checkpoints
+from training.config import TrainConfig
+from training.data import Dataset, load_dataset
+from training.espro import (
+    Member,
+    TrainedSimplex,
+    config_digest,
+    draw_members,
+    simplex_specs,
+    train_complex,
+)
+from training.evaluation import evaluate
+
+log = logging.getLogger(__name__)
+
+
+def _tensors(simplexes: list[TrainedSimplex], members: list[Member]) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for m, simplex in enumerate(simplexes):
+        for j, vertex in enumerate(simplex.vertices):
+            tensors |= {vertex_key(m, j, n): t for n, t in vertex.items()}
+        tensors |= {buffer_key(m, n): t for n, t in simplex.buffers.items()}
+    draw_index: dict[int, int] = {}
+    for member in members:
+        s = draw_index[member.simplex] = draw_index.get(member.simplex, -1) + 1
+        tensors |= {draw_buffer_key(member.simplex, s, n): t for n, t in member.batchnorm.items()}
+    return tensors
+
+
+def calibrate(bundle: Bundle, dataset: Dataset, config: TrainConfig) -> Manifest:
+    """The manifest with temperature (or variance scale), conformal and abstention fitted."""
+    manifest = bundle.manifest
+    predictor = Predictor(bundle)
+    val = predictor.ensemble.outputs(dataset.val.x)
+    if manifest.task is Task.REGRESSION:
+        return manifest.model_copy(update={"temperature": fit_variance_scale(val, dataset.val.y)})
+    cal = config.calibration
+    temperature = fit_temperature(val, dataset.val.y) if cal.temperature else 1.0
+    cal_probs = pool(
+        member_probabilities(predictor.ensemble.outputs(dataset.calibration.x), temperature)
+    )
+    labels = dataset.calibration.y
+    return manifest.model_copy(
+        update={
+            "temperature": temperature,
+            "conformal": calibrate_conformal(cal_probs, labels, cal.conformal_method, cal.coverage),
+            "abstention": calibrate_abstention(cal_probs, labels, cal.abstention_target_error),
+        }
+    )
+
+
+def train(
+    config: TrainConfig,
+    output: str | Path,
+    *,
+    workdir: str | Path | None = None,
+    overwrite: bool = False,
+) -> tuple[Path, dict[str, Any]]:
+    """Train, calibrate and evaluate a complex, write its bundle, return (path, results)."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
+    started = time.perf_counter()
+    dataset = load_dataset(config.data)
+    input_spec = InputSpec(shape=dataset.input_shape, mean=dataset.mean, std=dataset.std)
+    num_outputs = len(dataset.class_names) if dataset.task is Task.CLASSIFICATION else 2
+
+    def make_model() -> torch.nn.Module:
+        return create_model(
+            config.model.architecture,
+            input_shape=dataset.input_shape,
+            num_outputs=num_outputs,
+            allow_custom=config.model.allow_custom,
+            **config.model.kwargs,
+        )
+
+    x = input_spec.normalise(dataset.train.x)
+    checkpoints = Checkpoints(workdir, config_digest(config)) if workdir is not None else None
+    simplexes = train_complex(config, make_model, dataset.task, x, dataset.train.y, checkpoints)
+    model = make_model()
+    members = draw_members(config, model, simplexes, x)
+    manifest = Manifest(
+        name=config.name,
+        version=config.version,
+        task=dataset.task,
+        architecture={"name": config.model.architecture, "kwargs": config.model.kwargs},
+        input=input_spec,
+        num_outputs=num_outputs,
+        class_names=dataset.class_names,
+        parameter_names=tuple(n for n, _ in model.named_parameters()),
+        buffer_names=tuple(n for n, _ in model.named_buffers()),
+        batchnorm_buffer_names=batchnorm_buffer_names(model),
+        simplexes=simplex_specs(config, simplexes, members),
+        training={
+            "config": config.model_dump(mode="json", by_alias=True),
+            "seconds": [s.seconds for s in simplexes],
+            "final_loss": [s.final_losses for s in simplexes],
+        },
+    )
+    bundle = Bundle(path=output, manifest=manifest, tensors=_tensors(simplexes, members), digest="")
+    log.info(
+        "calibrating on %d + %d held-out points", len(dataset.val.y), len(dataset.calibration.y)
+    )
+    bundle = Bundle(output, calibrate(bundle, dataset, config), bundle.tensors, "")
+    results = evaluate(bundle, dataset, config.evaluation.noise_severities, seed=config.seed)
+    training = {**bundle.manifest.training, "total_seconds": time.perf_counter() - started}
+    final = bundle.manifest.model_copy(update={"metrics": results, "training": training})
+    path = write_bundle(output, final, bundle.tensors, overwrite=overwrite)
+    return path, results

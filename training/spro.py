@@ -1,0 +1,217 @@
+"""SPRO: grow a simplex of low-loss weights from a mode, one vertex at a time.
+
+Any ``nn.Module`` becomes a simplex through ``torch.func.functional_call``: the module is
+only a template, and the weights it runs with are ``w(α) = Σ_j α_j θ_j``. Only the newest
+vertex is a leaf that requires gradients; earlier vertices are frozen tensors.
+
+The loss for the vertex being trained is the task loss averaged over ``S`` points drawn
+uniformly from the simplex, minus ``λ · log(h² + ε‖θ_0‖²)``, where ``h`` is the new vertex's
+height above the face of the frozen ones.
+
+Why this is the paper's ``−λ log V²`` with λ normalised per vertex: ``V_k = V_{k−1} · h / k``
+and ``V_{k−1}`` is frozen, so ``log V²_k = 2 log h + const`` and the gradient on the new
+vertex is the same whatever the order ``k``. λ therefore needs no order-dependent scaling:
+it weighs the log of the squared height of every new vertex alike. (The paper's code divides
+λ by the log-volume of a random simplex, which leaves a per-vertex weight near 1e-7 at its
+default and the simplex barely leaves its mode.) A new vertex starts at the centroid, where
+``h = 0``; ``ε`` (relative to the mode's squared norm ``‖θ_0‖²``) bounds the push there to
+``λ / √(ε‖θ_0‖²)`` instead of the ``2λ/h`` that would throw the vertex far away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from serving.manifest import Task
+from serving.predictive import gaussian_parameters
+from serving.simplex import mix_vertices, sample_dirichlet
+from training.volume import squared_distances, squared_height
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """SGD with momentum and a single cosine cycle over the vertex's epochs."""
+
+    epochs: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+
+
+@dataclass
+class VertexHistory:
+    """Per-epoch means of the task loss and of the volume term of one vertex's training."""
+
+    loss: list[float] = field(default_factory=list)
+    log_height: list[float] = field(default_factory=list)
+    """Mean ``log(h² + ε‖θ_0‖²)`` per epoch (empty for a mode)."""
+
+
+def minibatches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled minibatches of in-memory tensors (the last one may be smaller)."""
+    order = torch.randperm(len(x), generator=generator)
+    for start in range(0, len(x), batch_size):
+        index = order[start : start + batch_size]
+        yield x[index], y[index]
+
+
+def task_loss(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for classification, Gaussian NLL for regression (mean over the batch)."""
+    if task is Task.CLASSIFICATION:
+        return nn.functional.cross_entropy(outputs, targets)
+    mean, var = gaussian_parameters(outputs)
+    return nn.functional.gaussian_nll_loss(mean, targets, var, full=True)
+
+
+class SimplexTrainer:
+    """Grows a simplex at one mode: ``fit_mode`` trains vertex 0, ``add_vertex`` the rest.
+
+    ``vertices`` and ``buffers`` are plain tensors; ``buffers`` follow the last training
+    phase (use :func:`training.batchnorm.recompute_batchnorm` for a drawn member).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        *,
+        lam: float = 0.0,
+        samples: int = 5,
+        eps: float = 1e-4,
+        vertices: Sequence[Params] = (),
+        buffers: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        if lam < 0 or samples < 1 or eps <= 0:
+            raise ValueError(
+                f"expected lam >= 0, samples >= 1 and eps > 0, got {lam}, {samples}, {eps}"
+            )
+        self.model = model
+        self.task = Task(task)
+        self.lam = lam
+        self.samples = samples
+        self.eps = eps
+        self.vertices: list[Params] = [dict(v) for v in vertices]
+        self.buffers: Params = {
+            k: v.detach().clone()
+            for k, v in (buffers if buffers is not None else dict(model.named_buffers())).items()
+        }
+
+    @property
+    def order(self) -> int:
+        """k for a k-simplex (``-1`` before the mode is trained)."""
+        return len(self.vertices) - 1
+
+    def fit_mode(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        optim: OptimSettings,
+        generator: torch.Generator,
+        *,
+        init: Mapping[str, torch.Tensor] | None = None,
+        desc: str = "mode",
+    ) -> VertexHistory:
+        """Train vertex 0 by ordinary SGD, from ``init`` or the module's own initial weights."""
+        if self.vertices:
+            raise RuntimeError("the mode is already trained; call add_vertex to grow the simplex")
+        start = init if init is not None else dict(self.model.named_parameters())
+        return self._train(start, x, y, optim, generator, desc)
+
+    def add_vertex(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        optim: OptimSettings,
+        generator: torch.Generator,
+        *,
+        desc: str = "vertex",
+    ) -> VertexHistory:
+        """Add a vertex at the centroid of the existing ones and train it; the rest stay frozen."""
+        if not self.vertices:
+            raise RuntimeError("train the mode first: call fit_mode before add_vertex")
+        centroid = mix_vertices(self.vertices, [1.0 / len(self.vertices)] * len(self.vertices))
+        return self._train(centroid, x, y, optim, generator, desc)
+
+    def _volume_term(self, trainable: Params) -> torch.Tensor:
+        """``log(h² + ε‖θ_0‖²)`` for the vertex being trained."""
+        floor = self.eps * sum(float(v.double().pow(2).sum()) for v in self.vertices[0].values())
+        return torch.log(squared_height(squared_distances([*self.vertices, trainable])) + floor)
+
+    def _task_term(
+        self,
+        trainable: Params,
+        buffers: Params,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Task loss averaged over S points of the simplex (the point itself for a mode)."""
+        vertices = [*self.vertices, trainable]
+        alphas = sample_dirichlet(
+            len(vertices), self.samples if len(vertices) > 1 else 1, generator
+        )
+        losses = [
+            task_loss(
+                self.task, functional_call(self.model, (mix_vertices(vertices, a), buffers), x), y
+            )
+            for a in alphas
+        ]
+        return torch.stack(losses).mean()
+
+    def _train(
+        self,
+        start: Mapping[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        optim: OptimSettings,
+        generator: torch.Generator,
+        desc: str,
+    ) -> VertexHistory:
+        trainable = {k: v.detach().clone().requires_grad_(True) for k, v in start.items()}
+        optimiser = torch.optim.SGD(
+            trainable.values(),
+            lr=optim.lr,
+            momentum=optim.momentum,
+            weight_decay=optim.weight_decay,
+        )
+        steps_per_epoch = -(-len(x) // optim.batch_size)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimiser, T_max=optim.epochs * steps_per_epoch
+        )
+        is_mode = not self.vertices
+        # A mode's BatchNorm statistics are its own; a new vertex must not disturb them.
+        buffers = self.buffers if is_mode else {k: v.clone() for k, v in self.buffers.items()}
+        history = VertexHistory()
+        self.model.train()
+        bar = tqdm(range(optim.epochs), desc=desc, unit="epoch", leave=False)
+        for _ in bar:
+            losses, volumes = [], []
+            for xb, yb in minibatches(x, y, optim.batch_size, generator):
+                loss = self._task_term(trainable, buffers, xb, yb, generator)
+                objective = loss
+                if not is_mode:
+                    volume = self._volume_term(trainable)
+                    objective = loss - self.lam * volume
+                    volumes.append(volume.item())
+                optimiser.zero_grad(set_to_none=True)
+                objective.backward()
+                optimiser.step()
+                schedule.step()
+                losses.append(loss.item())
+            history.loss.append(sum(losses) / len(losses))
+            if volumes:
+                history.log_height.append(sum(volumes) / len(volumes))
+            bar.set_postfix(loss=f"{history.loss[-1]:.4f}")
+        self.vertices.append({k: v.detach() for k, v in trainable.items()})
+        return history
