@@ -152,9 +152,16 @@ class AbstentionSpec(_Strict):
     """Abstain when the pooled confidence is below ``threshold``."""
 
     target_error: float = Field(gt=0, lt=1)
-    threshold: float
+    threshold: float | None
+    """Confidence threshold; ``None`` when no threshold reaches the target error on the
+    calibration split, in which case every instance abstains."""
     calibration_coverage: float = Field(ge=0, le=1)
     """Fraction of the calibration split that the threshold keeps."""
+
+    @property
+    def confidence_threshold(self) -> float:
+        """The threshold to compare confidences with (``inf``: always abstain)."""
+        return math.inf if self.threshold is None else self.threshold
 
 
 class Manifest(_Strict):

@@ -11,7 +11,7 @@ import torch
 
 from serving.architectures import create_model
 from serving.bundle import Bundle, load_bundle
-from serving.ensemble import MemberEnsemble
+from serving.ensemble import InputError, MemberEnsemble
 from serving.manifest import Manifest, Task
 from serving.predictive import (
     ClassificationPrediction,
@@ -57,6 +57,7 @@ class Predictor:
             for s, draw in enumerate(simplex.draws):
                 slots.append(len(members))
                 members.append({**mix_vertices(vertices, draw.alpha), **bundle.buffers(m, s)})
+                self._check_shapes(model, manifest, members[-1])
             self._slots.append(slots)
         self.ensemble = MemberEnsemble(model, members, manifest.input, device=device)
 
@@ -86,12 +87,26 @@ class Predictor:
                 "its parameter or buffer names differ from the manifest's"
             )
 
+    @staticmethod
+    def _check_shapes(
+        model: torch.nn.Module, manifest: Manifest, member: dict[str, torch.Tensor]
+    ) -> None:
+        expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        for name, tensor in member.items():
+            want = expected[name]
+            if tensor.shape != want.shape or tensor.dtype != want.dtype:
+                raise ValueError(
+                    f"architecture {manifest.architecture.name!r} does not match the bundle: "
+                    f"{name} is {tensor.dtype} {list(tensor.shape)} in the bundle, "
+                    f"the architecture expects {want.dtype} {list(want.shape)}"
+                )
+
     def member_indices(self, draws: int | None = None) -> list[int]:
         """Members to run: the first ``draws`` of every simplex (all when ``None``)."""
         if draws is None:
             return [i for slots in self._slots for i in slots]
         if not 1 <= draws <= self.max_draws:
-            raise ValueError(f"draws must be between 1 and {self.max_draws}, got {draws}")
+            raise InputError(f"draws must be between 1 and {self.max_draws}, got {draws}")
         return [i for slots in self._slots for i in slots[:draws]]
 
     def predict(
@@ -110,6 +125,6 @@ class Predictor:
             temperature=manifest.temperature,
             conformal_method=conformal.method if conformal else None,
             conformal_threshold=conformal.score_threshold if conformal else None,
-            abstain_below=abstention.threshold if abstention else None,
+            abstain_below=abstention.confidence_threshold if abstention else None,
             return_members=return_members,
         )

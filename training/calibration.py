@@ -82,7 +82,7 @@ def calibrate_abstention(
     threshold = abstention_threshold(confidence, correct, target_error)
     return AbstentionSpec(
         target_error=target_error,
-        threshold=threshold,
+        threshold=threshold if math.isfinite(threshold) else None,
         calibration_coverage=float((confidence >= threshold).double().mean()),
     )
 

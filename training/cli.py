@@ -52,7 +52,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
     config = parse_config(bundle.manifest.training.get("config"), f"{args.bundle} training config")
     severities = args.severities or config.evaluation.noise_severities
-    results = evaluate(bundle, load_dataset(config.data), severities, seed=config.seed)
+    results = evaluate(
+        bundle,
+        load_dataset(config.data),
+        severities,
+        seed=config.seed,
+        allow_custom_architecture=args.allow_custom_architecture,
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print(results_table(results, bundle.manifest.task))
@@ -226,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("--json", help="also write the full results to this file")
     p.add_argument("--severities", type=float, nargs="+", help="Gaussian-noise severities")
+    p.add_argument("--allow-custom-architecture", action="store_true")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="predict offline from a bundle")

@@ -169,13 +169,16 @@ def draw_members(
     simplexes: Sequence[TrainedSimplex],
     x: torch.Tensor,
 ) -> list[Member]:
-    """Draw ``draws.per_simplex`` members from every simplex, recomputing BatchNorm for each."""
+    """Draw ``draws.per_simplex`` members from every simplex, recomputing BatchNorm for each.
+
+    Each simplex's draws come from their own seeded generator (recorded as ``draw_seed``).
+    """
     bn_names = batchnorm_buffer_names(model)
     members = []
     for m, simplex in enumerate(simplexes):
-        alphas = sample_dirichlet(
-            len(simplex.vertices), config.draws.per_simplex, generator(config.seed, "draws", m)
-        )
+        # A lone mode is a single point: one member, however many draws are asked for.
+        count = config.draws.per_simplex if len(simplex.vertices) > 1 else 1
+        alphas = sample_dirichlet(len(simplex.vertices), count, generator(config.seed, "draws", m))
         for alpha in alphas:
             params = mix_vertices(simplex.vertices, alpha)
             buffers = dict(simplex.buffers)

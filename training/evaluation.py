@@ -36,9 +36,11 @@ class Method(StrEnum):
     """Every draw of every simplex."""
 
 
-def _comparison_ensemble(bundle: Bundle) -> tuple[MemberEnsemble, dict[Method, list[int]]]:
+def _comparison_ensemble(
+    bundle: Bundle, allow_custom_architecture: bool
+) -> tuple[MemberEnsemble, dict[Method, list[int]]]:
     """One ensemble holding the M modes followed by the ESPRO members, and who is who."""
-    predictor = Predictor(bundle)
+    predictor = Predictor(bundle, allow_custom_architecture=allow_custom_architecture)
     manifest = bundle.manifest
     modes = [
         {
@@ -73,12 +75,17 @@ def score(task: Task, outputs: torch.Tensor, targets: torch.Tensor, scale: float
 
 
 def evaluate(
-    bundle: Bundle, dataset: Dataset, severities: list[float], *, seed: int = 0
+    bundle: Bundle,
+    dataset: Dataset,
+    severities: list[float],
+    *,
+    seed: int = 0,
+    allow_custom_architecture: bool = False,
 ) -> dict[str, Any]:
     """Scores of single, deep ensemble and ESPRO, clean and shifted, raw and calibrated."""
     manifest = bundle.manifest
     task = manifest.task
-    ensemble, methods = _comparison_ensemble(bundle)
+    ensemble, methods = _comparison_ensemble(bundle, allow_custom_architecture)
     val = ensemble.outputs(dataset.val.x)
     scales = {
         method: manifest.temperature

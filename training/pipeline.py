@@ -54,7 +54,7 @@ def _tensors(simplexes: list[TrainedSimplex], members: list[Member]) -> dict[str
 def calibrate(bundle: Bundle, dataset: Dataset, config: TrainConfig) -> Manifest:
     """The manifest with temperature (or variance scale), conformal and abstention fitted."""
     manifest = bundle.manifest
-    predictor = Predictor(bundle)
+    predictor = Predictor(bundle, allow_custom_architecture=config.model.allow_custom)
     val = predictor.ensemble.outputs(dataset.val.x)
     if manifest.task is Task.REGRESSION:
         return manifest.model_copy(update={"temperature": fit_variance_scale(val, dataset.val.y)})
@@ -126,7 +126,13 @@ def train(
         "calibrating on %d + %d held-out points", len(dataset.val.y), len(dataset.calibration.y)
     )
     bundle = Bundle(output, calibrate(bundle, dataset, config), bundle.tensors, "")
-    results = evaluate(bundle, dataset, config.evaluation.noise_severities, seed=config.seed)
+    results = evaluate(
+        bundle,
+        dataset,
+        config.evaluation.noise_severities,
+        seed=config.seed,
+        allow_custom_architecture=config.model.allow_custom,
+    )
     training = {**bundle.manifest.training, "total_seconds": time.perf_counter() - started}
     final = bundle.manifest.model_copy(update={"metrics": results, "training": training})
     path = write_bundle(output, final, bundle.tensors, overwrite=overwrite)

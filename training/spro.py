@@ -101,7 +101,7 @@ class SimplexTrainer:
         self.lam = lam
         self.samples = samples
         self.eps = eps
-        self.vertices: list[Params] = [dict(v) for v in vertices]
+        self.vertices: list[Params] = [{k: t.detach() for k, t in v.items()} for v in vertices]
         self.buffers: Params = {
             k: v.detach().clone()
             for k, v in (buffers if buffers is not None else dict(model.named_buffers())).items()

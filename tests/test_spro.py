@@ -1,0 +1,125 @@
+import pytest
+import torch
+from torch import nn
+
+from serving.manifest import Task
+from training.spro import OptimSettings, SimplexTrainer, minibatches, task_loss
+from training.volume import squared_distances, squared_height
+
+
+def _problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 4, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+    return x, y
+
+
+def _trainer(lam: float = 0.0, bn: bool = False) -> SimplexTrainer:
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)]
+    if bn:
+        layers.insert(1, nn.BatchNorm1d(16))
+    return SimplexTrainer(nn.Sequential(*layers), Task.CLASSIFICATION, lam=lam, samples=3)
+
+
+def _fit(trainer: SimplexTrainer, vertices: int, lr: float = 0.1, epochs: int = 5) -> None:
+    x, y = _problem()
+    trainer.fit_mode(x, y, OptimSettings(epochs=epochs, lr=lr), torch.Generator().manual_seed(1))
+    for j in range(vertices):
+        trainer.add_vertex(
+            x, y, OptimSettings(epochs=epochs, lr=lr), torch.Generator().manual_seed(2 + j)
+        )
+
+
+def test_fit_mode_lowers_the_loss():
+    trainer = _trainer()
+    x, y = _problem()
+    before = task_loss(Task.CLASSIFICATION, trainer.model(x), y).item()
+    history = trainer.fit_mode(
+        x, y, OptimSettings(epochs=10, lr=0.1), torch.Generator().manual_seed(0)
+    )
+    assert history.loss[-1] < 0.7 * before
+    assert trainer.order == 0
+
+
+def test_gradients_reach_only_the_vertex_being_trained():
+    trainer = _trainer(lam=0.1)
+    _fit(trainer, vertices=1)
+    # Frozen vertices handed in as leaves that require grad must receive no gradient.
+    frozen = [{k: v.clone().requires_grad_(True) for k, v in vx.items()} for vx in trainer.vertices]
+    spy = SimplexTrainer(trainer.model, Task.CLASSIFICATION, lam=0.1, samples=3, vertices=frozen)
+    before = [{k: v.detach().clone() for k, v in vx.items()} for vx in frozen]
+    x, y = _problem()
+    spy.add_vertex(x, y, OptimSettings(epochs=2, lr=0.1), torch.Generator().manual_seed(5))
+    assert all(v.grad is None for vx in frozen for v in vx.values())
+    for old, new in zip(before, spy.vertices[:2], strict=True):
+        assert all(torch.equal(old[k], new[k]) for k in old)
+    assert not torch.equal(spy.vertices[2]["0.weight"], spy.vertices[0]["0.weight"])
+    assert spy.order == 2
+
+
+def test_new_vertex_starts_at_the_centroid():
+    trainer = _trainer()
+    _fit(trainer, vertices=1)
+    centroid = {
+        k: (trainer.vertices[0][k] + trainer.vertices[1][k]) / 2 for k in trainer.vertices[0]
+    }
+    x, y = _problem()
+    trainer.add_vertex(
+        x,
+        y,
+        OptimSettings(epochs=1, lr=1e-12, momentum=0.0, weight_decay=0.0),
+        torch.Generator().manual_seed(0),
+    )
+    for k, v in centroid.items():
+        torch.testing.assert_close(trainer.vertices[2][k], v)
+
+
+def test_volume_term_grows_the_simplex():
+    heights = []
+    for lam in (0.0, 0.5):
+        trainer = _trainer(lam=lam)
+        _fit(trainer, vertices=1)
+        heights.append(squared_height(squared_distances(trainer.vertices)).item())
+    assert heights[1] > 2 * heights[0]
+
+
+def test_add_vertex_needs_a_mode_and_fit_mode_runs_once():
+    trainer = _trainer()
+    x, y = _problem()
+    with pytest.raises(RuntimeError, match="fit_mode"):
+        trainer.add_vertex(x, y, OptimSettings(epochs=1, lr=0.1), torch.Generator())
+    _fit(trainer, vertices=0, epochs=1)
+    with pytest.raises(RuntimeError, match="already trained"):
+        trainer.fit_mode(x, y, OptimSettings(epochs=1, lr=0.1), torch.Generator())
+
+
+def test_mode_training_updates_batchnorm_but_new_vertices_do_not():
+    trainer = _trainer(bn=True)
+    initial = trainer.buffers["1.running_mean"].clone()
+    _fit(trainer, vertices=0)
+    after_mode = trainer.buffers["1.running_mean"].clone()
+    assert not torch.equal(initial, after_mode)
+    x, y = _problem()
+    trainer.add_vertex(x, y, OptimSettings(epochs=2, lr=0.1), torch.Generator().manual_seed(0))
+    assert torch.equal(trainer.buffers["1.running_mean"], after_mode)
+
+
+def test_regression_loss_is_gaussian_nll():
+    outputs = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    targets = torch.tensor([0.5, 1.0])
+    var = torch.nn.functional.softplus(outputs[:, 1]) + 1e-6
+    expected = (0.5 * (torch.log(2 * torch.pi * var) + (targets - outputs[:, 0]) ** 2 / var)).mean()
+    torch.testing.assert_close(task_loss(Task.REGRESSION, outputs, targets), expected)
+
+
+def test_minibatches_cover_every_row_once():
+    x = torch.arange(10).float().unsqueeze(1)
+    y = torch.arange(10)
+    seen = torch.cat([yb for _, yb in minibatches(x, y, 3, torch.Generator().manual_seed(0))])
+    assert sorted(seen.tolist()) == list(range(10))
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="lam"):
+        SimplexTrainer(nn.Linear(2, 2), Task.CLASSIFICATION, lam=-1.0)
