@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from serving.manifest import (
     MANIFEST_FILE,
@@ -113,8 +113,13 @@ def write_bundle(
         if path.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, retired / path.name)
-            os.replace(staging, path)
-            shutil.rmtree(retired)
+            try:
+                os.replace(staging, path)
+            except BaseException:
+                os.replace(retired / path.name, path)  # put the old bundle back
+                raise
+            finally:
+                shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, path)
     except BaseException:
@@ -171,14 +176,17 @@ def load_bundle(path: str | Path) -> Bundle:
     manifest, digest = read_manifest(root)
     if TENSORS_FILE not in manifest.files:
         raise BundleError(f"manifest lists no hash for {TENSORS_FILE}")
+    contents = {}
     for name, expected in manifest.files.items():
-        actual = sha256_file(_inside(root, name))
+        # Hash the very bytes that are parsed, so the file cannot change in between.
+        contents[name] = _inside(root, name).read_bytes()
+        actual = hashlib.sha256(contents[name]).hexdigest()
         if actual != expected:
             raise BundleError(
                 f"sha256 mismatch for {name}: manifest says {expected}, file has {actual}"
             )
     try:
-        tensors = load_file(root / TENSORS_FILE)
+        tensors = load(contents[TENSORS_FILE])
     except SafetensorError as err:
         raise BundleError(f"{TENSORS_FILE} cannot be read: {err}") from None
     expected_keys = manifest.tensor_keys()

@@ -50,13 +50,11 @@ class MemberEnsemble:
     def check_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """Validate a raw batch against the input spec and return it as float32."""
         shape = tuple(self.input_spec.shape)
+        dims = ", ".join(map(str, shape))
         if x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != shape:
-            raise InputError(
-                f"expected inputs of shape [batch, {', '.join(map(str, shape))}], "
-                f"got {list(x.shape)}"
-            )
+            raise InputError(f"expected inputs of shape [batch, {dims}], got {list(x.shape)}")
         if x.shape[0] == 0:
-            raise InputError("the batch is empty")
+            raise InputError(f"the batch is empty; expected inputs of shape [batch, {dims}]")
         if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64, torch.uint8)):
             raise InputError(f"expected numeric inputs, got dtype {x.dtype}")
         x = x.to(torch.float32)

@@ -113,18 +113,22 @@ class Predictor:
         self, x: torch.Tensor, *, draws: int | None = None, return_members: bool = False
     ) -> Prediction:
         """Pooled calibrated prediction for a raw batch ``[B, *input_shape]``."""
-        manifest = self.manifest
         outputs = self.ensemble.outputs(x, self.member_indices(draws)).cpu()
-        if manifest.task is Task.REGRESSION:
-            return regress(
-                outputs, variance_scale=manifest.temperature, return_members=return_members
-            )
-        conformal, abstention = manifest.conformal, manifest.abstention
-        return classify(
-            outputs,
-            temperature=manifest.temperature,
-            conformal_method=conformal.method if conformal else None,
-            conformal_threshold=conformal.score_threshold if conformal else None,
-            abstain_below=abstention.confidence_threshold if abstention else None,
-            return_members=return_members,
-        )
+        return calibrated_prediction(self.manifest, outputs, return_members=return_members)
+
+
+def calibrated_prediction(
+    manifest: Manifest, outputs: torch.Tensor, *, return_members: bool = False
+) -> Prediction:
+    """Member outputs ``[S, B, ·]`` turned into the bundle's calibrated prediction."""
+    if manifest.task is Task.REGRESSION:
+        return regress(outputs, variance_scale=manifest.temperature, return_members=return_members)
+    conformal, abstention = manifest.conformal, manifest.abstention
+    return classify(
+        outputs,
+        temperature=manifest.temperature,
+        conformal_method=conformal.method if conformal else None,
+        conformal_threshold=conformal.score_threshold if conformal else None,
+        abstain_below=abstention.confidence_threshold if abstention else None,
+        return_members=return_members,
+    )

@@ -47,7 +47,7 @@ def test_unreadable_files_give_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "missing.yaml")
     (tmp_path / "c.json").write_text("{}")
-    with pytest.raises(ConfigError, match="expected a .yaml"):
+    with pytest.raises(ConfigError, match=r"expected a \.yaml"):
         load_config(tmp_path / "c.json")
     (tmp_path / "bad.yaml").write_text("seed: [1\n")
     with pytest.raises(ConfigError, match="cannot parse"):

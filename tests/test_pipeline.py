@@ -54,6 +54,14 @@ def test_training_writes_a_complete_bundle(tiny_bundle_path):
     assert set(test["espro"]["calibrated"]) == {"accuracy", "nll", "brier", "ece", "aurc"}
     assert set(manifest.metrics["shift"]["gaussian_noise"]) == {"0.5"}
     assert test["espro"]["raw"]["accuracy"] > 0.55  # better than chance on two arms
+    decisions = manifest.metrics["decisions"]
+    assert set(decisions) == {
+        "set_coverage",
+        "mean_set_size",
+        "abstention_rate",
+        "selective_accuracy",
+    }
+    assert 1.0 <= decisions["mean_set_size"] <= 2.0 and 0.0 <= decisions["abstention_rate"] <= 1.0
     # Draws of one simplex are distinct points; their seed is recorded.
     alphas = {d.alpha for d in manifest.simplexes[0].draws}
     assert len(alphas) == 3 and manifest.simplexes[0].draw_seed != manifest.simplexes[1].draw_seed

@@ -70,13 +70,18 @@ def _evaluate(args: argparse.Namespace) -> int:
 def read_inputs(path: str | Path) -> torch.Tensor:
     """Inputs from a ``.npy`` file (no pickle) or a JSON list / ``{"inputs": [...]}``."""
     path = Path(path)
-    if path.suffix == ".npy":
-        array = np.load(path, allow_pickle=False)
-    elif path.suffix == ".json":
-        data = json.loads(path.read_text())
-        array = np.asarray(data["inputs"] if isinstance(data, dict) else data, dtype=np.float32)
-    else:
-        raise InputError(f"{path}: expected a .npy or .json file")
+    try:
+        if path.suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+        elif path.suffix == ".json":
+            data = json.loads(path.read_text())
+            array = np.asarray(data["inputs"] if isinstance(data, dict) else data, np.float32)
+        else:
+            raise InputError(f"{path}: expected a .npy or .json file")
+    except (OSError, KeyError, ValueError) as err:
+        if isinstance(err, InputError):
+            raise
+        raise InputError(f"{path}: cannot read inputs: {err}") from None
     if not np.issubdtype(array.dtype, np.number):
         raise InputError(f"{path}: expected numbers, got dtype {array.dtype}")
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))

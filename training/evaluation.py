@@ -16,8 +16,13 @@ import torch
 from serving.bundle import Bundle
 from serving.ensemble import MemberEnsemble
 from serving.manifest import Task, buffer_key
-from serving.predictive import gaussian_parameters, member_probabilities, pool
-from serving.predictor import Predictor
+from serving.predictive import (
+    ClassificationPrediction,
+    gaussian_parameters,
+    member_probabilities,
+    pool,
+)
+from serving.predictor import Predictor, calibrated_prediction
 from training.calibration import fit_temperature, fit_variance_scale
 from training.data import Dataset
 from training.espro import generator
@@ -94,8 +99,7 @@ def evaluate(
         for method, index in methods.items()
     }
 
-    def score_all(x: torch.Tensor) -> dict[str, dict[str, dict[str, float]]]:
-        outputs = ensemble.outputs(x)
+    def score_all(outputs: torch.Tensor) -> dict[str, dict[str, dict[str, float]]]:
         return {
             method: {
                 "raw": score(task, outputs[index], dataset.test.y, 1.0),
@@ -105,19 +109,41 @@ def evaluate(
         }
 
     rng = generator(seed, "shift")
-    return {
+    test = ensemble.outputs(dataset.test.x)
+    results = {
         "temperature": {str(m): s for m, s in scales.items()},
-        "test": score_all(dataset.test.x),
+        "test": score_all(test),
         "shift": {
             "gaussian_noise": {
                 str(severity): score_all(
-                    gaussian_noise(dataset.test.x, severity, manifest.input, rng)
+                    ensemble.outputs(gaussian_noise(dataset.test.x, severity, manifest.input, rng))
                 )
                 for severity in severities
             }
         },
         "training_seconds": training_seconds(bundle),
     }
+    if task is Task.CLASSIFICATION:
+        results["decisions"] = decision_metrics(bundle, test[methods[Method.ESPRO]], dataset.test.y)
+    return results
+
+
+def decision_metrics(bundle: Bundle, outputs: torch.Tensor, labels: torch.Tensor) -> dict:
+    """How the bundle's prediction sets and abstention behave on labelled data."""
+    prediction = calibrated_prediction(bundle.manifest, outputs)
+    assert isinstance(prediction, ClassificationPrediction)
+    result: dict[str, float] = {}
+    if prediction.prediction_sets is not None:
+        sets = prediction.prediction_sets
+        result["set_coverage"] = float(sets[torch.arange(len(labels)), labels].double().mean())
+        result["mean_set_size"] = float(sets.sum(dim=1).double().mean())
+    if prediction.abstain is not None:
+        kept = ~prediction.abstain
+        result["abstention_rate"] = float(prediction.abstain.double().mean())
+        result["selective_accuracy"] = (
+            float((prediction.labels[kept] == labels[kept]).double().mean()) if kept.any() else 0.0
+        )
+    return result
 
 
 def training_seconds(bundle: Bundle) -> dict[str, float]:

@@ -1,0 +1,163 @@
+"""Shared fixtures: tiny but real bundles built from random tensors, without any training.
+
+``make_tiny_bundle(...)`` returns a :class:`TinyBundle` (a manifest and its tensors, not yet
+written); ``tiny.write(path)`` turns it into a bundle directory that ``load_bundle`` accepts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from serving.architectures import create_model
+from serving.bundle import write_bundle
+from serving.manifest import (
+    AbstentionSpec,
+    ArchitectureSpec,
+    ConformalSpec,
+    DrawSpec,
+    InputSpec,
+    Manifest,
+    SimplexSpec,
+    Task,
+    buffer_key,
+    draw_buffer_key,
+    vertex_key,
+)
+from serving.simplex import sample_dirichlet
+
+INPUT_SHAPE = (4,)
+CLASS_NAMES = ("cat", "dog", "bird")
+BATCHNORM_ARCHITECTURE = f"{__name__}:batchnorm_mlp"
+"""A ``module:callable`` architecture: Predictor needs ``allow_custom_architecture=True``."""
+
+
+def batchnorm_mlp(*, input_shape: Sequence[int], num_outputs: int, hidden: int = 8) -> nn.Module:
+    """Linear → BatchNorm1d → ReLU → Linear, the smallest network with BatchNorm statistics."""
+    return nn.Sequential(
+        nn.Linear(input_shape[0], hidden),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_outputs),
+    )
+
+
+@dataclass(frozen=True)
+class TinyBundle:
+    """A manifest and the tensors it names, ready to write."""
+
+    manifest: Manifest
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def custom(self) -> bool:
+        """Whether the architecture is a ``module:callable`` (Predictor must allow it)."""
+        return ":" in self.manifest.architecture.name
+
+    def build_model(self) -> nn.Module:
+        """A fresh instance of the bundle's architecture (weights not loaded)."""
+        spec = self.manifest.architecture
+        return create_model(
+            spec.name,
+            input_shape=self.manifest.input.shape,
+            num_outputs=self.manifest.num_outputs,
+            allow_custom=self.custom,
+            **spec.kwargs,
+        )
+
+    def write(self, path: Path, *, overwrite: bool = False) -> Path:
+        return write_bundle(path, self.manifest, self.tensors, overwrite=overwrite)
+
+
+def tiny_bundle(
+    *,
+    batchnorm: bool = False,
+    num_vertices: Sequence[int] = (2, 3),
+    draws: int = 2,
+    seed: int = 0,
+    **manifest_fields: Any,
+) -> TinyBundle:
+    """A 3-class bundle for inputs of shape (4,) with random vertices, one simplex per entry
+    of ``num_vertices`` and ``draws`` Dirichlet draws per simplex.
+
+    The network is the registered ``mlp`` with ``hidden=(8,)``, or with ``batchnorm=True``
+    :func:`batchnorm_mlp`, whose draws each carry their own random BatchNorm statistics.
+    ``manifest_fields`` override manifest fields (``temperature``, ``input``, ``conformal``, …).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    if batchnorm:
+        architecture = ArchitectureSpec(name=BATCHNORM_ARCHITECTURE, kwargs={"hidden": 8})
+    else:
+        architecture = ArchitectureSpec(name="mlp", kwargs={"hidden": [8]})
+    model = create_model(
+        architecture.name,
+        input_shape=INPUT_SHAPE,
+        num_outputs=len(CLASS_NAMES),
+        allow_custom=batchnorm,
+        **architecture.kwargs,
+    )
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    bn_names = tuple(buffers)  # every buffer of these two networks is a BatchNorm statistic
+
+    def random_buffer(name: str) -> torch.Tensor:
+        like = buffers[name]
+        if not like.is_floating_point():
+            return torch.randint(1, 100, like.shape, generator=gen)
+        if name.endswith("running_var"):
+            return torch.rand(like.shape, generator=gen) + 0.5
+        return torch.randn(like.shape, generator=gen)
+
+    tensors: dict[str, torch.Tensor] = {}
+    simplexes = []
+    for m, n_vertices in enumerate(num_vertices):
+        for j in range(n_vertices):
+            for name, p in params.items():
+                tensors[vertex_key(m, j, name)] = torch.randn(p.shape, generator=gen)
+        tensors |= {buffer_key(m, name): random_buffer(name) for name in buffers}
+        alphas = sample_dirichlet(n_vertices, draws, torch.Generator().manual_seed(seed + m))
+        for s in range(draws):
+            tensors |= {draw_buffer_key(m, s, name): random_buffer(name) for name in bn_names}
+        simplexes.append(
+            SimplexSpec(
+                num_vertices=n_vertices,
+                draw_seed=seed + m,
+                draws=tuple(DrawSpec(alpha=a.tolist(), batchnorm=batchnorm) for a in alphas),
+            )
+        )
+
+    fields: dict[str, Any] = {
+        "name": "tiny-bn" if batchnorm else "tiny",
+        "version": "1",
+        "task": Task.CLASSIFICATION,
+        "architecture": architecture,
+        "input": InputSpec(shape=INPUT_SHAPE, mean=(0.5, -1.0, 0.0, 2.0), std=(1.0, 2.0, 0.5, 4.0)),
+        "num_outputs": len(CLASS_NAMES),
+        "class_names": CLASS_NAMES,
+        "parameter_names": tuple(params),
+        "buffer_names": tuple(buffers),
+        "batchnorm_buffer_names": bn_names,
+        "simplexes": tuple(simplexes),
+        "temperature": 1.5,
+        "conformal": ConformalSpec(method="lac", coverage=0.9, threshold=0.7, num_calibration=50),
+        "abstention": AbstentionSpec(target_error=0.1, threshold=0.5, calibration_coverage=0.8),
+    }
+    return TinyBundle(Manifest(**(fields | manifest_fields)), tensors)
+
+
+@pytest.fixture
+def make_tiny_bundle() -> Callable[..., TinyBundle]:
+    """The :func:`tiny_bundle` factory: ``make_tiny_bundle(batchnorm=True, temperature=2.0)``."""
+    return tiny_bundle
+
+
+@pytest.fixture
+def tiny_bundle_dir(tmp_path: Path) -> Path:
+    """The default tiny bundle (mlp, no BatchNorm), written to ``tmp_path / "bundle"``."""
+    return tiny_bundle().write(tmp_path / "bundle")

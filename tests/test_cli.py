@@ -1,0 +1,111 @@
+"""The ``espro`` command line on a tiny config: train, evaluate, predict and their errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from test_pipeline import TINY
+
+from serving.ensemble import InputError
+from serving.predictor import Predictor
+from training.cli import main, read_inputs
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    (root / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    assert main(["train", str(root / "tiny.yaml"), "-o", str(root / "bundle")]) == 0
+    return root
+
+
+def test_train_prints_the_comparison_and_removes_its_checkpoints(trained, capsys):
+    assert (trained / "bundle" / "manifest.json").exists()
+    assert not (trained / "bundle.work").exists()
+    assert main(["train", str(trained / "tiny.yaml"), "-o", str(trained / "bundle")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_evaluate_prints_tables_and_writes_json(trained, capsys):
+    out = trained / "results.json"
+    assert main(["evaluate", str(trained / "bundle"), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| espro | calibrated |" in printed and "Gaussian noise" in printed
+    results = json.loads(out.read_text())
+    assert set(results["test"]) == {"single", "deep_ensemble", "espro"}
+
+
+def test_predict_json_matches_the_predictor(trained, capsys):
+    x = np.random.default_rng(0).normal(size=(4, 2)).astype(np.float32)
+    np.save(trained / "x.npy", x)
+    assert main(["predict", str(trained / "bundle"), str(trained / "x.npy"), "--json"]) == 0
+    response = json.loads(capsys.readouterr().out)
+    predictor = Predictor.from_path(trained / "bundle")
+    expected = predictor.predict(torch.from_numpy(x))
+    assert response["model_name"] == "tiny" and response["bundle_sha256"] == predictor.bundle.digest
+    got = np.array([p["probabilities"] for p in response["predictions"]])
+    np.testing.assert_allclose(got, expected.probs.numpy(), atol=1e-6)
+    first = response["predictions"][0]
+    assert {
+        "label",
+        "class_name",
+        "confidence",
+        "entropy",
+        "expected_entropy",
+        "mutual_information",
+        "prediction_set",
+        "abstain",
+    } <= set(first)
+
+
+def test_predict_table_and_draws(trained, capsys):
+    (trained / "x.json").write_text(json.dumps({"inputs": [[0.1, 0.2], [1.0, -1.0]]}))
+    assert main(["predict", str(trained / "bundle"), str(trained / "x.json"), "--draws", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:3] == ["#", "class_name", "confidence"]
+    assert len(lines) == 4
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["predict", "{bundle}", "{bad_shape}"], "expected inputs of shape [batch, 2]"),
+        (["predict", "{bundle}", "{x}", "--draws", "9"], "draws must be between 1 and 3"),
+        (["predict", "{root}", "{x}"], "manifest.json is missing"),
+        (["train", "{bad_config}"], "modes.epochs"),
+        (["configs", "nope"], "no built-in config"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(trained, capsys, argv, message):
+    np.save(trained / "bad_shape.npy", np.zeros((2, 3), dtype=np.float32))
+    np.save(trained / "x.npy", np.zeros((2, 2), dtype=np.float32))
+    (trained / "bad.yaml").write_text("modes:\n  epochs: -1\n")
+    paths = {
+        "bundle": trained / "bundle",
+        "bad_shape": trained / "bad_shape.npy",
+        "x": trained / "x.npy",
+        "root": trained,
+        "bad_config": trained / "bad.yaml",
+    }
+    assert main([a.format(**paths) for a in argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_read_inputs_refuses_pickled_arrays(tmp_path):
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(InputError, match="allow_pickle"):
+        read_inputs(tmp_path / "objects.npy")
+    (tmp_path / "ragged.json").write_text("[[1, 2], [3]]")
+    with pytest.raises(InputError, match="cannot read inputs"):
+        read_inputs(tmp_path / "ragged.json")
+
+
+def test_configs_lists_and_prints_builtins(capsys):
+    assert main(["configs"]) == 0
+    assert "mnist1d-demo" in capsys.readouterr().out.split()
+    assert main(["configs", "mnist1d-demo"]) == 0
+    assert "simplex:" in capsys.readouterr().out
