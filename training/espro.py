@@ -12,7 +12,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load_file
@@ -55,14 +55,12 @@ class TrainedSimplex:
         return float(log_volume(self.vertices)) if len(self.vertices) > 1 else None
 
 
-@dataclass
-class Member:
-    """A point drawn from a simplex, with BatchNorm statistics of its own if the model has any."""
+@dataclass(frozen=True)
+class Draw:
+    """A point of a simplex, with BatchNorm statistics of its own if the model has any."""
 
-    simplex: int
     alpha: tuple[float, ...]
-    state: Params
-    batchnorm: Params = field(default_factory=dict)
+    batchnorm: Params
 
 
 def load_state_dict_file(path: str, model: nn.Module) -> Params:
@@ -168,50 +166,44 @@ def draw_members(
     model: nn.Module,
     simplexes: Sequence[TrainedSimplex],
     x: torch.Tensor,
-) -> list[Member]:
+) -> list[list[Draw]]:
     """Draw ``draws.per_simplex`` members from every simplex, recomputing BatchNorm for each.
 
     Each simplex's draws come from their own seeded generator (recorded as ``draw_seed``).
     """
     bn_names = batchnorm_buffer_names(model)
-    members = []
+    draws = []
     for m, simplex in enumerate(simplexes):
         # A lone mode is a single point: one member, however many draws are asked for.
         count = config.draws.per_simplex if len(simplex.vertices) > 1 else 1
         alphas = sample_dirichlet(len(simplex.vertices), count, generator(config.seed, "draws", m))
+        draws.append([])
         for alpha in alphas:
-            params = mix_vertices(simplex.vertices, alpha)
-            buffers = dict(simplex.buffers)
             batchnorm: Params = {}
             if bn_names:
                 fresh = recompute_batchnorm(
                     model,
-                    params,
-                    buffers,
+                    mix_vertices(simplex.vertices, alpha),
+                    simplex.buffers,
                     x,
                     batch_size=config.modes.batch_size,
                     max_batches=config.draws.batchnorm_batches,
                 )
                 batchnorm = {n: fresh[n] for n in bn_names}
-                buffers |= batchnorm
-            members.append(Member(m, tuple(alpha.tolist()), {**params, **buffers}, batchnorm))
-    return members
+            draws[m].append(Draw(tuple(alpha.tolist()), batchnorm))
+    return draws
 
 
 def simplex_specs(
-    config: TrainConfig, simplexes: Sequence[TrainedSimplex], members: Sequence[Member]
+    config: TrainConfig, simplexes: Sequence[TrainedSimplex], draws: Sequence[Sequence[Draw]]
 ) -> tuple[SimplexSpec, ...]:
     """The manifest's description of every simplex and its draws."""
     return tuple(
         SimplexSpec(
             num_vertices=len(simplex.vertices),
             draw_seed=derive_seed(config.seed, "draws", m),
-            draws=tuple(
-                DrawSpec(alpha=member.alpha, batchnorm=bool(member.batchnorm))
-                for member in members
-                if member.simplex == m
-            ),
+            draws=tuple(DrawSpec(alpha=d.alpha, batchnorm=bool(d.batchnorm)) for d in own),
             log_volume=simplex.log_volume,
         )
-        for m, simplex in enumerate(simplexes)
+        for m, (simplex, own) in enumerate(zip(simplexes, draws, strict=True))
     )

@@ -26,7 +26,7 @@ from training.checkpoint import Checkpoints
 from training.config import TrainConfig
 from training.data import Dataset, load_dataset
 from training.espro import (
-    Member,
+    Draw,
     TrainedSimplex,
     config_digest,
     draw_members,
@@ -38,16 +38,15 @@ from training.evaluation import evaluate
 log = logging.getLogger(__name__)
 
 
-def _tensors(simplexes: list[TrainedSimplex], members: list[Member]) -> dict[str, torch.Tensor]:
+def _tensors(simplexes: list[TrainedSimplex], draws: list[list[Draw]]) -> dict[str, torch.Tensor]:
+    """Every tensor of the bundle under the names the manifest expects."""
     tensors = {}
     for m, simplex in enumerate(simplexes):
         for j, vertex in enumerate(simplex.vertices):
             tensors |= {vertex_key(m, j, n): t for n, t in vertex.items()}
         tensors |= {buffer_key(m, n): t for n, t in simplex.buffers.items()}
-    draw_index: dict[int, int] = {}
-    for member in members:
-        s = draw_index[member.simplex] = draw_index.get(member.simplex, -1) + 1
-        tensors |= {draw_buffer_key(member.simplex, s, n): t for n, t in member.batchnorm.items()}
+        for s, draw in enumerate(draws[m]):
+            tensors |= {draw_buffer_key(m, s, n): t for n, t in draw.batchnorm.items()}
     return tensors
 
 
@@ -102,7 +101,7 @@ def train(
     checkpoints = Checkpoints(workdir, config_digest(config)) if workdir is not None else None
     simplexes = train_complex(config, make_model, dataset.task, x, dataset.train.y, checkpoints)
     model = make_model()
-    members = draw_members(config, model, simplexes, x)
+    draws = draw_members(config, model, simplexes, x)
     manifest = Manifest(
         name=config.name,
         version=config.version,
@@ -114,14 +113,14 @@ def train(
         parameter_names=tuple(n for n, _ in model.named_parameters()),
         buffer_names=tuple(n for n, _ in model.named_buffers()),
         batchnorm_buffer_names=batchnorm_buffer_names(model),
-        simplexes=simplex_specs(config, simplexes, members),
+        simplexes=simplex_specs(config, simplexes, draws),
         training={
             "config": config.model_dump(mode="json", by_alias=True),
             "seconds": [s.seconds for s in simplexes],
             "final_loss": [s.final_losses for s in simplexes],
         },
     )
-    bundle = Bundle(path=output, manifest=manifest, tensors=_tensors(simplexes, members), digest="")
+    bundle = Bundle(path=output, manifest=manifest, tensors=_tensors(simplexes, draws), digest="")
     log.info(
         "calibrating on %d + %d held-out points", len(dataset.val.y), len(dataset.calibration.y)
     )
