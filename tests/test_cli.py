@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_pipeline import TINY
 
 from serving.ensemble import InputError
 from serving.predictor import Predictor
+from test_pipeline import TINY
 from training.cli import main, read_inputs
 
 

@@ -63,13 +63,15 @@ class Checkpoints:
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
-    def load(self, mode: int, vertex: int) -> SavedVertex | None:
-        """The saved vertex, or ``None`` if it has not finished."""
+    def load(
+        self, mode: int, vertex: int, device: torch.device | str = "cpu"
+    ) -> SavedVertex | None:
+        """The saved vertex (its tensors on ``device``), or ``None`` if it has not finished."""
         path = self._path(mode, vertex)
         if not path.exists():
             return None
         params, buffers = {}, {}
-        with safe_open(path, framework="pt") as f:
+        with safe_open(path, framework="pt", device=str(device)) as f:
             meta = f.metadata()
             for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 kind, name = key.split(":", 1)
@@ -78,8 +80,8 @@ class Checkpoints:
 
     def save(self, mode: int, vertex: int, saved: SavedVertex) -> None:
         """Save a finished vertex atomically."""
-        tensors = {f"param:{k}": v.contiguous() for k, v in saved.params.items()}
-        tensors |= {f"buffer:{k}": v.contiguous() for k, v in saved.buffers.items()}
+        tensors = {f"param:{k}": v.detach().cpu().contiguous() for k, v in saved.params.items()}
+        tensors |= {f"buffer:{k}": v.detach().cpu().contiguous() for k, v in saved.buffers.items()}
         fd, tmp = tempfile.mkstemp(prefix=".vertex.", dir=self.workdir)
         os.close(fd)
         try:

@@ -20,7 +20,13 @@ from serving.manifest import Task
 from serving.predictive import ClassificationPrediction
 from serving.predictor import Prediction, Predictor
 from training.checkpoint import CheckpointError
-from training.config import ConfigError, builtin_configs, load_config, parse_config
+from training.config import (
+    ConfigError,
+    builtin_configs,
+    load_config,
+    parse_config,
+    resolve_device,
+)
 from training.data import load_dataset
 from training.evaluation import evaluate, results_table, shift_table
 from training.pipeline import train
@@ -57,6 +63,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         load_dataset(config.data),
         severities,
         seed=config.seed,
+        device=resolve_device(args.device),
         allow_custom_architecture=args.allow_custom_architecture,
     )
     if args.json:
@@ -155,10 +162,13 @@ def print_predictions(
     draws: int | None = None,
     members: bool = False,
     as_json: bool = False,
+    device: str = "cpu",
     allow_custom_architecture: bool = False,
 ) -> None:
     """Predict offline from a bundle and print a table or the native JSON response."""
-    predictor = Predictor.from_path(bundle, allow_custom_architecture=allow_custom_architecture)
+    predictor = Predictor.from_path(
+        bundle, device=resolve_device(device), allow_custom_architecture=allow_custom_architecture
+    )
     prediction = predictor.predict(read_inputs(inputs), draws=draws, return_members=members)
     records = prediction_records(prediction, predictor)
     manifest = predictor.manifest
@@ -182,6 +192,7 @@ def _predict(args: argparse.Namespace) -> int:
         draws=args.draws,
         members=args.members,
         as_json=args.json,
+        device=args.device,
         allow_custom_architecture=args.allow_custom_architecture,
     )
     return 0
@@ -237,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("--json", help="also write the full results to this file")
     p.add_argument("--severities", type=float, nargs="+", help="Gaussian-noise severities")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--allow-custom-architecture", action="store_true")
     p.set_defaults(func=_evaluate)
 
@@ -246,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draws", type=int, help="draws per simplex (default: all)")
     p.add_argument("--members", action="store_true", help="include member probabilities")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--allow-custom-architecture", action="store_true")
     p.set_defaults(func=_predict)
 

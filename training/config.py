@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -133,6 +134,8 @@ class TrainConfig(_Section):
     name: str = Field(default="espro", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     version: str = Field(default="1", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
+    device: str = Field(default="cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$")
+    """Where to train: ``cpu``, ``cuda``, ``cuda:N``, or ``auto`` (CUDA when available)."""
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     modes: ModesConfig = Field(default_factory=ModesConfig)
@@ -140,6 +143,16 @@ class TrainConfig(_Section):
     draws: DrawsConfig = Field(default_factory=DrawsConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a config or command line names; ``auto`` picks CUDA when it is available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for but CUDA is not available here")
+    return device
 
 
 def _format(err: ValidationError) -> str:

@@ -76,7 +76,7 @@ def load_state_dict_file(path: str, model: nn.Module) -> Params:
                 f"{path}: {name} has shape {list(state[name].shape)}, "
                 f"the model expects {list(param.shape)}"
             )
-    return {name: state[name].to(param.dtype) for name, param in names.items()}
+    return {name: state[name].to(param.device, param.dtype) for name, param in names.items()}
 
 
 def config_digest(config: TrainConfig) -> str:
@@ -95,7 +95,10 @@ def train_complex(
     y: torch.Tensor,
     checkpoints: Checkpoints | None = None,
 ) -> list[TrainedSimplex]:
-    """Train every mode and grow its simplex on normalised training inputs ``x``."""
+    """Train every mode and grow its simplex on normalised training inputs ``x``.
+
+    ``make_model`` builds the architecture on the device of ``x``.
+    """
     simplexes = []
     for m in range(config.modes.count):
         torch.manual_seed(derive_seed(config.seed, "init", m))
@@ -114,7 +117,7 @@ def train_complex(
         )
         seconds, losses = [], []
         for j in range(config.simplex.vertices + 1):
-            saved = checkpoints.load(m, j) if checkpoints else None
+            saved = checkpoints.load(m, j, x.device) if checkpoints else None
             if saved is None:
                 saved = _train_vertex(config, trainer, m, j, x, y, init)
                 if checkpoints:

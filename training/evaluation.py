@@ -42,10 +42,12 @@ class Method(StrEnum):
 
 
 def _comparison_ensemble(
-    bundle: Bundle, allow_custom_architecture: bool
+    bundle: Bundle, device: torch.device | str, allow_custom_architecture: bool
 ) -> tuple[MemberEnsemble, dict[Method, list[int]]]:
     """One ensemble holding the M modes followed by the ESPRO members, and who is who."""
-    predictor = Predictor(bundle, allow_custom_architecture=allow_custom_architecture)
+    predictor = Predictor(
+        bundle, device=device, allow_custom_architecture=allow_custom_architecture
+    )
     manifest = bundle.manifest
     modes = [
         {
@@ -55,7 +57,7 @@ def _comparison_ensemble(
         for m in range(len(manifest.simplexes))
     ]
     ensemble = MemberEnsemble(
-        predictor.ensemble.model, modes + predictor.ensemble.members, manifest.input
+        predictor.ensemble.model, modes + predictor.ensemble.members, manifest.input, device=device
     )
     count = len(modes)
     return ensemble, {
@@ -85,13 +87,18 @@ def evaluate(
     severities: list[float],
     *,
     seed: int = 0,
+    device: torch.device | str = "cpu",
     allow_custom_architecture: bool = False,
 ) -> dict[str, Any]:
     """Scores of single, deep ensemble and ESPRO, clean and shifted, raw and calibrated."""
     manifest = bundle.manifest
     task = manifest.task
-    ensemble, methods = _comparison_ensemble(bundle, allow_custom_architecture)
-    val = ensemble.outputs(dataset.val.x)
+    ensemble, methods = _comparison_ensemble(bundle, device, allow_custom_architecture)
+
+    def outputs(x: torch.Tensor) -> torch.Tensor:
+        return ensemble.outputs(x).cpu()
+
+    val = outputs(dataset.val.x)
     scales = {
         method: manifest.temperature
         if method is Method.ESPRO
@@ -109,14 +116,14 @@ def evaluate(
         }
 
     rng = generator(seed, "shift")
-    test = ensemble.outputs(dataset.test.x)
+    test = outputs(dataset.test.x)
     results = {
         "temperature": {str(m): s for m, s in scales.items()},
         "test": score_all(test),
         "shift": {
             "gaussian_noise": {
                 str(severity): score_all(
-                    ensemble.outputs(gaussian_noise(dataset.test.x, severity, manifest.input, rng))
+                    outputs(gaussian_noise(dataset.test.x, severity, manifest.input, rng))
                 )
                 for severity in severities
             }

@@ -23,7 +23,7 @@ from training.calibration import (
     fit_variance_scale,
 )
 from training.checkpoint import Checkpoints
-from training.config import TrainConfig
+from training.config import TrainConfig, resolve_device
 from training.data import Dataset, load_dataset
 from training.espro import (
     Draw,
@@ -50,17 +50,21 @@ def _tensors(simplexes: list[TrainedSimplex], draws: list[list[Draw]]) -> dict[s
     return tensors
 
 
-def calibrate(bundle: Bundle, dataset: Dataset, config: TrainConfig) -> Manifest:
+def calibrate(
+    bundle: Bundle, dataset: Dataset, config: TrainConfig, device: torch.device | str = "cpu"
+) -> Manifest:
     """The manifest with temperature (or variance scale), conformal and abstention fitted."""
     manifest = bundle.manifest
-    predictor = Predictor(bundle, allow_custom_architecture=config.model.allow_custom)
-    val = predictor.ensemble.outputs(dataset.val.x)
+    predictor = Predictor(
+        bundle, device=device, allow_custom_architecture=config.model.allow_custom
+    )
+    val = predictor.ensemble.outputs(dataset.val.x).cpu()
     if manifest.task is Task.REGRESSION:
         return manifest.model_copy(update={"temperature": fit_variance_scale(val, dataset.val.y)})
     cal = config.calibration
     temperature = fit_temperature(val, dataset.val.y) if cal.temperature else 1.0
     cal_probs = pool(
-        member_probabilities(predictor.ensemble.outputs(dataset.calibration.x), temperature)
+        member_probabilities(predictor.ensemble.outputs(dataset.calibration.x).cpu(), temperature)
     )
     labels = dataset.calibration.y
     return manifest.model_copy(
@@ -88,6 +92,8 @@ def train(
     input_spec = InputSpec(shape=dataset.input_shape, mean=dataset.mean, std=dataset.std)
     num_outputs = len(dataset.class_names) if dataset.task is Task.CLASSIFICATION else 2
 
+    device = resolve_device(config.device)
+
     def make_model() -> torch.nn.Module:
         return create_model(
             config.model.architecture,
@@ -95,11 +101,12 @@ def train(
             num_outputs=num_outputs,
             allow_custom=config.model.allow_custom,
             **config.model.kwargs,
-        )
+        ).to(device)
 
-    x = input_spec.normalise(dataset.train.x)
+    x = input_spec.normalise(dataset.train.x).to(device)
+    y = dataset.train.y.to(device)
     checkpoints = Checkpoints(workdir, config_digest(config)) if workdir is not None else None
-    simplexes = train_complex(config, make_model, dataset.task, x, dataset.train.y, checkpoints)
+    simplexes = train_complex(config, make_model, dataset.task, x, y, checkpoints)
     model = make_model()
     draws = draw_members(config, model, simplexes, x)
     manifest = Manifest(
@@ -124,12 +131,13 @@ def train(
     log.info(
         "calibrating on %d + %d held-out points", len(dataset.val.y), len(dataset.calibration.y)
     )
-    bundle = Bundle(output, calibrate(bundle, dataset, config), bundle.tensors, "")
+    bundle = Bundle(output, calibrate(bundle, dataset, config, device), bundle.tensors, "")
     results = evaluate(
         bundle,
         dataset,
         config.evaluation.noise_severities,
         seed=config.seed,
+        device=device,
         allow_custom_architecture=config.model.allow_custom,
     )
     training = {**bundle.manifest.training, "total_seconds": time.perf_counter() - started}

@@ -16,7 +16,8 @@ import torch
 def squared_distances(vertices: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
     """``D_ij = ‖θ_i − θ_j‖²`` over all parameters, in float64; differentiable."""
     n = len(vertices)
-    zero = torch.zeros((), dtype=torch.float64)
+    device = next(iter(vertices[0].values())).device
+    zero = torch.zeros((), dtype=torch.float64, device=device)
     rows = [[zero] * n for _ in range(n)]
     for i in range(n):
         for j in range(i + 1, n):
@@ -41,9 +42,10 @@ def _scaled_squared_volume(d: torch.Tensor) -> torch.Tensor:
     """``V²`` of a simplex with squared edge lengths ``d`` (already of order one)."""
     n = d.shape[0]
     k = n - 1
-    cm = torch.ones(n + 1, n + 1, dtype=torch.float64)
+    cm = torch.ones(n + 1, n + 1, dtype=torch.float64, device=d.device)
     cm[0, 0] = 0.0
-    cm = cm.index_put((torch.arange(1, n + 1).unsqueeze(1), torch.arange(1, n + 1)), d)
+    index = torch.arange(1, n + 1, device=d.device)
+    cm = cm.index_put((index.unsqueeze(1), index), d)
     coefficient = (-1) ** (k + 1) / (2**k * math.factorial(k) ** 2)
     return (coefficient * torch.linalg.det(cm)).clamp(min=0.0)
 
