@@ -17,7 +17,15 @@ from torchvision.datasets import CIFAR10, CIFAR100, cifar
 
 from serving.manifest import Task
 from training import data
-from training.data import DATASETS, DataConfig, Dataset, RawDataset, Split, load_dataset
+from training.data import (
+    DATASETS,
+    DataConfig,
+    DataError,
+    Dataset,
+    RawDataset,
+    Split,
+    load_dataset,
+)
 
 # name: (input_shape, number of classes, builder options that keep the test fast)
 EMBEDDED: dict[str, tuple[tuple[int, ...], int, dict[str, Any]]] = {
@@ -252,10 +260,10 @@ def test_cifar_from_a_fake_folder(
 
 @pytest.mark.parametrize("name", sorted(ON_DISK))
 def test_cifar_missing_folder_without_download(name: str, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"data\.download=true"):
+    with pytest.raises(DataError, match=r"data\.download=true"):
         load_dataset(DataConfig(name=name, root=tmp_path, download=False))
 
 
 def test_cifar_needs_a_root() -> None:
-    with pytest.raises(ValueError, match=r"set data\.root"):
+    with pytest.raises(DataError, match=r"set data\.root"):
         load_dataset(DataConfig(name="cifar10"))

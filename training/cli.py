@@ -27,7 +27,7 @@ from training.config import (
     parse_config,
     resolve_device,
 )
-from training.data import load_dataset
+from training.data import DataError, load_dataset
 from training.evaluation import evaluate, results_table, shift_table
 from training.pipeline import train
 
@@ -278,7 +278,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return args.func(args)
-    except (ConfigError, BundleError, InputError, CheckpointError, FileExistsError) as err:
+    except (
+        BundleError,
+        CheckpointError,
+        ConfigError,
+        DataError,
+        FileExistsError,
+        InputError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

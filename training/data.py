@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # torchvision takes seconds to import: only the CIFAR builder
 __all__ = [
     "DATASETS",
     "DataConfig",
+    "DataError",
     "Dataset",
     "DatasetBuilder",
     "RawDataset",
@@ -48,6 +49,10 @@ _TEST_FRACTION = 0.2
 _MIN_STD = 1e-6
 _TARGET_DTYPE = {Task.CLASSIFICATION: torch.int64, Task.REGRESSION: torch.float32}
 _REGRESSION_CLUSTERS = ((-7.2, -4.8), (-1.2, 1.2), (4.8, 7.2))
+
+
+class DataError(ValueError):
+    """A data set that cannot be read as configured; the message says what to set."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -302,7 +307,7 @@ def regression1d(config: DataConfig, *, n_samples: int = 1000, noise: float = 0.
 def _cifar(dataset_class: type[CIFAR10], config: DataConfig) -> RawDataset:
     """Read CIFAR through torchvision; uint8 HWC images become float32 CHW in [0, 1]."""
     if config.root is None:
-        raise ValueError(
+        raise DataError(
             f"data set {config.name!r} is read from disk: set data.root to the folder holding "
             f"{dataset_class.base_folder!r} (and data.download=true to fetch it there)"
         )
@@ -312,7 +317,7 @@ def _cifar(dataset_class: type[CIFAR10], config: DataConfig) -> RawDataset:
             for is_train in (True, False)
         )
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
-        raise FileNotFoundError(
+        raise DataError(
             f"data set {config.name!r} not found in {Path(config.root, dataset_class.base_folder)}"
             "; put it there or set data.download=true (needs a network)"
         ) from err
