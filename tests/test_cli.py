@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from serving.bundle import load_bundle
 from serving.ensemble import InputError
 from serving.predictor import Predictor
 from test_pipeline import TINY
@@ -37,6 +38,22 @@ def test_evaluate_prints_tables_and_writes_json(trained, capsys):
     assert "| espro | calibrated |" in printed and "Gaussian noise" in printed
     results = json.loads(out.read_text())
     assert set(results["test"]) == {"single", "deep_ensemble", "espro"}
+
+
+def test_report_aggregates_runs_over_seeds(trained, capsys):
+    assert (
+        main(["train", str(trained / "tiny.yaml"), "--seed", "11", "-o", str(trained / "seed11")])
+        == 0
+    )
+    assert load_bundle(trained / "seed11").manifest.training["config"]["seed"] == 11
+    capsys.readouterr()
+    assert main(["report", str(trained / "bundle"), str(trained / "seed11")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 run(s)")
+    espro_row = next(line for line in out.splitlines() if line.startswith("| espro | raw |"))
+    assert espro_row.count("±") == 6  # five metrics and the training time
+    assert main(["report", str(trained / "bundle")]) == 0
+    assert "±" not in capsys.readouterr().out
 
 
 def test_predict_json_matches_the_predictor(trained, capsys):

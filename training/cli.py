@@ -38,7 +38,11 @@ DEMO_CONFIG = "mnist1d-demo"
 
 def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    output = Path(args.output or Path("runs") / f"{config.name}-{config.version}")
+    default_name = f"{config.name}-{config.version}"
+    if args.seed is not None:
+        config = config.model_copy(update={"seed": args.seed})
+        default_name += f"-seed{args.seed}"
+    output = Path(args.output or Path("runs") / default_name)
     workdir = Path(args.workdir) if args.workdir else output.with_name(output.name + ".work")
     log.info("training %s into %s (checkpoints in %s)", config.name, output, workdir)
     try:
@@ -50,7 +54,7 @@ def _train(args: argparse.Namespace) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     task = load_bundle(path).manifest.task
     print(f"\nbundle written to {path}\n")
-    print(results_table(results, task))
+    print(results_table([results], task))
     return 0
 
 
@@ -68,9 +72,23 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    print(results_table(results, bundle.manifest.task))
+    _print_tables([results], bundle.manifest.task)
+    return 0
+
+
+def _print_tables(runs: list[dict[str, Any]], task: Task) -> None:
+    print(results_table(runs, task))
     print("\nGaussian noise (calibrated):\n")
-    print(shift_table(results, bundle.manifest.task))
+    print(shift_table(runs, task))
+
+
+def _report(args: argparse.Namespace) -> int:
+    bundles = [load_bundle(path) for path in args.bundles]
+    runs = [b.manifest.metrics for b in bundles]
+    if not all(run.get("test") for run in runs):
+        raise BundleError("every bundle must hold the metrics that espro train writes")
+    print(f"{len(runs)} run(s): " + ", ".join(str(path) for path in args.bundles) + "\n")
+    _print_tables(runs, bundles[0].manifest.task)
     return 0
 
 
@@ -204,9 +222,7 @@ def _demo(args: argparse.Namespace) -> int:
     path, results = train(config, output / "bundle", workdir=output / "work", overwrite=True)
     shutil.rmtree(output / "work", ignore_errors=True)
     print(f"\nbundle written to {path}\n")
-    print(results_table(results, Task.CLASSIFICATION))
-    print("\nGaussian noise (calibrated):\n")
-    print(shift_table(results, Task.CLASSIFICATION))
+    _print_tables([results], Task.CLASSIFICATION)
     inputs = load_dataset(config.data).test.x[:8]
     np.save(output / "inputs.npy", inputs.numpy())
     print(f"\nespro predict {path} {output / 'inputs.npy'}\n")
@@ -238,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="config file, or the name of a built-in config")
     p.add_argument("-o", "--output", help="bundle directory (default runs/NAME-VERSION)")
     p.add_argument("--workdir", help="checkpoint directory (default OUTPUT.work)")
+    p.add_argument("--seed", type=int, help="override the config's seed")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument(
         "--keep-checkpoints", action="store_true", help="keep the work directory after success"
@@ -251,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--allow-custom-architecture", action="store_true")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("report", help="print the metrics stored in bundles (mean ± std over many)")
+    p.add_argument("bundles", nargs="+")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("predict", help="predict offline from a bundle")
     p.add_argument("bundle")

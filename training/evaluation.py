@@ -8,6 +8,7 @@ the validation split. The outputs of all members are computed once per input set
 
 from __future__ import annotations
 
+import statistics
 from enum import StrEnum
 from typing import Any
 
@@ -165,31 +166,49 @@ def training_seconds(bundle: Bundle) -> dict[str, float]:
     }
 
 
-def results_table(results: dict[str, Any], task: Task) -> str:
-    """A Markdown table of the clean test scores of every method, raw and calibrated."""
-    keys = (
+def _cell(values: list[float]) -> str:
+    """One value, or the mean ± standard deviation over several runs."""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def _metric_names(task: Task) -> list[str]:
+    return (
         ["accuracy", "nll", "brier", "ece", "aurc"]
         if task is Task.CLASSIFICATION
         else ["nll", "rmse"]
     )
-    seconds = results.get("training_seconds", {})
+
+
+def results_table(runs: list[dict[str, Any]], task: Task) -> str:
+    """A Markdown table of the clean test scores of every method, raw and calibrated.
+
+    With several runs (e.g. seeds) each cell is the mean ± standard deviation.
+    """
+    keys = _metric_names(task)
     header = "| method | scaling | " + " | ".join(keys) + " | train s |"
     lines = [header, "|" + "---|" * (len(keys) + 3)]
-    for method, rows in results["test"].items():
-        for scaling, metrics in rows.items():
-            cells = " | ".join(f"{metrics[k]:.4f}" for k in keys)
-            cost = f"{seconds[method]:.1f}" if method in seconds else "-"
+    for method, rows in runs[0]["test"].items():
+        seconds = [r["training_seconds"][method] for r in runs if r.get("training_seconds")]
+        cost = _cell(seconds).replace(".0000", "") if seconds else "-"
+        for scaling in rows:
+            cells = " | ".join(_cell([r["test"][method][scaling][k] for r in runs]) for k in keys)
             lines.append(f"| {method} | {scaling} | {cells} | {cost} |")
     return "\n".join(lines)
 
 
-def shift_table(results: dict[str, Any], task: Task) -> str:
+def shift_table(runs: list[dict[str, Any]], task: Task) -> str:
     """A Markdown table of calibrated scores under Gaussian noise, one row per severity."""
-    key_metrics = ["accuracy", "nll", "ece"] if task is Task.CLASSIFICATION else ["nll", "rmse"]
-    methods = list(results["test"])
-    header = "| severity | " + " | ".join(f"{m} {k}" for m in methods for k in key_metrics) + " |"
-    lines = [header, "|" + "---|" * (len(methods) * len(key_metrics) + 1)]
-    for severity, rows in results["shift"]["gaussian_noise"].items():
-        cells = " | ".join(f"{rows[m]['calibrated'][k]:.4f}" for m in methods for k in key_metrics)
+    keys = ["accuracy", "nll", "ece"] if task is Task.CLASSIFICATION else _metric_names(task)
+    methods = list(runs[0]["test"])
+    header = "| severity | " + " | ".join(f"{m} {k}" for m in methods for k in keys) + " |"
+    lines = [header, "|" + "---|" * (len(methods) * len(keys) + 1)]
+    for severity in runs[0]["shift"]["gaussian_noise"]:
+        cells = " | ".join(
+            _cell([r["shift"]["gaussian_noise"][severity][m]["calibrated"][k] for r in runs])
+            for m in methods
+            for k in keys
+        )
         lines.append(f"| {severity} | {cells} |")
     return "\n".join(lines)
