@@ -98,7 +98,7 @@ class SimplexConfig(OptimConfig):
     """Extra vertices per mode: 0 gives a deep ensemble, k a k-simplex at each mode."""
     samples: int = Field(default=5, gt=0)
     """Points drawn per minibatch to estimate the expected loss over the simplex."""
-    lam: float = Field(default=0.05, ge=0, alias="lambda")
+    lam: float = Field(default=0.1, ge=0, alias="lambda")
     """Weight of the volume term ``λ log(h² + ε‖θ_0‖²)``; see :mod:`training.spro`."""
     eps: float = Field(default=1e-4, gt=0)
     """Floor on the squared height, relative to the mode's squared norm (:mod:`training.spro`)."""
