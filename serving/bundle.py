@@ -27,6 +27,7 @@ from serving.manifest import (
     TENSORS_FILE,
     Manifest,
     buffer_key,
+    describe_validation_error,
     draw_buffer_key,
     vertex_key,
 )
@@ -95,6 +96,10 @@ def write_bundle(
     in here. An existing bundle is replaced only with ``overwrite=True``.
     """
     path = Path(path)
+    try:  # model_copy(update=...) skips validation: check what is about to be written
+        manifest = Manifest.model_validate(manifest.model_dump())
+    except ValidationError as err:
+        raise BundleError(f"the manifest is invalid: {describe_validation_error(err)}") from None
     expected = manifest.tensor_keys()
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
@@ -163,10 +168,7 @@ def read_manifest(path: str | Path) -> tuple[Manifest, str]:
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()
-        )
-        raise BundleError(f"{MANIFEST_FILE} is invalid: {problems}") from None
+        raise BundleError(f"{MANIFEST_FILE} is invalid: {describe_validation_error(err)}") from None
     return manifest, hashlib.sha256(raw).hexdigest()
 
 

@@ -23,11 +23,13 @@ class ConformalMethod(StrEnum):
     """How a class is scored against an instance; a lower score means a better fit."""
 
     APS = "aps"
-    """Adaptive prediction sets (non-randomised): the total probability of the classes ranked
-    at or above the class. Equal probabilities are ranked by class index (the lower index
-    first), so the sets grow in a fixed order and may be empty below the top probability."""
+    """Adaptive prediction sets, deterministic: the score of a class is the total probability
+    of the classes ranked above it (randomised APS with ``u = 0``). The top class scores 0, so
+    a set is never empty, and sets grow in rank order. Equal probabilities are ranked by class
+    index (the lower index first)."""
     LAC = "lac"
-    """Least ambiguous classifier: one minus the class's probability. Smallest sets on average."""
+    """Least ambiguous classifier: one minus the class's probability. Smallest sets on average;
+    a set is empty when no class is probable enough (an instance unlike the calibration data)."""
 
 
 def check_floating(x: Tensor, name: str, *, ndim: int | None = None) -> None:
@@ -90,9 +92,10 @@ def _class_scores(probs: Tensor, method: ConformalMethod) -> Tensor:
     if method is ConformalMethod.LAC:
         return 1 - probs
     # APS: rank classes by probability (descending, ties by class index via a stable sort),
-    # accumulate, and scatter each running total back to its class's column.
+    # total the probability ranked above each, and scatter it back to its class's column.
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    return torch.empty_like(probs).scatter_(-1, order, sorted_probs.cumsum(dim=-1))
+    above = sorted_probs.cumsum(dim=-1) - sorted_probs
+    return torch.empty_like(probs).scatter_(-1, order, above)
 
 
 def conformity_scores(probs: Tensor, labels: Tensor, method: ConformalMethod | str) -> Tensor:

@@ -16,7 +16,14 @@ from enum import StrEnum
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from serving.conformal import ConformalMethod
 
@@ -49,6 +56,13 @@ def buffer_key(simplex: int, name: str) -> str:
 def draw_buffer_key(simplex: int, draw: int, name: str) -> str:
     """Tensor name of the BatchNorm statistic ``name`` recomputed for one draw."""
     return f"simplex.{simplex}.draw.{draw}.{name}"
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """Every problem of a pydantic validation error as ``field.path: message``."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()
+    )
 
 
 class _Strict(BaseModel):

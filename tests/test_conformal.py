@@ -27,10 +27,11 @@ def test_lac_scores_by_hand():
 
 def test_aps_scores_by_hand_with_ties_ranked_by_class_index():
     scores = conformity_scores(PROBS, LABELS, ConformalMethod.APS)
-    # row 3 ties classes 0 and 2 at 0.4: class 0 ranks first, so class 2 accumulates 0.8
-    assert torch.allclose(scores, torch.tensor([0.8, 0.6, 0.8], dtype=torch.float64))
+    # The mass ranked above the true class; row 3 ties classes 0 and 2 at 0.4: class 0 ranks
+    # first, so class 2 has 0.4 above it.
+    assert torch.allclose(scores, torch.tensor([0.5, 0.0, 0.4], dtype=torch.float64))
     tied_first = conformity_scores(PROBS[2:], torch.tensor([0]), "aps")
-    assert torch.allclose(tied_first, torch.tensor([0.4], dtype=torch.float64))
+    assert torch.allclose(tied_first, torch.tensor([0.0], dtype=torch.float64))
 
 
 @pytest.mark.parametrize("method", list(ConformalMethod))
@@ -46,12 +47,14 @@ def test_sets_agree_with_scores_of_every_class(method):
 
 def test_aps_sets_add_tied_classes_in_index_order():
     sets = prediction_sets(PROBS[2:], 0.5, "aps")
-    assert sets.tolist() == [[True, False, False]]
+    assert sets.tolist() == [[True, False, True]]
+    # The top class has nothing above it: APS sets are never empty.
+    assert prediction_sets(PROBS, 0.0, "aps").sum(dim=1).tolist() == [1, 1, 1]
     uniform = torch.full((2, 256), 1 / 256, dtype=torch.float64)  # large enough to defeat
     all_scores = torch.stack(  # an unstable sort's ordering of ties
         [conformity_scores(uniform, torch.full((2,), c), "aps") for c in range(256)], dim=-1
     )
-    expected = torch.arange(1, 257, dtype=torch.float64).expand(2, 256) / 256
+    expected = torch.arange(0, 256, dtype=torch.float64).expand(2, 256) / 256
     assert torch.allclose(all_scores, expected)
 
 

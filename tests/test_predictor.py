@@ -284,13 +284,13 @@ def _between(values: torch.Tensor) -> float:
 
 
 def _aps_sets(probs: torch.Tensor, threshold: float) -> torch.Tensor:
-    """APS by hand: a class is in the set iff the mass of the classes ranked up to it <= t."""
+    """APS by hand: a class is in the set iff the mass of the classes ranked above it <= t."""
     sets = torch.zeros_like(probs, dtype=torch.bool)
     for i, row in enumerate(probs.tolist()):
-        total = 0.0
+        above = 0.0
         for c in sorted(range(len(row)), key=lambda c: (-row[c], c)):
-            total += row[c]
-            sets[i, c] = total <= threshold
+            sets[i, c] = above <= threshold
+            above += row[c]
     return sets
 
 

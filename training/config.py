@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from serving.architectures import ARCHITECTURES
 from serving.conformal import ConformalMethod
+from serving.manifest import describe_validation_error
 from training.data import DataConfig
 from training.spro import OptimSettings
 
@@ -155,18 +156,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _format(err: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()
-    )
-
-
 def parse_config(data: Any, source: str = "config") -> TrainConfig:
     """Validate a mapping as a :class:`TrainConfig`, naming every bad field in the error."""
     try:
         return TrainConfig.model_validate(data if data is not None else {})
     except ValidationError as err:
-        raise ConfigError(f"{source}: {_format(err)}") from None
+        raise ConfigError(f"{source}: {describe_validation_error(err)}") from None
 
 
 def builtin_configs() -> dict[str, Path]:

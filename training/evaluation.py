@@ -166,11 +166,11 @@ def training_seconds(bundle: Bundle) -> dict[str, float]:
     }
 
 
-def _cell(values: list[float]) -> str:
+def _cell(values: list[float], digits: int = 4) -> str:
     """One value, or the mean ± standard deviation over several runs."""
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def _metric_names(task: Task) -> list[str]:
@@ -191,7 +191,7 @@ def results_table(runs: list[dict[str, Any]], task: Task) -> str:
     lines = [header, "|" + "---|" * (len(keys) + 3)]
     for method, rows in runs[0]["test"].items():
         seconds = [r["training_seconds"][method] for r in runs if r.get("training_seconds")]
-        cost = _cell(seconds).replace(".0000", "") if seconds else "-"
+        cost = _cell(seconds, digits=1) if seconds else "-"
         for scaling in rows:
             cells = " | ".join(_cell([r["test"][method][scaling][k] for r in runs]) for k in keys)
             lines.append(f"| {method} | {scaling} | {cells} | {cost} |")
