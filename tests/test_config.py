@@ -17,6 +17,7 @@ def test_defaults_are_a_valid_config():
         ({"modes": {"lr": "fast"}}, "modes.lr"),
         ({"data": {"name": "imagenet"}}, "data.name"),
         ({"model": {"architecture": "transformer"}}, "model"),
+        ({"model": {"architecture": "mlp", "kwargs": {"widths": [8]}}}, "'widths'"),
         ({"calibration": {"coverage": 1.5}}, "calibration.coverage"),
         ({"simplex": {"lambda": -1}}, "simplex.lambda"),
         ({"seeed": 1}, "seeed"),

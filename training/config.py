@@ -6,6 +6,7 @@ Unknown keys are errors, and every error names the field it is about, e.g.
 
 from __future__ import annotations
 
+import inspect
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -52,6 +53,13 @@ class ModelConfig(_Section):
             raise ValueError(
                 f"unknown architecture {self.architecture!r}; known: {', '.join(ARCHITECTURES)}"
             )
+        else:
+            accepted = set(inspect.signature(ARCHITECTURES[self.architecture]).parameters)
+            unknown = sorted(set(self.kwargs) - (accepted - {"input_shape", "num_outputs"}))
+            if unknown:
+                raise ValueError(
+                    f"unknown option(s) {unknown} for architecture {self.architecture!r}"
+                )
         return self
 
 
