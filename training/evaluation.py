@@ -173,6 +173,11 @@ def _cell(values: list[float], digits: int = 4) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def _methods(results: dict[str, Any]) -> list[str]:
+    """The methods present in results, in the order of :class:`Method`."""
+    return [str(m) for m in Method if m in results["test"]]
+
+
 def _metric_names(task: Task) -> list[str]:
     return (
         ["accuracy", "nll", "brier", "ece", "aurc"]
@@ -189,10 +194,10 @@ def results_table(runs: list[dict[str, Any]], task: Task) -> str:
     keys = _metric_names(task)
     header = "| method | scaling | " + " | ".join(keys) + " | train s |"
     lines = [header, "|" + "---|" * (len(keys) + 3)]
-    for method, rows in runs[0]["test"].items():
+    for method in _methods(runs[0]):
         seconds = [r["training_seconds"][method] for r in runs if r.get("training_seconds")]
         cost = _cell(seconds, digits=1) if seconds else "-"
-        for scaling in rows:
+        for scaling in ("raw", "calibrated"):
             cells = " | ".join(_cell([r["test"][method][scaling][k] for r in runs]) for k in keys)
             lines.append(f"| {method} | {scaling} | {cells} | {cost} |")
     return "\n".join(lines)
@@ -201,7 +206,7 @@ def results_table(runs: list[dict[str, Any]], task: Task) -> str:
 def shift_table(runs: list[dict[str, Any]], task: Task) -> str:
     """A Markdown table of calibrated scores under Gaussian noise, one row per severity."""
     keys = ["accuracy", "nll", "ece"] if task is Task.CLASSIFICATION else _metric_names(task)
-    methods = list(runs[0]["test"])
+    methods = _methods(runs[0])
     header = "| severity | " + " | ".join(f"{m} {k}" for m in methods for k in keys) + " |"
     lines = [header, "|" + "---|" * (len(methods) * len(keys) + 1)]
     for severity in runs[0]["shift"]["gaussian_noise"]:
