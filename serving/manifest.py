@@ -133,7 +133,7 @@ class SimplexSpec(_Strict):
     draw_seed: int
     draws: tuple[DrawSpec, ...] = Field(min_length=1)
     log_volume: float | None = None
-    """log V² of the simplex (Cayley–Menger), ``None`` for a single vertex."""
+    """log V² of the simplex (Cayley–Menger); ``None`` for a lone mode or a degenerate simplex."""
 
     @model_validator(mode="after")
     def _check(self) -> SimplexSpec:

@@ -52,8 +52,9 @@ class Checkpoints:
         else:
             self._atomic_write(run_file, json.dumps({"config_digest": config_digest}).encode())
 
-    def _path(self, mode: int, vertex: int) -> Path:
-        return self.workdir / f"mode{mode}.vertex{vertex}.safetensors"
+    def _path(self, mode: int, vertex: int, lam: float | None) -> Path:
+        suffix = "" if lam is None else f".lambda{lam!r}"
+        return self.workdir / f"mode{mode}.vertex{vertex}{suffix}.safetensors"
 
     def _atomic_write(self, path: Path, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.workdir)
@@ -64,10 +65,13 @@ class Checkpoints:
         os.replace(tmp, path)
 
     def load(
-        self, mode: int, vertex: int, device: torch.device | str = "cpu"
+        self, mode: int, vertex: int, lam: float | None, *, device: torch.device | str = "cpu"
     ) -> SavedVertex | None:
-        """The saved vertex (its tensors on ``device``), or ``None`` if it has not finished."""
-        path = self._path(mode, vertex)
+        """The saved vertex (its tensors on ``device``), or ``None`` if it has not finished.
+
+        Vertices grown with different volume weights ``lam`` are kept apart; a mode has none.
+        """
+        path = self._path(mode, vertex, lam)
         if not path.exists():
             return None
         params, buffers = {}, {}
@@ -78,7 +82,7 @@ class Checkpoints:
                 (params if kind == "param" else buffers)[name] = f.get_tensor(key)
         return SavedVertex(params, buffers, float(meta["seconds"]), float(meta["final_loss"]))
 
-    def save(self, mode: int, vertex: int, saved: SavedVertex) -> None:
+    def save(self, mode: int, vertex: int, lam: float | None, saved: SavedVertex) -> None:
         """Save a finished vertex atomically."""
         tensors = {f"param:{k}": v.detach().cpu().contiguous() for k, v in saved.params.items()}
         tensors |= {f"buffer:{k}": v.detach().cpu().contiguous() for k, v in saved.buffers.items()}
@@ -90,7 +94,7 @@ class Checkpoints:
                 tmp,
                 metadata={"seconds": repr(saved.seconds), "final_loss": repr(saved.final_loss)},
             )
-            os.replace(tmp, self._path(mode, vertex))
+            os.replace(tmp, self._path(mode, vertex, lam))
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

@@ -28,6 +28,7 @@ from training.config import (
     resolve_device,
 )
 from training.data import DataError, load_dataset
+from training.diagnostics import SimplexDiagnostics, diagnostics_table
 from training.evaluation import evaluate, results_table, shift_table
 from training.pipeline import train
 
@@ -42,6 +43,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         config = config.model_copy(update={"seed": args.seed})
         default_name += f"-seed{args.seed}"
+    if args.lam is not None:
+        simplex = config.simplex.model_copy(update={"lam": args.lam})
+        config = config.model_copy(update={"simplex": simplex})
     output = Path(args.output or Path("runs") / default_name)
     workdir = Path(args.workdir) if args.workdir else output.with_name(output.name + ".work")
     log.info("training %s into %s (checkpoints in %s)", config.name, output, workdir)
@@ -52,10 +56,29 @@ def _train(args: argparse.Namespace) -> int:
         return 130
     if not args.keep_checkpoints:
         shutil.rmtree(workdir, ignore_errors=True)
-    task = load_bundle(path).manifest.task
-    print(f"\nbundle written to {path}\n")
-    print(results_table([results], task))
+    print_training_summary(path, results)
     return 0
+
+
+def print_training_summary(path: Path, results: dict[str, Any]) -> None:
+    """The λ search, the simplex diagnostics and the comparison of a freshly trained bundle."""
+    manifest = load_bundle(path).manifest
+    print(f"\nbundle written to {path}\n")
+    search = manifest.training.get("lambda_search")
+    if search:
+        scores = ", ".join(
+            f"{g:g}: {s:.4f}" for g, s in zip(search["grid"], search["scores"], strict=True)
+        )
+        print(
+            f"λ search (validation NLL) {scores} -> λ = {search['best']:g} "
+            f"({search['seconds']:.1f} s, {search['vertex_epochs']} vertex epochs)\n"
+        )
+    diagnostics = [
+        SimplexDiagnostics.model_validate(d) for d in manifest.training.get("diagnostics", [])
+    ]
+    if diagnostics:
+        print(diagnostics_table(diagnostics) + "\n")
+    _print_tables([results], manifest.task)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -221,8 +244,7 @@ def _demo(args: argparse.Namespace) -> int:
     config = load_config(DEMO_CONFIG)
     path, results = train(config, output / "bundle", workdir=output / "work", overwrite=True)
     shutil.rmtree(output / "work", ignore_errors=True)
-    print(f"\nbundle written to {path}\n")
-    _print_tables([results], Task.CLASSIFICATION)
+    print_training_summary(path, results)
     inputs = load_dataset(config.data).test.x[:8]
     np.save(output / "inputs.npy", inputs.numpy())
     print(f"\nespro predict {path} {output / 'inputs.npy'}\n")
@@ -255,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="bundle directory (default runs/NAME-VERSION)")
     p.add_argument("--workdir", help="checkpoint directory (default OUTPUT.work)")
     p.add_argument("--seed", type=int, help="override the config's seed")
+    p.add_argument("--lambda", dest="lam", type=float, help="fix the volume weight λ (no search)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument(
         "--keep-checkpoints", action="store_true", help="keep the work directory after success"

@@ -98,6 +98,22 @@ class ModesConfig(OptimConfig):
         return self
 
 
+class LambdaSearchConfig(_Section):
+    """The search for λ when the config leaves it out: simplexes are grown at the first
+    ``modes`` modes for every value of ``grid`` and scored on the validation split."""
+
+    grid: list[float] = Field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0], min_length=2)
+    """Candidate values of λ, best spread on a log scale."""
+    modes: int = Field(default=1, gt=0)
+    """Modes searched at; the cost is ``len(grid) × modes`` simplexes."""
+
+    @model_validator(mode="after")
+    def _check_grid(self) -> LambdaSearchConfig:
+        if any(value < 0 for value in self.grid) or len(set(self.grid)) != len(self.grid):
+            raise ValueError("grid values must be distinct and non-negative")
+        return self
+
+
 class SimplexConfig(OptimConfig):
     """The extra vertices grown at each mode (SPRO)."""
 
@@ -107,8 +123,10 @@ class SimplexConfig(OptimConfig):
     """Extra vertices per mode: 0 gives a deep ensemble, k a k-simplex at each mode."""
     samples: int = Field(default=5, gt=0)
     """Points drawn per minibatch to estimate the expected loss over the simplex."""
-    lam: float = Field(default=0.1, ge=0, alias="lambda")
-    """Weight of the volume term ``λ log(h² + ε‖θ_0‖²)``; see :mod:`training.spro`."""
+    lam: float | None = Field(default=None, ge=0, alias="lambda")
+    """Weight of the volume term ``λ log(h² + ε‖θ_0‖²)`` (:mod:`training.spro`); leave it
+    out to choose it on the validation split (``search``)."""
+    search: LambdaSearchConfig = Field(default_factory=LambdaSearchConfig)
     eps: float = Field(default=1e-4, gt=0)
     """Floor on the squared height, relative to the mode's squared norm (:mod:`training.spro`)."""
 

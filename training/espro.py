@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,8 +52,11 @@ class TrainedSimplex:
 
     @property
     def log_volume(self) -> float | None:
-        """log V² of the simplex, ``None`` for a lone mode."""
-        return float(log_volume(self.vertices)) if len(self.vertices) > 1 else None
+        """log V² of the simplex, ``None`` for a lone mode or a degenerate simplex."""
+        if len(self.vertices) < 2:
+            return None
+        value = float(log_volume(self.vertices))
+        return value if math.isfinite(value) else None
 
 
 @dataclass(frozen=True)
@@ -93,44 +97,58 @@ def train_complex(
     task: Task,
     x: torch.Tensor,
     y: torch.Tensor,
-    checkpoints: Checkpoints | None = None,
+    checkpoints: Checkpoints,
+    lam: float,
 ) -> list[TrainedSimplex]:
-    """Train every mode and grow its simplex on normalised training inputs ``x``.
+    """Train every mode and grow its simplex with volume weight ``lam`` on normalised ``x``.
 
     ``make_model`` builds the architecture on the device of ``x``.
     """
-    simplexes = []
-    for m in range(config.modes.count):
-        torch.manual_seed(derive_seed(config.seed, "init", m))
-        model = make_model()
-        init = (
-            load_state_dict_file(str(config.modes.init[m]), model)
-            if m < len(config.modes.init)
-            else None
-        )
-        trainer = SimplexTrainer(
-            model,
-            task,
-            lam=config.simplex.lam,
-            samples=config.simplex.samples,
-            eps=config.simplex.eps,
-        )
-        seconds, losses = [], []
-        for j in range(config.simplex.vertices + 1):
-            saved = checkpoints.load(m, j, x.device) if checkpoints else None
-            if saved is None:
-                saved = _train_vertex(config, trainer, m, j, x, y, init)
-                if checkpoints:
-                    checkpoints.save(m, j, saved)
-            else:
-                log.info("mode %d vertex %d: loaded from checkpoint", m, j)
-            trainer.vertices.append(saved.params)
-            if j == 0:
-                trainer.buffers = dict(saved.buffers)
-            seconds.append(saved.seconds)
-            losses.append(saved.final_loss)
-        simplexes.append(TrainedSimplex(trainer.vertices, trainer.buffers, seconds, losses))
-    return simplexes
+    return [
+        grow_simplex(config, m, make_model, task, x, y, checkpoints, lam)
+        for m in range(config.modes.count)
+    ]
+
+
+def grow_simplex(
+    config: TrainConfig,
+    m: int,
+    make_model: Callable[[], nn.Module],
+    task: Task,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    checkpoints: Checkpoints,
+    lam: float,
+) -> TrainedSimplex:
+    """Train mode ``m`` (or load it) and grow its simplex, one checkpointed vertex at a time.
+
+    The mode does not depend on ``lam``, so simplexes grown with several values share it.
+    """
+    torch.manual_seed(derive_seed(config.seed, "init", m))
+    model = make_model()
+    init = (
+        load_state_dict_file(str(config.modes.init[m]), model)
+        if m < len(config.modes.init)
+        else None
+    )
+    trainer = SimplexTrainer(
+        model, task, lam=lam, samples=config.simplex.samples, eps=config.simplex.eps
+    )
+    seconds, losses = [], []
+    for j in range(config.simplex.vertices + 1):
+        key = (m, j, None if j == 0 else lam)
+        saved = checkpoints.load(*key, device=x.device)
+        if saved is None:
+            saved = _train_vertex(config, trainer, m, j, x, y, init)
+            checkpoints.save(*key, saved)
+        else:
+            log.info("mode %d vertex %d: loaded from checkpoint", m, j)
+        trainer.vertices.append(saved.params)
+        if j == 0:
+            trainer.buffers = dict(saved.buffers)
+        seconds.append(saved.seconds)
+        losses.append(saved.final_loss)
+    return TrainedSimplex(trainer.vertices, trainer.buffers, seconds, losses)
 
 
 def _train_vertex(
@@ -151,7 +169,7 @@ def _train_vertex(
         )
     else:
         history = trainer.add_vertex(
-            x, y, config.simplex.settings(), rng, desc=f"mode {m + 1} vertex {j}"
+            x, y, config.simplex.settings(), rng, desc=f"mode {m + 1} vertex {j} λ={trainer.lam:g}"
         )
     seconds = time.perf_counter() - start
     params = trainer.vertices.pop()
@@ -195,6 +213,17 @@ def draw_members(
                 batchnorm = {n: fresh[n] for n in bn_names}
             draws[m].append(Draw(tuple(alpha.tolist()), batchnorm))
     return draws
+
+
+def member_states(
+    simplexes: Sequence[TrainedSimplex], draws: Sequence[Sequence[Draw]]
+) -> list[Params]:
+    """Parameters and buffers of every drawn member, simplex by simplex."""
+    return [
+        {**mix_vertices(simplex.vertices, d.alpha), **simplex.buffers, **d.batchnorm}
+        for simplex, own in zip(simplexes, draws, strict=True)
+        for d in own
+    ]
 
 
 def simplex_specs(

@@ -68,7 +68,8 @@ def _comparison_ensemble(
     }
 
 
-def _fit_scale(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> float:
+def fit_scale(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Temperature (classification) or variance scale (regression) fitted to ``targets``."""
     if task is Task.CLASSIFICATION:
         return fit_temperature(outputs, targets)
     return fit_variance_scale(outputs, targets)
@@ -103,7 +104,7 @@ def evaluate(
     scales = {
         method: manifest.temperature
         if method is Method.ESPRO
-        else _fit_scale(task, val[index], dataset.val.y)
+        else fit_scale(task, val[index], dataset.val.y)
         for method, index in methods.items()
     }
 

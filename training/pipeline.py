@@ -4,6 +4,7 @@ bundle. The bundle is written once, atomically, after everything else has succee
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,11 @@ from training.batchnorm import batchnorm_buffer_names
 from training.calibration import (
     calibrate_abstention,
     calibrate_conformal,
-    fit_temperature,
-    fit_variance_scale,
 )
 from training.checkpoint import Checkpoints
 from training.config import TrainConfig, resolve_device
-from training.data import Dataset, load_dataset
+from training.data import Dataset, Split, load_dataset
+from training.diagnostics import diagnose
 from training.espro import (
     Draw,
     TrainedSimplex,
@@ -33,7 +33,8 @@ from training.espro import (
     simplex_specs,
     train_complex,
 )
-from training.evaluation import evaluate
+from training.evaluation import evaluate, fit_scale
+from training.search import search_lambda
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,10 @@ def calibrate(
         bundle, device=device, allow_custom_architecture=config.model.allow_custom
     )
     val = predictor.ensemble.outputs(dataset.val.x).cpu()
-    if manifest.task is Task.REGRESSION:
-        return manifest.model_copy(update={"temperature": fit_variance_scale(val, dataset.val.y)})
     cal = config.calibration
-    temperature = fit_temperature(val, dataset.val.y) if cal.temperature else 1.0
+    temperature = fit_scale(manifest.task, val, dataset.val.y) if cal.temperature else 1.0
+    if manifest.task is Task.REGRESSION:
+        return manifest.model_copy(update={"temperature": temperature})
     cal_probs = pool(
         member_probabilities(predictor.ensemble.outputs(dataset.calibration.x).cpu(), temperature)
     )
@@ -76,6 +77,10 @@ def calibrate(
     )
 
 
+DIAGNOSTIC_SAMPLES = 2000
+"""Training inputs used for the simplex diagnostics (a bound on their cost)."""
+
+
 def train(
     config: TrainConfig,
     output: str | Path,
@@ -83,15 +88,26 @@ def train(
     workdir: str | Path | None = None,
     overwrite: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
-    """Train, calibrate and evaluate a complex, write its bundle, return (path, results)."""
+    """Train, calibrate and evaluate a complex, write its bundle, return (path, results).
+
+    Finished vertices are checkpointed in ``workdir`` (a temporary directory when ``None``).
+    """
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
+    with tempfile.TemporaryDirectory(prefix="espro-") as scratch:
+        checkpoints = Checkpoints(workdir or scratch, config_digest(config))
+        return _train(config, output, checkpoints, overwrite)
+
+
+def _train(
+    config: TrainConfig, output: Path, checkpoints: Checkpoints, overwrite: bool
+) -> tuple[Path, dict[str, Any]]:
     started = time.perf_counter()
     dataset = load_dataset(config.data)
+    task = dataset.task
     input_spec = InputSpec(shape=dataset.input_shape, mean=dataset.mean, std=dataset.std)
-    num_outputs = len(dataset.class_names) if dataset.task is Task.CLASSIFICATION else 2
-
+    num_outputs = len(dataset.class_names) if task is Task.CLASSIFICATION else 2
     device = resolve_device(config.device)
 
     def make_model() -> torch.nn.Module:
@@ -105,14 +121,34 @@ def train(
 
     x = input_spec.normalise(dataset.train.x).to(device)
     y = dataset.train.y.to(device)
-    checkpoints = Checkpoints(workdir, config_digest(config)) if workdir is not None else None
-    simplexes = train_complex(config, make_model, dataset.task, x, y, checkpoints)
+    training: dict[str, Any] = {"config": config.model_dump(mode="json", by_alias=True)}
+    lam = config.simplex.lam
+    if lam is None and config.simplex.vertices > 0:
+        search = search_lambda(config, make_model, task, x, y, dataset.val, input_spec, checkpoints)
+        lam = search.best
+        training["lambda_search"] = search.as_dict()
+        log.info("chose λ = %g on the validation split (%.1f s)", lam, search.seconds)
+    training["lambda"] = lam
+    simplexes = train_complex(config, make_model, task, x, y, checkpoints, lam or 0.0)
     model = make_model()
     draws = draw_members(config, model, simplexes, x)
+    sample = Split(dataset.train.x[:DIAGNOSTIC_SAMPLES], dataset.train.y[:DIAGNOSTIC_SAMPLES])
+    diagnostics = [
+        diagnose(task, model, simplex, own, sample, dataset.val, input_spec)
+        for simplex, own in zip(simplexes, draws, strict=True)
+    ]
+    for m, d in enumerate(diagnostics):
+        for warning in d.warnings:
+            log.warning("simplex %d is %s", m, warning)
+    training |= {
+        "seconds": [s.seconds for s in simplexes],
+        "final_loss": [s.final_losses for s in simplexes],
+        "diagnostics": [d.model_dump() for d in diagnostics],
+    }
     manifest = Manifest(
         name=config.name,
         version=config.version,
-        task=dataset.task,
+        task=task,
         architecture={"name": config.model.architecture, "kwargs": config.model.kwargs},
         input=input_spec,
         num_outputs=num_outputs,
@@ -121,11 +157,7 @@ def train(
         buffer_names=tuple(n for n, _ in model.named_buffers()),
         batchnorm_buffer_names=batchnorm_buffer_names(model),
         simplexes=simplex_specs(config, simplexes, draws),
-        training={
-            "config": config.model_dump(mode="json", by_alias=True),
-            "seconds": [s.seconds for s in simplexes],
-            "final_loss": [s.final_losses for s in simplexes],
-        },
+        training=training,
     )
     bundle = Bundle(path=output, manifest=manifest, tensors=_tensors(simplexes, draws), digest="")
     log.info(
@@ -140,7 +172,7 @@ def train(
         device=device,
         allow_custom_architecture=config.model.allow_custom,
     )
-    training = {**bundle.manifest.training, "total_seconds": time.perf_counter() - started}
+    training["total_seconds"] = time.perf_counter() - started
     final = bundle.manifest.model_copy(update={"metrics": results, "training": training})
     path = write_bundle(output, final, bundle.tensors, overwrite=overwrite)
     return path, results

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from serving.manifest import Task
 from serving.predictive import gaussian_parameters
 from serving.simplex import mix_vertices, sample_dirichlet
-from training.volume import squared_distances, squared_height
+from training.volume import squared_distances, squared_height, squared_norm
 
 Params = dict[str, torch.Tensor]
 
@@ -143,9 +143,8 @@ class SimplexTrainer:
         centroid = mix_vertices(self.vertices, [1.0 / len(self.vertices)] * len(self.vertices))
         return self._train(centroid, x, y, optim, generator, desc)
 
-    def _volume_term(self, trainable: Params) -> torch.Tensor:
-        """``log(h² + ε‖θ_0‖²)`` for the vertex being trained."""
-        floor = self.eps * sum(float(v.double().pow(2).sum()) for v in self.vertices[0].values())
+    def _volume_term(self, trainable: Params, floor: float) -> torch.Tensor:
+        """``log(h² + floor)`` for the vertex being trained, ``floor = ε‖θ_0‖²``."""
         return torch.log(squared_height(squared_distances([*self.vertices, trainable])) + floor)
 
     def _task_term(
@@ -192,16 +191,17 @@ class SimplexTrainer:
         is_mode = not self.vertices
         # A mode's BatchNorm statistics are its own; a new vertex must not disturb them.
         buffers = self.buffers if is_mode else {k: v.clone() for k, v in self.buffers.items()}
+        floor = 0.0 if is_mode else self.eps * squared_norm(self.vertices[0])
         history = VertexHistory()
         self.model.train()
-        bar = tqdm(range(optim.epochs), desc=desc, unit="epoch", leave=False)
+        bar = tqdm(range(optim.epochs), desc=desc, unit="epoch", leave=False, disable=None)
         for _ in bar:
             losses, volumes = [], []
             for xb, yb in minibatches(x, y, optim.batch_size, generator):
                 loss = self._task_term(trainable, buffers, xb, yb, generator)
                 objective = loss
                 if not is_mode:
-                    volume = self._volume_term(trainable)
+                    volume = self._volume_term(trainable, floor)
                     objective = loss - self.lam * volume
                     volumes.append(volume.item())
                 optimiser.zero_grad(set_to_none=True)

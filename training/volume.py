@@ -28,6 +28,11 @@ def squared_distances(vertices: Sequence[Mapping[str, torch.Tensor]]) -> torch.T
     return torch.stack([torch.stack(r) for r in rows])
 
 
+def squared_norm(params: Mapping[str, torch.Tensor]) -> float:
+    """``‖θ‖²`` over all parameters, accumulated in float64."""
+    return sum(float(v.detach().double().pow(2).sum()) for v in params.values())
+
+
 def _check(sq_dist: torch.Tensor) -> int:
     n = sq_dist.shape[0]
     if sq_dist.dim() != 2 or sq_dist.shape != (n, n) or n < 2:

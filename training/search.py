@@ -1,0 +1,84 @@
+"""Choose the volume weight λ on the validation split.
+
+Too small a λ leaves every draw next to its mode (the ensemble predicts like the mode); too
+large a λ pushes the vertices into high loss. The search grows the simplex of the first
+``search.modes`` modes for every λ of a log grid, draws members as the final bundle will, and
+scores each λ by the validation NLL of the pooled members after temperature (or variance)
+scaling. Its cost is bounded by ``len(grid) × modes`` simplexes, and the simplexes grown for
+the chosen λ are reused by the training that follows (they live in the checkpoints).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from serving.ensemble import MemberEnsemble
+from serving.manifest import InputSpec, Task
+from training.checkpoint import Checkpoints
+from training.config import TrainConfig
+from training.data import Split
+from training.espro import draw_members, grow_simplex, member_states
+from training.evaluation import fit_scale, score
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LambdaSearch:
+    """What the search tried and what it cost."""
+
+    grid: list[float]
+    scores: list[float]
+    """Validation NLL after scaling, one per grid value."""
+    best: float
+    seconds: float
+    """Wall-clock time of the search, the training of its simplexes included."""
+    vertex_epochs: int
+    """Epochs of vertex training the search spent (each over S draws per batch)."""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def search_lambda(
+    config: TrainConfig,
+    make_model: Callable[[], nn.Module],
+    task: Task,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    val: Split,
+    input_spec: InputSpec,
+    checkpoints: Checkpoints,
+) -> LambdaSearch:
+    """Score every λ of ``config.simplex.search.grid``; ``x`` is the normalised train input."""
+    search = config.simplex.search
+    modes = min(search.modes, config.modes.count)
+    started = time.perf_counter()
+    scores = []
+    for lam in search.grid:
+        simplexes = [
+            grow_simplex(config, m, make_model, task, x, y, checkpoints, lam) for m in range(modes)
+        ]
+        model = make_model()
+        draws = draw_members(config, model, simplexes, x)
+        ensemble = MemberEnsemble(
+            model, member_states(simplexes, draws), input_spec, device=x.device
+        )
+        outputs = ensemble.outputs(val.x).cpu()
+        scores.append(score(task, outputs, val.y, fit_scale(task, outputs, val.y))["nll"])
+        log.info("λ = %g: validation NLL %.4f", lam, scores[-1])
+    best = search.grid[min(range(len(scores)), key=scores.__getitem__)]
+    vertex_epochs = len(search.grid) * modes * config.simplex.vertices * config.simplex.epochs
+    return LambdaSearch(
+        grid=list(search.grid),
+        scores=scores,
+        best=best,
+        seconds=time.perf_counter() - started,
+        vertex_epochs=vertex_epochs,
+    )
