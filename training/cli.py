@@ -17,8 +17,8 @@ import torch
 from serving.bundle import BundleError, load_bundle
 from serving.ensemble import InputError
 from serving.manifest import Task
-from serving.predictive import ClassificationPrediction
-from serving.predictor import Prediction, Predictor
+from serving.predictor import Predictor
+from serving.wire import predict_response
 from training.checkpoint import CheckpointError
 from training.config import (
     ConfigError,
@@ -135,44 +135,6 @@ def read_inputs(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
-def prediction_records(prediction: Prediction, predictor: Predictor) -> list[dict[str, Any]]:
-    """One JSON-ready record per instance (the native wire format's ``predictions``)."""
-    manifest = predictor.manifest
-    if not isinstance(prediction, ClassificationPrediction):
-        return [
-            {"mean": float(m), "variance": float(v), "aleatoric": float(a), "epistemic": float(e)}
-            for m, v, a, e in zip(
-                prediction.mean,
-                prediction.variance,
-                prediction.aleatoric,
-                prediction.epistemic,
-                strict=True,
-            )
-        ]
-    records = []
-    for i, label in enumerate(prediction.labels.tolist()):
-        record: dict[str, Any] = {
-            "label": label,
-            "class_name": manifest.class_names[label],
-            "probabilities": prediction.probs[i].tolist(),
-            "confidence": float(prediction.confidence[i]),
-            "entropy": float(prediction.entropy[i]),
-            "expected_entropy": float(prediction.expected_entropy[i]),
-            "mutual_information": float(prediction.mutual_information[i]),
-            "disagreement": float(prediction.disagreement[i]),
-        }
-        if prediction.prediction_sets is not None:
-            record["prediction_set"] = [
-                manifest.class_names[c] for c in prediction.prediction_sets[i].nonzero().flatten()
-            ]
-        if prediction.abstain is not None:
-            record["abstain"] = bool(prediction.abstain[i])
-        if prediction.member_probs is not None:
-            record["member_probabilities"] = prediction.member_probs[:, i].tolist()
-        records.append(record)
-    return records
-
-
 def _format_records(records: list[dict[str, Any]], task: Task) -> str:
     if task is Task.REGRESSION:
         keys = ["mean", "variance", "aleatoric", "epistemic"]
@@ -211,19 +173,13 @@ def print_predictions(
         bundle, device=resolve_device(device), allow_custom_architecture=allow_custom_architecture
     )
     prediction = predictor.predict(read_inputs(inputs), draws=draws, return_members=members)
-    records = prediction_records(prediction, predictor)
-    manifest = predictor.manifest
+    response = predict_response(prediction, predictor.bundle).model_dump(exclude_none=True)
     if as_json:
-        response = {
-            "model_name": manifest.name,
-            "model_version": manifest.version,
-            "bundle_sha256": predictor.bundle.digest,
-            "predictions": records,
-        }
         print(json.dumps(response, indent=2))
     else:
+        manifest = predictor.manifest
         print(f"{manifest.name} v{manifest.version} ({predictor.bundle.digest[:12]})")
-        print(_format_records(records, manifest.task))
+        print(_format_records(response["predictions"], manifest.task))
 
 
 def _predict(args: argparse.Namespace) -> int:
