@@ -59,3 +59,14 @@ def test_training_on_cuda_gives_a_bundle_that_predicts_alike_on_cpu_and_cuda(
     # Resuming on CUDA from the checkpoints gives the finished vertices back unchanged.
     again, _ = train(config, tmp_path / "again", workdir=tmp_path / "work")
     assert load_bundle(again).manifest.simplexes == bundle.manifest.simplexes
+
+
+@cuda
+def test_lambda_search_and_diagnostics_run_on_cuda(tmp_path):
+    config = tiny_config(
+        device="cuda", simplex={"lambda": None, "search": {"grid": [0.01, 0.1, 1.0]}}
+    )
+    path, _ = train(config, tmp_path / "bundle")
+    training = load_bundle(path).manifest.training
+    assert training["lambda"] in (0.01, 0.1, 1.0)
+    assert len(training["diagnostics"]) == 2
