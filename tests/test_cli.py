@@ -95,6 +95,7 @@ def test_predict_table_and_draws(trained, capsys):
         (["predict", "{root}", "{x}"], "manifest.json is missing"),
         (["train", "{bad_config}"], "modes.epochs"),
         (["configs", "nope"], "no built-in config"),
+        (["train", "{config}", "--lambda", "-1"], "simplex.lambda"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(trained, capsys, argv, message):
@@ -102,6 +103,7 @@ def test_bad_input_exits_2_with_a_message(trained, capsys, argv, message):
     np.save(trained / "x.npy", np.zeros((2, 2), dtype=np.float32))
     (trained / "bad.yaml").write_text("modes:\n  epochs: -1\n")
     paths = {
+        "config": trained / "tiny.yaml",
         "bundle": trained / "bundle",
         "bad_shape": trained / "bad_shape.npy",
         "x": trained / "x.npy",

@@ -40,12 +40,13 @@ DEMO_CONFIG = "mnist1d-demo"
 def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     default_name = f"{config.name}-{config.version}"
+    data = config.model_dump(mode="json", by_alias=True)
     if args.seed is not None:
-        config = config.model_copy(update={"seed": args.seed})
+        data["seed"] = args.seed
         default_name += f"-seed{args.seed}"
     if args.lam is not None:
-        simplex = config.simplex.model_copy(update={"lam": args.lam})
-        config = config.model_copy(update={"simplex": simplex})
+        data["simplex"]["lambda"] = args.lam
+    config = parse_config(data, "command line")
     output = Path(args.output or Path("runs") / default_name)
     workdir = Path(args.workdir) if args.workdir else output.with_name(output.name + ".work")
     log.info("training %s into %s (checkpoints in %s)", config.name, output, workdir)
