@@ -40,6 +40,16 @@ def test_the_search_picks_a_lambda_strictly_inside_its_grid(tmp_path, seed):
     assert training["lambda"] == search["best"]
     assert search["vertex_epochs"] == len(GRID) * 1 * 1 * 5
     assert search["seconds"] > 0
+    assert search["warning"] is None
+
+
+def test_a_best_lambda_at_the_end_of_the_grid_is_flagged(tmp_path):
+    # With two values the best is always an end of the grid.
+    config = spiral_config(0, simplex={"search": {"grid": [0.01, 0.03]}})
+    path, _ = train(config, tmp_path / "bundle")
+    search = load_bundle(path).manifest.training["lambda_search"]
+    side = "smallest" if search["best"] == 0.01 else "largest"
+    assert f"the {side} of the grid" in search["warning"]
 
 
 def test_the_search_reuses_its_simplexes_and_a_fixed_lambda_skips_it(tmp_path, monkeypatch):

@@ -74,6 +74,8 @@ def print_training_summary(path: Path, results: dict[str, Any]) -> None:
             f"λ search (validation NLL) {scores} -> λ = {search['best']:g} "
             f"({search['seconds']:.1f} s, {search['vertex_epochs']} vertex epochs)\n"
         )
+        if search.get("warning"):
+            print(f"warning: {search['warning']}\n")
     diagnostics = [
         SimplexDiagnostics.model_validate(d) for d in manifest.training.get("diagnostics", [])
     ]

@@ -41,6 +41,8 @@ class LambdaSearch:
     """Wall-clock time of the search, the training of its simplexes included."""
     vertex_epochs: int
     """Epochs of vertex training the search spent (each over S draws per batch)."""
+    warning: str | None = None
+    """Set when the best λ is an end of the grid: the optimum may lie beyond it."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -75,10 +77,16 @@ def search_lambda(
         log.info("λ = %g: validation NLL %.4f", lam, scores[-1])
     best = search.grid[min(range(len(scores)), key=scores.__getitem__)]
     vertex_epochs = len(search.grid) * modes * config.simplex.vertices * config.simplex.epochs
+    warning = None
+    if best in (min(search.grid), max(search.grid)):
+        side = "smallest" if best == min(search.grid) else "largest"
+        warning = f"the best λ ({best:g}) is the {side} of the grid: widen simplex.search.grid"
+        log.warning("λ search: %s", warning)
     return LambdaSearch(
         grid=list(search.grid),
         scores=scores,
         best=best,
         seconds=time.perf_counter() - started,
         vertex_epochs=vertex_epochs,
+        warning=warning,
     )
