@@ -91,95 +91,78 @@ def config_digest(config: TrainConfig) -> str:
     return hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()[:16]
 
 
-def train_complex(
-    config: TrainConfig,
-    make_model: Callable[[], nn.Module],
-    task: Task,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    checkpoints: Checkpoints,
-    lam: float,
-) -> list[TrainedSimplex]:
-    """Train every mode and grow its simplex with volume weight ``lam`` on normalised ``x``.
+@dataclass(frozen=True)
+class ComplexTrainer:
+    """Trains the modes and grows their simplexes on normalised training inputs ``x``.
 
-    ``make_model`` builds the architecture on the device of ``x``.
+    ``make_model`` builds the architecture on the device of ``x``. Every finished vertex goes
+    to ``checkpoints``; a mode does not depend on λ, so simplexes grown with several values of
+    λ (the search) share their mode, and a simplex grown once for a λ is loaded thereafter.
     """
-    return [
-        grow_simplex(config, m, make_model, task, x, y, checkpoints, lam)
-        for m in range(config.modes.count)
-    ]
 
+    config: TrainConfig
+    make_model: Callable[[], nn.Module]
+    task: Task
+    x: torch.Tensor
+    y: torch.Tensor
+    checkpoints: Checkpoints
 
-def grow_simplex(
-    config: TrainConfig,
-    m: int,
-    make_model: Callable[[], nn.Module],
-    task: Task,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    checkpoints: Checkpoints,
-    lam: float,
-) -> TrainedSimplex:
-    """Train mode ``m`` (or load it) and grow its simplex, one checkpointed vertex at a time.
+    def train(self, lam: float, modes: int | None = None) -> list[TrainedSimplex]:
+        """The first ``modes`` simplexes (all by default) grown with volume weight ``lam``."""
+        count = self.config.modes.count if modes is None else modes
+        return [self.simplex(m, lam) for m in range(count)]
 
-    The mode does not depend on ``lam``, so simplexes grown with several values share it.
-    """
-    torch.manual_seed(derive_seed(config.seed, "init", m))
-    model = make_model()
-    init = (
-        load_state_dict_file(str(config.modes.init[m]), model)
-        if m < len(config.modes.init)
-        else None
-    )
-    trainer = SimplexTrainer(
-        model, task, lam=lam, samples=config.simplex.samples, eps=config.simplex.eps
-    )
-    seconds, losses = [], []
-    for j in range(config.simplex.vertices + 1):
-        key = (m, j, None if j == 0 else lam)
-        saved = checkpoints.load(*key, device=x.device)
-        if saved is None:
-            saved = _train_vertex(config, trainer, m, j, x, y, init)
-            checkpoints.save(*key, saved)
-        else:
-            log.info("mode %d vertex %d: loaded from checkpoint", m, j)
-        trainer.vertices.append(saved.params)
+    def simplex(self, m: int, lam: float) -> TrainedSimplex:
+        """Train mode ``m`` (or load it) and grow its simplex, one vertex at a time."""
+        config = self.config
+        torch.manual_seed(derive_seed(config.seed, "init", m))
+        model = self.make_model()
+        init = (
+            load_state_dict_file(str(config.modes.init[m]), model)
+            if m < len(config.modes.init)
+            else None
+        )
+        trainer = SimplexTrainer(
+            model, self.task, lam=lam, samples=config.simplex.samples, eps=config.simplex.eps
+        )
+        seconds, losses = [], []
+        for j in range(config.simplex.vertices + 1):
+            key = (m, j, None if j == 0 else lam)
+            saved = self.checkpoints.load(*key, device=self.x.device)
+            if saved is None:
+                saved = self._train_vertex(trainer, m, j, init)
+                self.checkpoints.save(*key, saved)
+            else:
+                log.info("mode %d vertex %d: loaded from checkpoint", m, j)
+            trainer.vertices.append(saved.params)
+            if j == 0:
+                trainer.buffers = dict(saved.buffers)
+            seconds.append(saved.seconds)
+            losses.append(saved.final_loss)
+        return TrainedSimplex(trainer.vertices, trainer.buffers, seconds, losses)
+
+    def _train_vertex(
+        self, trainer: SimplexTrainer, m: int, j: int, init: Params | None
+    ) -> SavedVertex:
+        config, x, y = self.config, self.x, self.y
+        torch.manual_seed(derive_seed(config.seed, "vertex", m, j))
+        rng = generator(config.seed, "batches", m, j)
+        start = time.perf_counter()
         if j == 0:
-            trainer.buffers = dict(saved.buffers)
-        seconds.append(saved.seconds)
-        losses.append(saved.final_loss)
-    return TrainedSimplex(trainer.vertices, trainer.buffers, seconds, losses)
-
-
-def _train_vertex(
-    config: TrainConfig,
-    trainer: SimplexTrainer,
-    m: int,
-    j: int,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    init: Params | None,
-) -> SavedVertex:
-    torch.manual_seed(derive_seed(config.seed, "vertex", m, j))
-    rng = generator(config.seed, "batches", m, j)
-    start = time.perf_counter()
-    if j == 0:
-        history = trainer.fit_mode(
-            x, y, config.modes.settings(), rng, init=init, desc=f"mode {m + 1}/{config.modes.count}"
+            desc = f"mode {m + 1}/{config.modes.count}"
+            history = trainer.fit_mode(x, y, config.modes.settings(), rng, init=init, desc=desc)
+        else:
+            desc = f"mode {m + 1} vertex {j} λ={trainer.lam:g}"
+            history = trainer.add_vertex(x, y, config.simplex.settings(), rng, desc=desc)
+        seconds = time.perf_counter() - start
+        params = trainer.vertices.pop()
+        log.info("mode %d vertex %d: loss %.4f in %.1f s", m, j, history.loss[-1], seconds)
+        return SavedVertex(
+            params=params,
+            buffers=trainer.buffers if j == 0 else {},
+            seconds=seconds,
+            final_loss=history.loss[-1],
         )
-    else:
-        history = trainer.add_vertex(
-            x, y, config.simplex.settings(), rng, desc=f"mode {m + 1} vertex {j} λ={trainer.lam:g}"
-        )
-    seconds = time.perf_counter() - start
-    params = trainer.vertices.pop()
-    log.info("mode %d vertex %d: loss %.4f in %.1f s", m, j, history.loss[-1], seconds)
-    return SavedVertex(
-        params=params,
-        buffers=trainer.buffers if j == 0 else {},
-        seconds=seconds,
-        final_loss=history.loss[-1],
-    )
 
 
 def draw_members(

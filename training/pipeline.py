@@ -26,12 +26,12 @@ from training.config import TrainConfig, resolve_device
 from training.data import Dataset, Split, load_dataset
 from training.diagnostics import diagnose
 from training.espro import (
+    ComplexTrainer,
     Draw,
     TrainedSimplex,
     config_digest,
     draw_members,
     simplex_specs,
-    train_complex,
 )
 from training.evaluation import evaluate, fit_scale
 from training.search import search_lambda
@@ -123,13 +123,14 @@ def _train(
     y = dataset.train.y.to(device)
     training: dict[str, Any] = {"config": config.model_dump(mode="json", by_alias=True)}
     lam = config.simplex.lam
+    trainer = ComplexTrainer(config, make_model, task, x, y, checkpoints)
     if lam is None and config.simplex.vertices > 0:
-        search = search_lambda(config, make_model, task, x, y, dataset.val, input_spec, checkpoints)
+        search = search_lambda(trainer, dataset.val, input_spec)
         lam = search.best
         training["lambda_search"] = search.as_dict()
         log.info("chose λ = %g on the validation split (%.1f s)", lam, search.seconds)
     training["lambda"] = lam
-    simplexes = train_complex(config, make_model, task, x, y, checkpoints, lam or 0.0)
+    simplexes = trainer.train(lam or 0.0)
     model = make_model()
     draws = draw_members(config, model, simplexes, x)
     sample = Split(dataset.train.x[:DIAGNOSTIC_SAMPLES], dataset.train.y[:DIAGNOSTIC_SAMPLES])

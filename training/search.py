@@ -12,18 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-import torch
-from torch import nn
-
 from serving.ensemble import MemberEnsemble
-from serving.manifest import InputSpec, Task
-from training.checkpoint import Checkpoints
-from training.config import TrainConfig
+from serving.manifest import InputSpec
 from training.data import Split
-from training.espro import draw_members, grow_simplex, member_states
+from training.espro import ComplexTrainer, draw_members, member_states
 from training.evaluation import fit_scale, score
 
 log = logging.getLogger(__name__)
@@ -48,29 +42,19 @@ class LambdaSearch:
         return asdict(self)
 
 
-def search_lambda(
-    config: TrainConfig,
-    make_model: Callable[[], nn.Module],
-    task: Task,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    val: Split,
-    input_spec: InputSpec,
-    checkpoints: Checkpoints,
-) -> LambdaSearch:
-    """Score every λ of ``config.simplex.search.grid``; ``x`` is the normalised train input."""
+def search_lambda(trainer: ComplexTrainer, val: Split, input_spec: InputSpec) -> LambdaSearch:
+    """Score every λ of the config's ``simplex.search.grid`` on the raw validation split."""
+    config, task = trainer.config, trainer.task
     search = config.simplex.search
     modes = min(search.modes, config.modes.count)
     started = time.perf_counter()
     scores = []
     for lam in search.grid:
-        simplexes = [
-            grow_simplex(config, m, make_model, task, x, y, checkpoints, lam) for m in range(modes)
-        ]
-        model = make_model()
-        draws = draw_members(config, model, simplexes, x)
+        simplexes = trainer.train(lam, modes)
+        model = trainer.make_model()
+        draws = draw_members(config, model, simplexes, trainer.x)
         ensemble = MemberEnsemble(
-            model, member_states(simplexes, draws), input_spec, device=x.device
+            model, member_states(simplexes, draws), input_spec, device=trainer.x.device
         )
         outputs = ensemble.outputs(val.x).cpu()
         scores.append(score(task, outputs, val.y, fit_scale(task, outputs, val.y))["nll"])
