@@ -6,7 +6,9 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("module", ["serving.predictor", "serving.bundle", "training.cli"])
+@pytest.mark.parametrize(
+    "module", ["serving.predictor", "serving.bundle", "serving.service", "training.cli"]
+)
 def test_importing_does_not_import_ray(module):
     code = (
         f"import sys, {module}\n"

@@ -1,0 +1,215 @@
+"""Three front doors, one contract: the request handling behind the native JSON, OIP v2 REST
+and OIP v2 gRPC doors, as a plain class with no server in it.
+
+A Ray Serve application (or a test) moves bytes and messages to :class:`InferenceService` and
+back; every door decodes into the same arrays, runs the same :class:`~serving.predictor.
+Predictor`, and encodes the same numbers. Every refusal is an :class:`~serving.oip.OIPError`
+carrying the HTTP status (and through it the gRPC code) and a message naming the problem.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+from serving.ensemble import InputError
+from serving.manifest import Task, describe_validation_error
+from serving.oip import (
+    ModelMetadata,
+    OIPError,
+    RequestOptions,
+    ServerMetadata,
+    TensorMetadata,
+    binary_outputs,
+    decode_grpc_request,
+    decode_rest_request,
+    encode_grpc_response,
+    encode_rest_response,
+    request_options,
+    select_outputs,
+)
+from serving.predictive import RegressionPrediction
+from serving.predictor import Prediction, Predictor
+from serving.proto import grpc_predict_v2_pb2 as pb
+from serving.wire import PredictRequest, predict_response
+
+INPUT = "input"
+"""The name of the one OIP input tensor: raw instances ``[batch, *input_shape]``."""
+
+CLASSIFICATION_OUTPUTS = {
+    "probabilities": ("FP32", 2),
+    "label": ("INT64", 1),
+    "confidence": ("FP32", 1),
+    "entropy": ("FP32", 1),
+    "expected_entropy": ("FP32", 1),
+    "mutual_information": ("FP32", 1),
+    "disagreement": ("FP32", 1),
+    "prediction_set": ("BOOL", 2),
+    "abstain": ("BOOL", 1),
+}
+REGRESSION_OUTPUTS = {name: ("FP32", 1) for name in ("mean", "variance", "aleatoric", "epistemic")}
+"""OIP output tensors by name: datatype and rank (the batch dimension included)."""
+
+
+class ModelRepository:
+    """Predictors by model name and version; the version added last answers by default."""
+
+    def __init__(self, predictors: list[Predictor] | None = None) -> None:
+        self._models: dict[str, dict[str, Predictor]] = {}
+        for predictor in predictors or []:
+            self.add(predictor)
+
+    def add(self, predictor: Predictor) -> None:
+        """Serve ``predictor`` under its bundle's name and version (replacing that version)."""
+        manifest = predictor.manifest
+        versions = self._models.setdefault(manifest.name, {})
+        versions.pop(manifest.version, None)  # re-adding makes it the newest
+        versions[manifest.version] = predictor
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def versions(self, name: str) -> list[str]:
+        return list(self._get_versions(name))
+
+    def _get_versions(self, name: str) -> dict[str, Predictor]:
+        if name not in self._models:
+            known = ", ".join(self._models) or "none"
+            raise OIPError(404, f"unknown model {name!r}; served models: {known}")
+        return self._models[name]
+
+    def get(self, name: str, version: str | None = None) -> Predictor:
+        """The predictor of ``name`` at ``version`` (the newest when ``None`` or empty)."""
+        versions = self._get_versions(name)
+        if not version:
+            return next(reversed(versions.values()))
+        if version not in versions:
+            raise OIPError(
+                404, f"model {name!r} has no version {version!r}; versions: {', '.join(versions)}"
+            )
+        return versions[version]
+
+
+def prediction_tensors(prediction: Prediction) -> dict[str, np.ndarray]:
+    """The OIP output tensors of a prediction (member outputs when they were asked for)."""
+    if isinstance(prediction, RegressionPrediction):
+        tensors = {name: getattr(prediction, name) for name in REGRESSION_OUTPUTS}
+        members = {
+            "member_means": prediction.member_means,
+            "member_variances": prediction.member_variances,
+        }
+    else:
+        tensors = {
+            "probabilities": prediction.probs,
+            "label": prediction.labels,
+            "confidence": prediction.confidence,
+            "entropy": prediction.entropy,
+            "expected_entropy": prediction.expected_entropy,
+            "mutual_information": prediction.mutual_information,
+            "disagreement": prediction.disagreement,
+            "prediction_set": prediction.prediction_sets,
+            "abstain": prediction.abstain,
+        }
+        # Members on dim 1 so that the batch stays first, as for every other output.
+        probs = prediction.member_probs
+        members = {"member_probabilities": None if probs is None else probs.transpose(0, 1)}
+    arrays = {k: v for k, v in (tensors | members).items() if v is not None}
+    return {n: (t.float() if t.is_floating_point() else t).numpy() for n, t in arrays.items()}
+
+
+def model_metadata(repository: ModelRepository, name: str, version: str | None) -> ModelMetadata:
+    """The OIP metadata of a model: its versions and its tensor signatures."""
+    manifest = repository.get(name, version).manifest
+    outputs = CLASSIFICATION_OUTPUTS if manifest.task is Task.CLASSIFICATION else REGRESSION_OUTPUTS
+    width = manifest.num_outputs
+    return ModelMetadata(
+        name=name,
+        versions=repository.versions(name),
+        platform="espro",
+        inputs=[TensorMetadata(name=INPUT, datatype="FP32", shape=[-1, *manifest.input.shape])],
+        outputs=[
+            TensorMetadata(name=out, datatype=dtype, shape=[-1, width][:rank])
+            for out, (dtype, rank) in outputs.items()
+        ],
+    )
+
+
+class InferenceService:
+    """Answers the three doors from one :class:`ModelRepository`."""
+
+    def __init__(self, repository: ModelRepository, server_version: str = "0.1.0") -> None:
+        self.repository = repository
+        self.server_version = server_version
+
+    def server_metadata(self) -> ServerMetadata:
+        return ServerMetadata(
+            name="espro", version=self.server_version, extensions=["binary_tensor_data"]
+        )
+
+    @staticmethod
+    def predict(predictor: Predictor, x: np.ndarray, options: RequestOptions) -> Prediction:
+        """Run a model on raw instances; input problems become 400s that name them."""
+        if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+            raise OIPError(400, f"inputs must be real numbers, got {x.dtype}")
+        tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        try:
+            prediction = predictor.predict(
+                tensor, draws=options.draws, return_members=options.return_members
+            )
+        except InputError as err:
+            raise OIPError(400, str(err)) from None
+        return prediction
+
+    def native(self, name: str, body: bytes | str) -> bytes:
+        """``POST /v1/models/{name}/predict``: the native JSON request and response."""
+        predictor = self.repository.get(name)
+        try:
+            request = PredictRequest.model_validate(json.loads(body))
+        except json.JSONDecodeError as err:
+            raise OIPError(400, f"the body is not valid JSON: {err}") from None
+        except ValidationError as err:
+            raise OIPError(422, describe_validation_error(err)) from None
+        try:
+            x = np.asarray(request.inputs, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise OIPError(400, "inputs must be a rectangular array of numbers") from None
+        options = RequestOptions(request.draws, request.return_members)
+        prediction = self.predict(predictor, x, options)
+        response = predict_response(prediction, predictor.bundle)
+        return response.model_dump_json(exclude_none=True).encode()
+
+    def rest_infer(
+        self, name: str, version: str | None, body: bytes, header_length: int | None
+    ) -> tuple[bytes, int | None]:
+        """``POST /v2/models/{name}[/versions/{v}]/infer``, JSON or binary extension."""
+        predictor = self.repository.get(name, version)
+        request, arrays = decode_rest_request(body, header_length)
+        options = request_options(request.parameters)
+        prediction = self.predict(predictor, _the_input(arrays), options)
+        tensors = select_outputs(prediction_tensors(prediction), [o.name for o in request.outputs])
+        manifest = predictor.manifest
+        return encode_rest_response(
+            manifest.name, manifest.version, request.id, tensors, binary_outputs(request)
+        )
+
+    def grpc_infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """``GRPCInferenceService/ModelInfer``."""
+        predictor = self.repository.get(request.model_name, request.model_version)
+        parameters, arrays = decode_grpc_request(request)
+        prediction = self.predict(predictor, _the_input(arrays), request_options(parameters))
+        tensors = select_outputs(prediction_tensors(prediction), [o.name for o in request.outputs])
+        manifest = predictor.manifest
+        return encode_grpc_response(manifest.name, manifest.version, request.id, tensors)
+
+
+def _the_input(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The one input tensor an espro model takes."""
+    if list(arrays) != [INPUT]:
+        raise OIPError(
+            400, f"expected exactly one input named {INPUT!r}, got {', '.join(arrays) or 'none'}"
+        )
+    return arrays[INPUT]

@@ -1,0 +1,161 @@
+"""The three doors answer alike: native JSON, OIP REST (JSON and binary) and OIP gRPC, with
+requests and responses encoded and decoded by the real tritonclient libraries."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+from tritonclient.grpc import service_pb2 as triton_pb
+from tritonclient.grpc._utils import _get_inference_request as triton_grpc_request
+
+from serving.bundle import load_bundle
+from serving.oip import OIPError
+from serving.predictor import Predictor
+from serving.proto import grpc_predict_v2_pb2 as pb
+from serving.service import (
+    CLASSIFICATION_OUTPUTS,
+    INPUT,
+    InferenceService,
+    ModelRepository,
+    model_metadata,
+)
+
+X = (torch.randn(6, 4, generator=torch.Generator().manual_seed(0)) * 2).numpy()
+
+
+@pytest.fixture
+def service(tmp_path, make_tiny_bundle) -> InferenceService:
+    predictors = [
+        Predictor(load_bundle(make_tiny_bundle(seed=seed, version=v).write(tmp_path / v)))
+        for seed, v in [(0, "1"), (1, "2")]
+    ]
+    return InferenceService(ModelRepository(predictors))
+
+
+def expected(service: InferenceService, version: str = "2", **kwargs):
+    return service.repository.get("tiny", version).predict(torch.from_numpy(X), **kwargs)
+
+
+def rest(service, binary: bool, outputs=(), version=None, **parameters):
+    inputs = [thttp.InferInput(INPUT, list(X.shape), "FP32").set_data_from_numpy(X, binary)]
+    requested = [thttp.InferRequestedOutput(name, binary_data=binary) for name in outputs]
+    body, length = thttp.InferenceServerClient.generate_request_body(
+        inputs, requested or None, request_id="r1", parameters=parameters or None
+    )
+    out, out_length = service.rest_infer("tiny", version, body, length)
+    return thttp.InferResult.from_response_body(out, header_length=out_length)
+
+
+def grpc(service, outputs=(), version="", **parameters):
+    inputs = [tgrpc.InferInput(INPUT, list(X.shape), "FP32").set_data_from_numpy(X)]
+    requested = [tgrpc.InferRequestedOutput(name) for name in outputs] or None
+    theirs = triton_grpc_request(
+        "tiny", inputs, version, "r1", requested, 0, False, False, 0, None, parameters or None
+    )
+    ours = service.grpc_infer(pb.ModelInferRequest.FromString(theirs.SerializeToString()))
+    return tgrpc.InferResult(triton_pb.ModelInferResponse.FromString(ours.SerializeToString()))
+
+
+def test_native_json_matches_the_predictor(service):
+    body = json.dumps({"inputs": X.tolist(), "return_members": True})
+    response = json.loads(service.native("tiny", body))
+    want = expected(service, return_members=True)
+    assert response["model_version"] == "2"
+    got = np.array([p["probabilities"] for p in response["predictions"]])
+    np.testing.assert_allclose(got, want.probs.numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        [p["mutual_information"] for p in response["predictions"]],
+        want.mutual_information.numpy(),
+        atol=1e-5,
+    )
+    assert len(response["predictions"][0]["member_probabilities"]) == 4
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_oip_rest_matches_the_predictor(service, binary):
+    result = rest(service, binary)
+    want = expected(service)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), want.probs.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(result.as_numpy("label"), want.labels.numpy())
+    np.testing.assert_allclose(result.as_numpy("entropy"), want.entropy.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(result.as_numpy("prediction_set"), want.prediction_sets)
+    np.testing.assert_array_equal(result.as_numpy("abstain"), want.abstain.numpy())
+    assert result.get_response()["model_version"] == "2"
+
+
+def test_oip_grpc_matches_the_predictor(service):
+    result = grpc(service)
+    want = expected(service)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), want.probs.numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        result.as_numpy("mutual_information"), want.mutual_information.numpy(), atol=1e-5
+    )
+    np.testing.assert_array_equal(result.as_numpy("prediction_set"), want.prediction_sets)
+
+
+def test_every_door_honours_draws_members_and_versions(service):
+    want = expected(service, version="1", draws=1, return_members=True)
+    by_rest = rest(service, True, version="1", draws=1, return_members=True)
+    by_grpc = grpc(service, version="1", draws=1, return_members=True)
+    for result in (by_rest, by_grpc):
+        members = result.as_numpy("member_probabilities")
+        assert members.shape == (6, 2, 3)  # [batch, members, classes]: one draw per simplex
+        np.testing.assert_allclose(result.as_numpy("probabilities"), want.probs.numpy(), atol=1e-5)
+
+
+def test_requested_outputs_only(service):
+    result = rest(service, True, outputs=["label", "confidence"])
+    assert [o["name"] for o in result.get_response()["outputs"]] == ["label", "confidence"]
+    assert grpc(service, outputs=["entropy"]).as_numpy("label") is None
+
+
+@pytest.mark.parametrize(
+    ("call", "status", "message"),
+    [
+        (lambda s: s.native("nope", b'{"inputs": [[1, 2, 3, 4]]}'), 404, "unknown model 'nope'"),
+        (lambda s: s.native("tiny", b"{not json"), 400, "not valid JSON"),
+        (lambda s: s.native("tiny", b'{"inputs": [[1, 2]]}'), 400, "expected inputs of shape"),
+        (lambda s: s.native("tiny", b'{"inputs": [[1, 2], [3]]}'), 400, "rectangular"),
+        (lambda s: s.native("tiny", b'{"inputs": [], "draws": 1}'), 422, "inputs"),
+        (lambda s: s.native("tiny", b'{"inputs": [[1, 2, 3, 4]], "draws": 9}'), 400, "draws"),
+        (lambda s: s.native("tiny", b'{"inputs": [[NaN, 2, 3, 4]]}'), 400, "NaN"),
+        (lambda s: s.rest_infer("tiny", "7", b'{"inputs": []}', None), 404, "no version '7'"),
+        (
+            lambda s: s.rest_infer(
+                "tiny",
+                None,
+                json.dumps(
+                    {
+                        "inputs": [
+                            {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
+                        ]
+                    }
+                ).encode(),
+                None,
+            ),
+            400,
+            "exactly one input named 'input'",
+        ),
+    ],
+)
+def test_bad_requests_are_refused_with_a_status_and_a_message(service, call, status, message):
+    with pytest.raises(OIPError) as err:
+        call(service)
+    assert err.value.status == status
+    assert message in err.value.message
+
+
+def test_metadata_describes_inputs_outputs_and_versions(service):
+    metadata = model_metadata(service.repository, "tiny", None)
+    assert metadata.versions == ["1", "2"]
+    assert [(t.name, t.shape) for t in metadata.inputs] == [(INPUT, [-1, 4])]
+    assert [t.name for t in metadata.outputs] == list(CLASSIFICATION_OUTPUTS)
+    assert metadata.outputs[0].shape == [-1, 3] and metadata.outputs[1].shape == [-1]
+    assert service.server_metadata().extensions == ["binary_tensor_data"]
+    with pytest.raises(OIPError, match="unknown model"):
+        model_metadata(service.repository, "nope", None)
