@@ -217,11 +217,6 @@ class Manifest(_Strict):
                 raise ValueError(f"simplexes[{i}] has BatchNorm draws but the model has none")
         return self
 
-    @property
-    def num_members(self) -> int:
-        """Members over all simplexes."""
-        return sum(len(s.draws) for s in self.simplexes)
-
     def tensor_keys(self) -> set[str]:
         """Every tensor name the tensor file must hold, and nothing else."""
         keys: set[str] = set()

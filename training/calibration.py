@@ -14,7 +14,7 @@ from serving.conformal import (
     conformity_scores,
 )
 from serving.manifest import AbstentionSpec, ConformalSpec
-from serving.predictive import gaussian_parameters, member_probabilities, pool
+from serving.predictive import gaussian_parameters
 
 
 def _fit_log_scale(objective, init: float = 0.0, steps: int = 100) -> float:
@@ -85,8 +85,3 @@ def calibrate_abstention(
         threshold=threshold if math.isfinite(threshold) else None,
         calibration_coverage=float((confidence >= threshold).double().mean()),
     )
-
-
-def tempered_pool(member_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Pooled probabilities of tempered members."""
-    return pool(member_probabilities(member_logits, temperature))
