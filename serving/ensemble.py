@@ -47,6 +47,11 @@ class MemberEnsemble:
     def __len__(self) -> int:
         return len(self.members)
 
+    def add(self, member: MemberState) -> int:
+        """Materialise one more member on the ensemble's device; returns its index."""
+        self.members.append({k: v.to(self.device) for k, v in member.items()})
+        return len(self.members) - 1
+
     def check_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """Validate a raw batch against the input spec and return it as float32."""
         shape = tuple(self.input_spec.shape)

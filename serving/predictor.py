@@ -5,6 +5,7 @@ Offline prediction, evaluation and the server all answer through :class:`Predict
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from serving.predictive import (
     classify,
     regress,
 )
-from serving.simplex import mix_vertices
+from serving.simplex import mix_vertices, sample_dirichlet
 
 Prediction = ClassificationPrediction | RegressionPrediction
 
@@ -37,7 +38,13 @@ def build_model(manifest: Manifest, *, allow_custom_architecture: bool = False) 
 
 
 class Predictor:
-    """Answers raw inputs with the pooled, calibrated prediction of every member of a bundle."""
+    """Answers raw inputs with the pooled, calibrated prediction of every member of a bundle.
+
+    A request may use fewer draws per simplex than the bundle stores; a bundle without buffers
+    (no BatchNorm statistics to carry per draw) may also grant up to ``max_fresh_draws`` more,
+    sampled uniformly on each simplex from a seed fixed by the bundle's hash, so every replica
+    answers alike. Fresh members are materialised on first use and kept.
+    """
 
     def __init__(
         self,
@@ -45,8 +52,11 @@ class Predictor:
         *,
         device: str | torch.device = "cpu",
         allow_custom_architecture: bool = False,
+        max_fresh_draws: int = 0,
     ) -> None:
         self.bundle = bundle
+        self.max_fresh_draws = max_fresh_draws
+        self._lock = threading.Lock()
         manifest = bundle.manifest
         model = build_model(manifest, allow_custom_architecture=allow_custom_architecture)
         self._check_names(model, manifest)
@@ -59,6 +69,7 @@ class Predictor:
                 members.append({**mix_vertices(vertices, draw.alpha), **bundle.buffers(m, s)})
                 self._check_shapes(model, manifest, members[-1])
             self._slots.append(slots)
+        self._fresh: list[list[int]] = [[] for _ in self._slots]
         self.ensemble = MemberEnsemble(model, members, manifest.input, device=device)
 
     @classmethod
@@ -71,9 +82,29 @@ class Predictor:
         return self.bundle.manifest
 
     @property
-    def max_draws(self) -> int:
-        """The most draws per simplex every simplex can provide."""
+    def stored_draws(self) -> int:
+        """The draws per simplex the bundle stores (the fewest over its simplexes)."""
         return min(len(slots) for slots in self._slots)
+
+    @property
+    def max_draws(self) -> int:
+        """The most draws per simplex a request may ask for: stored plus fresh."""
+        return self.stored_draws + self.max_fresh_draws
+
+    @property
+    def max_fresh_draws(self) -> int:
+        return self._max_fresh_draws
+
+    @max_fresh_draws.setter
+    def max_fresh_draws(self, value: int) -> None:
+        if value < 0:
+            raise ValueError(f"max_fresh_draws must be >= 0, got {value}")
+        if value and self.manifest.buffer_names:
+            raise ValueError(
+                f"model {self.manifest.name!r} has buffers (BatchNorm statistics) stored per "
+                "draw, so it cannot sample fresh draws; set max_fresh_draws to 0"
+            )
+        self._max_fresh_draws = value
 
     @staticmethod
     def _check_names(model: torch.nn.Module, manifest: Manifest) -> None:
@@ -102,18 +133,47 @@ class Predictor:
                 )
 
     def member_indices(self, draws: int | None = None) -> list[int]:
-        """Members to run: the first ``draws`` of every simplex (all when ``None``)."""
+        """Members to run: the first ``draws`` of every simplex (every stored one when ``None``),
+        sampling fresh ones past a simplex's stored draws where that is allowed."""
         if draws is None:
             return [i for slots in self._slots for i in slots]
         if not 1 <= draws <= self.max_draws:
-            raise InputError(f"draws must be between 1 and {self.max_draws}, got {draws}")
-        return [i for slots in self._slots for i in slots[:draws]]
+            hint = (
+                " (a server may grant fresh draws with max_fresh_draws)"
+                if not (self.max_fresh_draws or self.manifest.buffer_names)
+                else ""
+            )
+            raise InputError(f"draws must be between 1 and {self.max_draws}, got {draws}{hint}")
+        indices = []
+        for m, slots in enumerate(self._slots):
+            fresh = draws - len(slots)
+            indices += slots[:draws] + (self._fresh_members(m, fresh) if fresh > 0 else [])
+        return indices
+
+    def _fresh_members(self, m: int, count: int) -> list[int]:
+        """The first ``count`` fresh members of simplex ``m``, materialised on first use.
+
+        They come from a generator seeded by the bundle's hash and the simplex, and are
+        regenerated as a prefix, so fresh draw ``j`` is the same whatever was asked first.
+        """
+        with self._lock:
+            have = self._fresh[m]
+            if len(have) < count:
+                vertices = self.bundle.vertices(m)
+                generator = torch.Generator().manual_seed(int(self.bundle.digest[:15], 16) + m)
+                alphas = sample_dirichlet(len(vertices), count, generator)[len(have) :]
+                have += [self.ensemble.add(mix_vertices(vertices, alpha)) for alpha in alphas]
+            return have[:count]
+
+    def outputs(self, x: torch.Tensor, draws: int | None = None) -> torch.Tensor:
+        """Member outputs ``[S, B, ·]`` on the CPU for a raw batch ``[B, *input_shape]``."""
+        return self.ensemble.outputs(x, self.member_indices(draws)).cpu()
 
     def predict(
         self, x: torch.Tensor, *, draws: int | None = None, return_members: bool = False
     ) -> Prediction:
         """Pooled calibrated prediction for a raw batch ``[B, *input_shape]``."""
-        outputs = self.ensemble.outputs(x, self.member_indices(draws)).cpu()
+        outputs = self.outputs(x, draws)
         return calibrated_prediction(self.manifest, outputs, return_members=return_members)
 
 

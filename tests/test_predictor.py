@@ -437,3 +437,28 @@ def test_parameter_shapes_that_do_not_match_the_architecture_are_refused(
     bundle = _load(dataclasses.replace(tiny, manifest=manifest), tmp_path / "b")
     with pytest.raises(ValueError, match=r"1\.weight.*\[8, 4\].*\[16, 4\]"):
         Predictor(bundle)
+
+
+def test_fresh_draws_are_reproducible_prefixes(tmp_path, make_tiny_bundle):
+    path = make_tiny_bundle(draws=2).write(tmp_path / "b")
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    one, two = (Predictor(load_bundle(path), max_fresh_draws=2) for _ in range(2))
+    assert one.stored_draws == 2 and one.max_draws == 4
+    one.predict(x, draws=3)  # materialises one fresh draw per simplex first
+    four = one.outputs(x, draws=4)
+    assert four.shape[0] == 2 * 4  # 2 simplexes x (2 stored + 2 fresh)
+    torch.testing.assert_close(four, two.outputs(x, draws=4))
+    stored = one.outputs(x)
+    torch.testing.assert_close(four[[0, 1, 4, 5]], stored)  # stored draws come first
+    assert not torch.allclose(four[2], four[3])  # fresh draws differ from each other
+    with pytest.raises(InputError, match="between 1 and 4"):
+        one.member_indices(5)
+
+
+def test_fresh_draws_need_a_model_without_batchnorm(tmp_path, make_tiny_bundle):
+    bundle = load_bundle(make_tiny_bundle(batchnorm=True).write(tmp_path / "bn"))
+    with pytest.raises(ValueError, match="BatchNorm"):
+        Predictor(bundle, allow_custom_architecture=True, max_fresh_draws=1)
+    predictor = Predictor(bundle, allow_custom_architecture=True)
+    with pytest.raises(InputError, match="between 1 and 2, got 3$"):
+        predictor.member_indices(3)
