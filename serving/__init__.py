@@ -2,3 +2,7 @@
 
 Importing this package never imports Ray; only the Serve application module does.
 """
+
+from importlib.metadata import version
+
+__version__ = version("espro")

@@ -10,12 +10,15 @@ carrying the HTTP status (and through it the gRPC code) and a message naming the
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
 from pydantic import ValidationError
 
+from serving import __version__
 from serving.ensemble import InputError
 from serving.manifest import Task, describe_validation_error
 from serving.oip import (
@@ -33,9 +36,11 @@ from serving.oip import (
     select_outputs,
 )
 from serving.predictive import RegressionPrediction
-from serving.predictor import Prediction, Predictor
+from serving.predictor import Prediction, Predictor, calibrated_prediction
 from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.wire import PredictRequest, predict_response
+
+R = TypeVar("R")
 
 INPUT = "input"
 """The name of the one OIP input tensor: raw instances ``[batch, *input_shape]``."""
@@ -138,10 +143,53 @@ def model_metadata(repository: ModelRepository, name: str, version: str | None) 
     )
 
 
-class InferenceService:
-    """Answers the three doors from one :class:`ModelRepository`."""
+@dataclass(frozen=True)
+class Job(Generic[R]):
+    """A decoded, validated request: the members to run on which inputs, and how to answer.
 
-    def __init__(self, repository: ModelRepository, server_version: str = "0.1.0") -> None:
+    :meth:`run` answers it alone; a batcher may instead concatenate the inputs of jobs that
+    share a predictor and members, run the engine once, and hand each job its slice of
+    :meth:`member_outputs` through :meth:`finish`.
+    """
+
+    predictor: Predictor
+    inputs: torch.Tensor
+    """Float32 ``[B, *input_shape]``, already checked against the bundle's input spec."""
+    members: tuple[int, ...]
+    return_members: bool
+    encode: Callable[[Prediction], R]
+
+    @property
+    def batch_key(self) -> tuple[int, tuple[int, ...]]:
+        """Jobs with equal keys may share one engine run."""
+        return id(self.predictor), self.members
+
+    def member_outputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The engine: member outputs ``[S, B, ·]`` on the CPU."""
+        return self.predictor.ensemble.outputs(inputs, self.members).cpu()
+
+    def prediction(self, outputs: torch.Tensor) -> Prediction:
+        """The calibrated prediction from this job's member outputs."""
+        manifest = self.predictor.manifest
+        return calibrated_prediction(manifest, outputs, return_members=self.return_members)
+
+    def finish(self, outputs: torch.Tensor) -> R:
+        """The encoded answer from this job's member outputs."""
+        return self.encode(self.prediction(outputs))
+
+    def run(self) -> R:
+        """Answer the job on its own."""
+        return self.finish(self.member_outputs(self.inputs))
+
+
+class InferenceService:
+    """Answers the three doors from one :class:`ModelRepository`.
+
+    Each door has a ``*_job`` method that decodes and validates a request into a :class:`Job`
+    (refusing bad ones with an :class:`~serving.oip.OIPError`) and a method that also runs it.
+    """
+
+    def __init__(self, repository: ModelRepository, server_version: str = __version__) -> None:
         self.repository = repository
         self.server_version = server_version
 
@@ -151,20 +199,24 @@ class InferenceService:
         )
 
     @staticmethod
-    def predict(predictor: Predictor, x: np.ndarray, options: RequestOptions) -> Prediction:
-        """Run a model on raw instances; input problems become 400s that name them."""
+    def job(
+        predictor: Predictor,
+        x: np.ndarray,
+        options: RequestOptions,
+        encode: Callable[[Prediction], R],
+    ) -> Job[R]:
+        """Validate raw instances and options; input problems become 400s that name them."""
         if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
             raise OIPError(400, f"inputs must be real numbers, got {x.dtype}")
         tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         try:
-            prediction = predictor.predict(
-                tensor, draws=options.draws, return_members=options.return_members
-            )
+            inputs = predictor.ensemble.check_inputs(tensor)
+            members = tuple(predictor.member_indices(options.draws))
         except InputError as err:
             raise OIPError(400, str(err)) from None
-        return prediction
+        return Job(predictor, inputs, members, options.return_members, encode)
 
-    def native(self, name: str, body: bytes | str) -> bytes:
+    def native_job(self, name: str, body: bytes | str) -> Job[bytes]:
         """``POST /v1/models/{name}/predict``: the native JSON request and response."""
         predictor = self.repository.get(name)
         try:
@@ -177,33 +229,55 @@ class InferenceService:
             x = np.asarray(request.inputs, dtype=np.float32)
         except (TypeError, ValueError):
             raise OIPError(400, "inputs must be a rectangular array of numbers") from None
+
+        def encode(prediction: Prediction) -> bytes:
+            response = predict_response(prediction, predictor.bundle)
+            return response.model_dump_json(exclude_none=True).encode()
+
         options = RequestOptions(request.draws, request.return_members)
-        prediction = self.predict(predictor, x, options)
-        response = predict_response(prediction, predictor.bundle)
-        return response.model_dump_json(exclude_none=True).encode()
+        return self.job(predictor, x, options, encode)
+
+    def rest_job(
+        self, name: str, version: str | None, body: bytes, header_length: int | None
+    ) -> Job[tuple[bytes, int | None]]:
+        """``POST /v2/models/{name}[/versions/{v}]/infer``, JSON or binary extension."""
+        predictor = self.repository.get(name, version)
+        request, arrays = decode_rest_request(body, header_length)
+        requested = [o.name for o in request.outputs]
+        binary = binary_outputs(request)
+        manifest = predictor.manifest
+
+        def encode(prediction: Prediction) -> tuple[bytes, int | None]:
+            tensors = select_outputs(prediction_tensors(prediction), requested)
+            return encode_rest_response(
+                manifest.name, manifest.version, request.id, tensors, binary
+            )
+
+        return self.job(predictor, _the_input(arrays), request_options(request.parameters), encode)
+
+    def grpc_job(self, request: pb.ModelInferRequest) -> Job[pb.ModelInferResponse]:
+        """``GRPCInferenceService/ModelInfer``."""
+        predictor = self.repository.get(request.model_name, request.model_version)
+        parameters, arrays = decode_grpc_request(request)
+        requested = [o.name for o in request.outputs]
+        manifest = predictor.manifest
+
+        def encode(prediction: Prediction) -> pb.ModelInferResponse:
+            tensors = select_outputs(prediction_tensors(prediction), requested)
+            return encode_grpc_response(manifest.name, manifest.version, request.id, tensors)
+
+        return self.job(predictor, _the_input(arrays), request_options(parameters), encode)
+
+    def native(self, name: str, body: bytes | str) -> bytes:
+        return self.native_job(name, body).run()
 
     def rest_infer(
         self, name: str, version: str | None, body: bytes, header_length: int | None
     ) -> tuple[bytes, int | None]:
-        """``POST /v2/models/{name}[/versions/{v}]/infer``, JSON or binary extension."""
-        predictor = self.repository.get(name, version)
-        request, arrays = decode_rest_request(body, header_length)
-        options = request_options(request.parameters)
-        prediction = self.predict(predictor, _the_input(arrays), options)
-        tensors = select_outputs(prediction_tensors(prediction), [o.name for o in request.outputs])
-        manifest = predictor.manifest
-        return encode_rest_response(
-            manifest.name, manifest.version, request.id, tensors, binary_outputs(request)
-        )
+        return self.rest_job(name, version, body, header_length).run()
 
     def grpc_infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        """``GRPCInferenceService/ModelInfer``."""
-        predictor = self.repository.get(request.model_name, request.model_version)
-        parameters, arrays = decode_grpc_request(request)
-        prediction = self.predict(predictor, _the_input(arrays), request_options(parameters))
-        tensors = select_outputs(prediction_tensors(prediction), [o.name for o in request.outputs])
-        manifest = predictor.manifest
-        return encode_grpc_response(manifest.name, manifest.version, request.id, tensors)
+        return self.grpc_job(request).run()
 
 
 def _the_input(arrays: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -159,3 +159,17 @@ def test_metadata_describes_inputs_outputs_and_versions(service):
     assert service.server_metadata().extensions == ["binary_tensor_data"]
     with pytest.raises(OIPError, match="unknown model"):
         model_metadata(service.repository, "nope", None)
+
+
+def test_jobs_batched_together_answer_as_alone(service):
+    """What the server's batcher does: concatenate jobs that share a key, run the engine once,
+    and hand each job its slice of the member outputs."""
+    bodies = [json.dumps({"inputs": X[i : i + n].tolist()}) for i, n in [(0, 1), (1, 3), (4, 2)]]
+    jobs = [service.native_job("tiny", body) for body in bodies]
+    assert len({job.batch_key for job in jobs}) == 1
+    outputs = jobs[0].member_outputs(torch.cat([job.inputs for job in jobs]))
+    parts = outputs.split([len(job.inputs) for job in jobs], dim=1)
+    for job, part in zip(jobs, parts, strict=True):
+        assert job.finish(part) == job.run()
+    other = service.native_job("tiny", json.dumps({"inputs": X.tolist(), "draws": 1}))
+    assert other.batch_key != jobs[0].batch_key  # other members: another engine run
