@@ -6,7 +6,10 @@ written); ``tiny.write(path)`` turns it into a bundle directory that ``load_bund
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +81,7 @@ class TinyBundle:
 def tiny_bundle(
     *,
     batchnorm: bool = False,
+    slow: bool = False,
     num_vertices: Sequence[int] = (2, 3),
     draws: int = 2,
     seed: int = 0,
@@ -93,13 +97,15 @@ def tiny_bundle(
     gen = torch.Generator().manual_seed(seed)
     if batchnorm:
         architecture = ArchitectureSpec(name=BATCHNORM_ARCHITECTURE, kwargs={"hidden": 8})
+    elif slow:
+        architecture = ArchitectureSpec(name=f"{__name__}:slow_linear")
     else:
         architecture = ArchitectureSpec(name="mlp", kwargs={"hidden": [8]})
     model = create_model(
         architecture.name,
         input_shape=INPUT_SHAPE,
         num_outputs=len(CLASS_NAMES),
-        allow_custom=batchnorm,
+        allow_custom=batchnorm or slow,
         **architecture.kwargs,
     )
     params = dict(model.named_parameters())
@@ -133,7 +139,7 @@ def tiny_bundle(
         )
 
     fields: dict[str, Any] = {
-        "name": "tiny-bn" if batchnorm else "tiny",
+        "name": "tiny-bn" if batchnorm else "slow" if slow else "tiny",
         "version": "1",
         "task": Task.CLASSIFICATION,
         "architecture": architecture,
@@ -161,3 +167,97 @@ def make_tiny_bundle() -> Callable[..., TinyBundle]:
 def tiny_bundle_dir(tmp_path: Path) -> Path:
     """The default tiny bundle (mlp, no BatchNorm), written to ``tmp_path / "bundle"``."""
     return tiny_bundle().write(tmp_path / "bundle")
+
+
+class SlowLinear(nn.Linear):
+    """A linear layer that sleeps on every forward: a model whose cost a test controls."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.05)
+        return super().forward(x)
+
+
+def slow_linear(*, input_shape: Sequence[int], num_outputs: int) -> nn.Module:
+    """A ``module:callable`` architecture that takes 50 ms per member and batch."""
+    return SlowLinear(input_shape[0], num_outputs)
+
+
+# --------------------------------------------------------------------------- a real server
+
+LOOPBACK_ONLY = (
+    "tests that start Ray or a server must run in a network namespace with only loopback, "
+    "as the README's test command does: unshare --net sh -c 'ip link set lo up; exec pytest'"
+)
+
+
+def _loopback_only() -> bool:
+    return all(name == "lo" for _, name in socket.if_nameindex())
+
+
+@dataclass
+class Server:
+    """A running espro app on loopback, its bundles, and the config it was started with."""
+
+    http: str
+    grpc: str
+    metrics: str
+    bundles: dict[str, Path]
+    config: Any  # serving.settings.AppConfig (imported lazily: Ray only where needed)
+
+    def redeploy(self, **changes: Any) -> None:
+        """Update the running app in place with ``changes`` to its config."""
+        from serving.app.launch import deploy
+
+        deploy(self.config.model_copy(update=changes))
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One Ray cluster and espro app for the whole session (a cold start costs seconds).
+
+    It serves ``tiny`` versions 1 and 2, ``tiny-bn`` (BatchNorm) and ``slow`` (50 ms per
+    member), with 2 fresh draws allowed and a 1 MiB body limit.
+    """
+    if not _loopback_only():
+        pytest.fail(LOOPBACK_ONLY)
+    for key, value in {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_metrics_report_interval_ms": "1000",
+    }.items():
+        os.environ.setdefault(key, value)
+    # Replicas import this module to build the custom test architectures.
+    here = str(Path(__file__).parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    from serving.app import launch
+    from serving.settings import AppConfig, LaunchConfig
+
+    root = tmp_path_factory.mktemp("served")
+    bundles = {
+        "tiny/1": tiny_bundle(seed=0, version="1").write(root / "tiny-1"),
+        "tiny/2": tiny_bundle(seed=1, version="2").write(root / "tiny-2"),
+        "tiny-bn": tiny_bundle(batchnorm=True).write(root / "tiny-bn"),
+        "slow": tiny_bundle(slow=True, num_vertices=(2,), draws=1).write(root / "slow"),
+    }
+    config = AppConfig(
+        bundles=[str(path) for path in bundles.values()],
+        max_fresh_draws=2,
+        allow_custom_architecture=True,
+        max_body_bytes=1 << 20,
+        torch_threads=1,
+    )
+    ports = LaunchConfig(
+        num_cpus=2, num_gpus=0, http_port=18000, grpc_port=19000, metrics_port=18080
+    )
+    launch.start(config, ports)
+    try:
+        yield Server(
+            http="http://127.0.0.1:18000",
+            grpc="127.0.0.1:19000",
+            metrics="http://127.0.0.1:18080/metrics",
+            bundles=bundles,
+            config=config,
+        )
+    finally:
+        launch.stop()

@@ -7,7 +7,8 @@ import pytest
 
 
 @pytest.mark.parametrize(
-    "module", ["serving.predictor", "serving.bundle", "serving.service", "training.cli"]
+    "module",
+    ["serving.predictor", "serving.bundle", "serving.service", "serving.settings", "training.cli"],
 )
 def test_importing_does_not_import_ray(module):
     code = (

@@ -1,4 +1,7 @@
-"""The ``espro`` command line: train, evaluate, predict, demo, configs."""
+"""The ``espro`` command line: train, evaluate, predict, serve, demo, configs.
+
+Ray is imported only by ``serve`` and ``demo``, when they run.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from serving.bundle import BundleError, load_bundle
 from serving.ensemble import InputError
-from serving.manifest import Task
+from serving.manifest import Task, describe_validation_error
 from serving.predictor import Predictor
 from serving.wire import predict_response
 from training.checkpoint import CheckpointError
@@ -138,7 +142,8 @@ def read_inputs(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
-def _format_records(records: list[dict[str, Any]], task: Task) -> str:
+def format_records(records: list[dict[str, Any]], task: Task) -> str:
+    """A readable table of native-JSON prediction records."""
     if task is Task.REGRESSION:
         keys = ["mean", "variance", "aleatoric", "epistemic"]
     else:
@@ -182,7 +187,7 @@ def print_predictions(
     else:
         manifest = predictor.manifest
         print(f"{manifest.name} v{manifest.version} ({predictor.bundle.digest[:12]})")
-        print(_format_records(response["predictions"], manifest.task))
+        print(format_records(response["predictions"], manifest.task))
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -198,6 +203,57 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_APP_FLAGS = {
+    "replicas": "replicas",
+    "device": "device",
+    "num_cpus": "replica_cpus",
+    "max_batch_size": "max_batch_size",
+    "max_ongoing_requests": "max_ongoing_requests",
+    "max_queued_requests": "max_queued_requests",
+    "max_fresh_draws": "max_fresh_draws",
+    "allow_custom_architecture": "allow_custom_architecture",
+}
+SERVE_LAUNCH_FLAGS = ("address", "host", "http_port", "grpc_port", "metrics_port")
+
+
+def serve_configs(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The validated :class:`~serving.settings.AppConfig` and ``LaunchConfig`` of the flags."""
+    from serving.settings import AppConfig, LaunchConfig
+
+    app: dict[str, Any] = {"bundles": args.bundles}
+    app |= {field: getattr(args, flag) for field, flag in SERVE_APP_FLAGS.items()}
+    if args.batch_wait_ms is not None:
+        app["batch_wait_timeout_s"] = args.batch_wait_ms / 1000
+    if args.max_body_mb is not None:
+        app["max_body_bytes"] = int(args.max_body_mb * (1 << 20))
+    launch = {flag: getattr(args, flag) for flag in SERVE_LAUNCH_FLAGS}
+    launch["num_cpus"] = args.ray_cpus
+    try:
+        return (
+            AppConfig.model_validate({k: v for k, v in app.items() if v is not None}),
+            LaunchConfig.model_validate({k: v for k, v in launch.items() if v is not None}),
+        )
+    except ValidationError as err:
+        raise ConfigError(f"espro serve: {describe_validation_error(err)}") from None
+
+
+def _launcher() -> Any:
+    """``serving.app.launch``, or a clear error where Ray Serve is not installed."""
+    try:
+        from serving.app import launch
+    except ImportError as err:
+        message = f"serving needs the serving extra, pip install 'espro[serving]': {err}"
+        raise ConfigError(message) from None
+    return launch
+
+
+def _serve(args: argparse.Namespace) -> int:
+    app, launch = serve_configs(args)
+    launcher = _launcher()
+    launcher.serve_until_stopped(launcher.check_bundles(app), launch)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     output = Path(args.output)
     config = load_config(DEMO_CONFIG)
@@ -208,6 +264,11 @@ def _demo(args: argparse.Namespace) -> int:
     np.save(output / "inputs.npy", inputs.numpy())
     print(f"\nespro predict {path} {output / 'inputs.npy'}\n")
     print_predictions(path, output / "inputs.npy")
+    if not args.no_serve:
+        _launcher()
+        from training.demo import serve_and_query
+
+        serve_and_query(path, inputs.numpy())
     return 0
 
 
@@ -265,8 +326,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-custom-architecture", action="store_true")
     p.set_defaults(func=_predict)
 
-    p = sub.add_parser("demo", help="train, evaluate and predict on the embedded MNIST-1D data")
+    p = sub.add_parser(
+        "serve",
+        help="serve bundles over HTTP (native JSON, OIP v2 REST) and gRPC (OIP v2) with Ray Serve",
+        description="Start a local Ray (or join one with --address), deploy the bundles, and "
+        "serve until Ctrl-C. A bundle listed later is the newer version of its model.",
+    )
+    p.add_argument("bundles", nargs="+", help="bundle directories")
+    p.add_argument("--host", help="address the doors bind to (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--grpc-port", type=int, help="gRPC port (default 9000)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus port of a local Ray (8080)")
+    p.add_argument("--address", help="join this Ray cluster instead of starting one")
+    p.add_argument("--ray-cpus", type=int, help="CPUs of a local Ray (default: all)")
+    p.add_argument("--replicas", type=int, help="replicas of the model deployment (default 1)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="replica device (cpu)")
+    p.add_argument("--replica-cpus", type=float, help="CPUs per replica (default 1)")
+    p.add_argument("--max-batch-size", type=int, help="requests per engine run (default 32)")
+    p.add_argument("--batch-wait-ms", type=float, help="wait for a batch to fill (default 2)")
+    p.add_argument("--max-ongoing-requests", type=int, help="requests per replica (default 64)")
+    p.add_argument("--max-queued-requests", type=int, help="queued before 503 (default 256)")
+    p.add_argument("--max-fresh-draws", type=int, help="extra draws a request may ask (0)")
+    p.add_argument("--max-body-mb", type=float, help="request size limit in MiB (default 64)")
+    p.add_argument("--allow-custom-architecture", action="store_true", default=None)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser(
+        "demo", help="train, evaluate, predict, serve and query on the embedded MNIST-1D data"
+    )
     p.add_argument("-o", "--output", default="runs/demo", help="demo directory")
+    p.add_argument("--no-serve", action="store_true", help="stop after offline prediction")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("configs", help="list the built-in configs, or print one")

@@ -1,0 +1,88 @@
+"""Start (or join) Ray, start Serve's HTTP and gRPC doors, and deploy the application."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import ray
+from ray import serve
+
+from serving.bundle import load_bundle
+from serving.settings import AppConfig, LaunchConfig
+
+from . import GRPC_SERVICER, build_app
+
+APP_NAME = "espro"
+
+RAY_ENVIRONMENT = {
+    "RAY_USAGE_STATS_ENABLED": "0",  # never report usage to anyone
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",  # a private, single-user cluster (see docs/serving.md)
+}
+"""Set for a Ray started here unless the environment says otherwise."""
+
+
+def check_bundles(config: AppConfig) -> AppConfig:
+    """Verify every bundle here before deploying, and make their paths absolute, so that a
+    wrong path or a corrupt bundle is a clear error now rather than a failing replica later."""
+    bundles = [str(Path(path).resolve()) for path in config.bundles]
+    for path in bundles:
+        load_bundle(path)
+    return config.model_copy(update={"bundles": bundles})
+
+
+def start(app: AppConfig, launch: LaunchConfig) -> None:
+    """Start or join Ray, start Serve's doors, and deploy ``app``; returns once it is ready."""
+    # The proxy refuses larger gRPC messages with RESOURCE_EXHAUSTED before they reach us.
+    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(app.max_body_bytes))
+    if launch.address is None:
+        for key, value in RAY_ENVIRONMENT.items():
+            os.environ.setdefault(key, value)
+        ray.init(
+            num_cpus=launch.num_cpus,
+            num_gpus=launch.num_gpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1" if launch.host == "127.0.0.1" else None,
+            _metrics_export_port=launch.metrics_port,
+            log_to_driver=False,
+        )
+    else:
+        ray.init(address=launch.address, log_to_driver=False)
+    serve.start(
+        http_options={"host": launch.host, "port": launch.http_port},
+        grpc_options={"port": launch.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+    )
+    deploy(app)
+
+
+def deploy(app: AppConfig) -> None:
+    """Deploy ``app``, or update the running one in place: new bundles, batching and queue
+    limits reach the running replicas without a restart; requests in flight finish."""
+    serve.run(build_app(app), name=APP_NAME, route_prefix="/")
+
+
+def stop() -> None:
+    """Drain requests in flight, remove the application and leave Ray."""
+    serve.shutdown()
+    ray.shutdown()
+
+
+def serve_until_stopped(app: AppConfig, launch: LaunchConfig) -> None:
+    """``espro serve``: deploy, print where the doors are, and drain on SIGINT or SIGTERM."""
+    start(app, launch)
+    host = launch.host
+    print(f"espro is serving {len(app.bundles)} bundle(s):")
+    print(f"  HTTP     http://{host}:{launch.http_port}  (native /v1, OIP /v2, docs /docs)")
+    print(f"  gRPC     {host}:{launch.grpc_port}  (inference.GRPCInferenceService)")
+    if launch.address is None:
+        print(f"  metrics  http://127.0.0.1:{launch.metrics_port}/metrics")
+    print("Ctrl-C stops it.", flush=True)
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    stopped.wait()
+    print("draining and stopping...", flush=True)
+    stop()

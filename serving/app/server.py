@@ -1,0 +1,390 @@
+"""The Ray Serve deployment: one ingress that owns the models, batches, and answers all doors.
+
+HTTP (native JSON and OIP v2 REST) arrives through FastAPI routes; OIP v2 gRPC arrives through
+Serve's gRPC proxy as calls of the methods named after the RPCs. Every door decodes its
+request into a :class:`~serving.service.Job` on the event loop, the jobs meet in one
+``@serve.batch`` queue, and jobs that share a model and members run through the engine together
+in a worker thread, so decoding goes on while the members compute.
+"""
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from ray import serve
+from ray.serve.grpc_util import RayServegRPCContext
+
+from serving import __version__
+from serving.bundle import load_bundle
+from serving.oip import InferenceRequest, InferenceResponse, OIPError
+from serving.predictor import Predictor
+from serving.proto import grpc_predict_v2_pb2 as pb
+from serving.service import InferenceService, Job, ModelRepository, model_metadata
+from serving.settings import Tuning
+from serving.wire import PredictRequest, PredictResponse
+
+from .metrics import ServerMetrics
+
+logger = logging.getLogger("ray.serve")
+R = TypeVar("R")
+
+api = FastAPI(
+    title="espro",
+    version=__version__,
+    description=(
+        "Calibrated predictions with uncertainty from ESPRO ensembles: a native JSON door "
+        "(`/v1`) and the Open Inference Protocol v2 (`/v2`, JSON and binary tensors)."
+    ),
+)
+
+
+def _schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's JSON schema with its ``$defs`` inlined (OpenAPI resolves refs from its root)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    return inline(schema)
+
+
+def _json_body(model: type[BaseModel], *, binary: bool = False) -> dict[str, Any]:
+    """``openapi_extra`` documenting a body that a route reads raw (to bound its size)."""
+    content = {"application/json": {"schema": _schema(model)}}
+    if binary:  # the binary tensor extension: JSON, then tensor bytes
+        content["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def _json_answer(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    error = {"content": {"application/json": {"schema": _schema(_ErrorBody)}}}
+    return {
+        200: {"content": {"application/json": {"schema": _schema(model)}}},
+        **{code: error | {"description": why} for code, why in _ERRORS.items()},
+    }
+
+
+class _ErrorBody(BaseModel):
+    error: str
+
+
+_ERRORS = {
+    400: "Bad input: the message names the problem",
+    404: "Unknown model or version",
+    413: "Body over the size limit",
+    422: "A native request body that does not match the schema",
+    503: "Queue full: retry after the Retry-After header's seconds",
+}
+
+
+def _error(err: OIPError) -> Response:
+    return Response(err.rest_body(), status_code=err.status, media_type="application/json")
+
+
+def _grpc_error(context: RayServegRPCContext, err: OIPError) -> None:
+    context.set_code(err.grpc_code)
+    context.set_details(err.message)
+
+
+def _header_length(request: Request) -> int | None:
+    value = request.headers.get("inference-header-content-length")
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise OIPError(400, f"Inference-Header-Content-Length must be a byte count, got {value!r}")
+    return int(value)
+
+
+@serve.deployment(name="espro")
+@serve.ingress(api)
+class ModelServer:
+    """Serves every bundle of its ``user_config`` (see :class:`~serving.settings.Tuning`).
+
+    Serve pickles this class when it is decorated, so every module-level name it uses must be
+    defined above it.
+    """
+
+    def __init__(
+        self,
+        *,
+        device: str = "cpu",
+        allow_custom_architecture: bool = False,
+        max_body_bytes: int = 64 << 20,
+        torch_threads: int | None = None,
+    ) -> None:
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.device = device
+        self.allow_custom_architecture = allow_custom_architecture
+        self.max_body_bytes = max_body_bytes
+        self.service = InferenceService(ModelRepository(), server_version=__version__)
+        self.metrics = ServerMetrics()
+        self._predictors: dict[str, Predictor] = {}  # by bundle hash, reused across reloads
+        self._model_info: asyncio.Task[None] | None = None
+
+    # -- configuration -------------------------------------------------------------------
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Load the listed bundles, then swap them in at once; requests in flight finish on
+        the predictors they started with. A bundle that fails to load fails the update."""
+        tuning = Tuning.model_validate(user_config)
+        predictors = await asyncio.to_thread(self._load, tuning)
+        self.service.repository = ModelRepository(predictors)
+        self._predictors = {p.bundle.digest: p for p in predictors}
+        self._engine.set_max_batch_size(tuning.max_batch_size)
+        self._engine.set_batch_wait_timeout_s(tuning.batch_wait_timeout_s)
+        if self._model_info is None:
+            self._model_info = asyncio.create_task(self._refresh_model_info())
+        names = ", ".join(f"{p.manifest.name}:{p.manifest.version}" for p in predictors)
+        logger.info("serving %s on %s", names, self.device)
+
+    async def _refresh_model_info(self) -> None:
+        while True:
+            self.metrics.models(p.bundle for p in self._predictors.values())
+            await asyncio.sleep(1.0)
+
+    def _load(self, tuning: Tuning) -> list[Predictor]:
+        predictors = []
+        for path in tuning.bundles:
+            bundle = load_bundle(path)
+            predictor = self._predictors.get(bundle.digest)
+            if predictor is None:
+                predictor = Predictor(
+                    bundle,
+                    device=self.device,
+                    allow_custom_architecture=self.allow_custom_architecture,
+                )
+            predictor.max_fresh_draws = (
+                0 if bundle.manifest.buffer_names else tuning.max_fresh_draws
+            )
+            predictors.append(predictor)
+        return predictors
+
+    # -- the engine ----------------------------------------------------------------------
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _engine(self, queued: list[tuple[Job[Any], float]]) -> list[Any]:
+        """Run queued jobs, one engine call per (model, members) group; each job gets its
+        slice of the member outputs, or the exception its group raised."""
+        started = time.perf_counter()
+        groups: dict[Any, list[int]] = defaultdict(list)
+        for i, (job, enqueued) in enumerate(queued):
+            groups[job.batch_key].append(i)
+            self.metrics.queue_wait.observe(
+                started - enqueued, tags={"model": job.predictor.manifest.name}
+            )
+        results: list[Any] = [None] * len(queued)
+        for indices in groups.values():
+            jobs = [queued[i][0] for i in indices]
+            inputs = torch.cat([job.inputs for job in jobs])
+            begin = time.perf_counter()
+            try:
+                outputs = await asyncio.to_thread(jobs[0].member_outputs, inputs)
+            except Exception as err:  # each job of the group answers with it
+                for i in indices:
+                    results[i] = err
+                continue
+            self.metrics.batch(
+                jobs[0].predictor.manifest.name,
+                len(inputs),
+                len(jobs),
+                time.perf_counter() - begin,
+            )
+            parts = outputs.split([len(job.inputs) for job in jobs], dim=1)
+            for i, part in zip(indices, parts, strict=True):
+                results[i] = part
+        return results
+
+    async def _answer(self, job: Job[R]) -> R:
+        """Queue a job for the engine and encode its answer, recording its uncertainty."""
+        outputs = await self._engine((job, time.perf_counter()))
+        if isinstance(outputs, Exception):
+            raise outputs
+        prediction = job.prediction(outputs)
+        self.metrics.prediction(job.predictor.manifest, prediction)
+        return job.encode(prediction)
+
+    async def _handle(
+        self, door: str, model: str, work: Callable[[], Awaitable[Response]]
+    ) -> Response:
+        """Answer an HTTP request, turning refusals into their status and counting it."""
+        start = time.perf_counter()
+        try:
+            response = await work()
+        except OIPError as err:
+            response = _error(err)
+        except Exception:
+            logger.exception("%s request for model %r failed", door, model)
+            response = _error(OIPError(500, "internal error; the server log has the details"))
+        self.metrics.request(door, model, response.status_code, time.perf_counter() - start)
+        return response
+
+    async def _body(self, request: Request) -> bytes:
+        """The request body, refused with 413 past ``max_body_bytes`` before it is all read."""
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise OIPError(413, f"the body has {declared} bytes; the limit is {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise OIPError(413, f"the body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # -- native JSON ---------------------------------------------------------------------
+
+    @api.get("/v1/models", summary="The models served, with their versions and bundle hashes")
+    def list_models(self) -> dict[str, Any]:
+        repository = self.service.repository
+        return {
+            "models": [
+                {
+                    "name": name,
+                    "versions": [
+                        {
+                            "version": version,
+                            "bundle_sha256": repository.get(name, version).bundle.digest,
+                        }
+                        for version in repository.versions(name)
+                    ],
+                }
+                for name in repository.names()
+            ]
+        }
+
+    @api.post(
+        "/v1/models/{name}/predict",
+        summary="Calibrated prediction with uncertainty, one record per instance",
+        openapi_extra=_json_body(PredictRequest),
+        responses=_json_answer(PredictResponse),
+    )
+    async def predict(self, name: str, request: Request) -> Response:
+        async def work() -> Response:
+            job = self.service.native_job(name, await self._body(request))
+            return Response(await self._answer(job), media_type="application/json")
+
+        return await self._handle("native", name, work)
+
+    # -- Open Inference Protocol v2, REST --------------------------------------------------
+
+    @api.get("/v2", summary="Server metadata")
+    def server_metadata(self) -> dict[str, Any]:
+        return self.service.server_metadata().model_dump()
+
+    @api.get("/v2/health/live", summary="Liveness")
+    def live(self) -> dict[str, bool]:
+        return {"live": True}
+
+    @api.get("/v2/health/ready", summary="Readiness: 200 once a model is loaded")
+    def ready(self) -> Response:
+        ready = bool(self.service.repository.names())
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @api.get("/v2/models/{name}", summary="Model metadata (the newest version)")
+    @api.get("/v2/models/{name}/versions/{version}", summary="Model metadata")
+    def model_metadata(self, name: str, version: str | None = None) -> Response:
+        try:
+            metadata = model_metadata(self.service.repository, name, version)
+        except OIPError as err:
+            return _error(err)
+        return JSONResponse(metadata.model_dump())
+
+    @api.get("/v2/models/{name}/ready", summary="Model readiness")
+    @api.get("/v2/models/{name}/versions/{version}/ready", summary="Model version readiness")
+    def model_ready(self, name: str, version: str | None = None) -> Response:
+        try:
+            self.service.repository.get(name, version)
+        except OIPError as err:
+            return _error(err)
+        return JSONResponse({"name": name, "ready": True})
+
+    @api.post(
+        "/v2/models/{name}/infer",
+        summary="Inference (the newest version)",
+        openapi_extra=_json_body(InferenceRequest, binary=True),
+        responses=_json_answer(InferenceResponse),
+    )
+    @api.post(
+        "/v2/models/{name}/versions/{version}/infer",
+        summary="Inference",
+        openapi_extra=_json_body(InferenceRequest, binary=True),
+        responses=_json_answer(InferenceResponse),
+    )
+    async def infer(self, name: str, request: Request, version: str | None = None) -> Response:
+        async def work() -> Response:
+            length = _header_length(request)
+            job = self.service.rest_job(name, version, await self._body(request), length)
+            body, json_length = await self._answer(job)
+            if json_length is None:
+                return Response(body, media_type="application/json")
+            return Response(
+                body,
+                media_type="application/octet-stream",
+                headers={"Inference-Header-Content-Length": str(json_length)},
+            )
+
+        return await self._handle("rest", name, work)
+
+    # -- Open Inference Protocol v2, gRPC (methods named after the RPCs) -------------------
+
+    async def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=bool(self.service.repository.names()))
+
+    async def ModelReady(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
+        try:
+            self.service.repository.get(request.name, request.version)
+        except OIPError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
+        return self.service.server_metadata().to_grpc()
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, grpc_context: RayServegRPCContext
+    ) -> pb.ModelMetadataResponse:
+        try:
+            return model_metadata(self.service.repository, request.name, request.version).to_grpc()
+        except OIPError as err:
+            _grpc_error(grpc_context, err)
+            return pb.ModelMetadataResponse()
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, grpc_context: RayServegRPCContext
+    ) -> pb.ModelInferResponse:
+        start = time.perf_counter()
+        response, status = pb.ModelInferResponse(), 200
+        try:
+            if (size := request.ByteSize()) > self.max_body_bytes:
+                raise OIPError(
+                    413, f"the message has {size} bytes; the limit is {self.max_body_bytes}"
+                )
+            response = await self._answer(self.service.grpc_job(request))
+        except OIPError as err:
+            status = err.status
+            _grpc_error(grpc_context, err)
+        except Exception:
+            logger.exception("grpc request for model %r failed", request.model_name)
+            status = 500
+            _grpc_error(grpc_context, OIPError(500, "internal error; the server log has details"))
+        self.metrics.request("grpc", request.model_name, status, time.perf_counter() - start)
+        return response

@@ -1,0 +1,84 @@
+"""The server's configuration, validated by pydantic before anything starts.
+
+:class:`AppConfig` is what the Serve application takes (``args`` of a Serve config file, or
+the flags of ``espro serve``); :class:`Tuning` is the part a running deployment retunes live
+through Serve's ``user_config``; :class:`LaunchConfig` is where ``espro serve`` listens.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MiB = 1 << 20
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Tuning(_Config):
+    """What every replica reloads without a restart (Serve ``user_config``)."""
+
+    bundles: list[str] = Field(min_length=1)
+    """Bundle directories, as the replicas see them; a model's newest version is listed last."""
+    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    """The most requests one engine run takes together."""
+    batch_wait_timeout_s: float = Field(default=0.002, ge=0.0, le=10.0)
+    """How long the first request of a batch waits for company (0 disables batching)."""
+    max_fresh_draws: int = Field(default=0, ge=0, le=1024)
+    """Draws per simplex a request may ask for beyond those stored, sampled on the replica.
+    Applies to models without BatchNorm (their draws carry no statistics)."""
+
+
+class AppConfig(Tuning):
+    """The Serve application: its models, replicas, devices, batching and limits."""
+
+    replicas: int = Field(default=1, ge=1)
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    """``cuda`` gives each replica one GPU; ``auto`` does so when the cluster has GPUs."""
+    num_cpus: float = Field(default=1.0, gt=0)
+    """CPUs reserved per replica."""
+    torch_threads: int | None = Field(default=None, ge=1)
+    """Intra-op threads per replica (default: the replica's whole CPUs, at least 1)."""
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    """Requests a replica holds at once; at least ``max_batch_size``, or batches stay small."""
+    max_queued_requests: int = Field(default=256, ge=1)
+    """Requests each proxy queues for the deployment; past it they get 503 with Retry-After."""
+    retry_after_s: float = Field(default=1.0, ge=0.0)
+    """The Retry-After a 503 carries."""
+    max_body_bytes: int = Field(default=64 * MiB, ge=1024)
+    """The largest request body (HTTP) or message (gRPC); larger ones get 413."""
+    allow_custom_architecture: bool = False
+    """Build ``module:callable`` architectures named by a bundle (runs that module's code)."""
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> AppConfig:
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least "
+                f"max_batch_size ({self.max_batch_size}): a replica never batches more "
+                "requests than it holds"
+            )
+        return self
+
+    def tuning(self) -> Tuning:
+        """The live-retunable part, as the deployment's ``user_config``."""
+        return Tuning.model_validate(self.model_dump(include=set(Tuning.model_fields)))
+
+
+class LaunchConfig(_Config):
+    """Where ``espro serve`` starts or joins Ray and where its doors listen."""
+
+    address: str | None = None
+    """A running Ray cluster to join (``auto`` or ``host:port``); default: start one here."""
+    host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    grpc_port: int = Field(default=9000, ge=0, le=65535)
+    metrics_port: int = Field(default=8080, ge=0, le=65535)
+    """Where a Ray started here exports Prometheus metrics (``/metrics``)."""
+    num_cpus: int | None = Field(default=None, ge=1)
+    """CPUs of a Ray started here (default: every core)."""
+    num_gpus: int | None = Field(default=None, ge=0)
+    """GPUs of a Ray started here (default: every visible GPU)."""

@@ -1,0 +1,301 @@
+"""The Ray Serve app on loopback: three doors, one answer, batching, metrics, refusals, swaps.
+
+Every test talks to the session's one real server (``server`` in conftest) with real clients:
+``requests`` for native JSON, and ``tritonclient`` over HTTP and gRPC for the Open Inference
+Protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+import torch
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+from serving.bundle import load_bundle
+from serving.predictor import Predictor
+from serving.service import INPUT
+
+X = (torch.randn(5, 4, generator=torch.Generator().manual_seed(3)) * 2).numpy()
+
+
+def offline(server, key: str, **kwargs):
+    """What ``espro predict`` answers: a Predictor on the same bundle, in this process."""
+    predictor = Predictor(load_bundle(server.bundles[key]), allow_custom_architecture=True)
+    return predictor.predict(torch.from_numpy(X), **kwargs)
+
+
+def native(server, model: str, body, **kwargs) -> requests.Response:
+    url = f"{server.http}/v1/models/{model}/predict"
+    if isinstance(body, bytes | str):
+        return requests.post(url, data=body, timeout=30, **kwargs)
+    return requests.post(url, json=body, timeout=30, **kwargs)
+
+
+def triton_http(server):
+    return thttp.InferenceServerClient(server.http.removeprefix("http://"), network_timeout=30)
+
+
+def triton_grpc(server):
+    return tgrpc.InferenceServerClient(server.grpc)
+
+
+def http_infer(server, x=X, binary=True, model="tiny", version="", **parameters):
+    inputs = [thttp.InferInput(INPUT, list(x.shape), "FP32").set_data_from_numpy(x, binary)]
+    outputs = [thttp.InferRequestedOutput(n, binary_data=binary) for n in ("probabilities",)]
+    return triton_http(server).infer(
+        model, inputs, model_version=version, outputs=outputs, parameters=parameters or None
+    )
+
+
+def grpc_infer(server, x=X, model="tiny", version="", **parameters):
+    inputs = [tgrpc.InferInput(INPUT, list(x.shape), "FP32").set_data_from_numpy(x)]
+    return triton_grpc(server).infer(
+        model, inputs, model_version=version, parameters=parameters or None
+    )
+
+
+# --------------------------------------------------------------------------- one answer
+
+
+def test_every_door_answers_as_offline_predict(server):
+    expected = offline(server, "tiny/2")
+    body = native(server, "tiny", {"inputs": X.tolist()}).json()
+    assert body["model_name"] == "tiny" and body["model_version"] == "2"
+    assert body["bundle_sha256"] == load_bundle(server.bundles["tiny/2"]).digest
+    records = body["predictions"]
+    np.testing.assert_allclose([r["probabilities"] for r in records], expected.probs, atol=1e-5)
+    np.testing.assert_allclose([r["entropy"] for r in records], expected.entropy, atol=1e-5)
+    np.testing.assert_allclose(
+        [r["mutual_information"] for r in records], expected.mutual_information, atol=1e-5
+    )
+    assert [r["label"] for r in records] == expected.labels.tolist()
+    assert [r["abstain"] for r in records] == expected.abstain.tolist()
+    assert all(r["class_name"] in ("cat", "dog", "bird") for r in records)
+
+    for binary in (True, False):
+        result = http_infer(server, binary=binary)
+        np.testing.assert_allclose(result.as_numpy("probabilities"), expected.probs, atol=1e-5)
+    result = grpc_infer(server)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), expected.probs, atol=1e-5)
+    np.testing.assert_allclose(result.as_numpy("entropy"), expected.entropy, atol=1e-5)
+    np.testing.assert_array_equal(result.as_numpy("prediction_set"), expected.prediction_sets)
+    assert result.get_response().model_version == "2"
+
+
+def test_versions_draws_and_members(server):
+    old = offline(server, "tiny/1", draws=1, return_members=True)
+    result = grpc_infer(server, version="1", draws=1, return_members=True)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), old.probs, atol=1e-5)
+    members = result.as_numpy("member_probabilities")
+    np.testing.assert_allclose(members, old.member_probs.transpose(0, 1), atol=1e-5)
+    assert members.shape == (5, 2, 3)  # batch, 2 simplexes x 1 draw, classes
+    body = native(server, "tiny", {"inputs": X.tolist(), "draws": 1, "return_members": True})
+    assert len(body.json()["predictions"][0]["member_probabilities"]) == 2
+
+
+def test_fresh_draws_for_models_without_batchnorm(server):
+    stored = load_bundle(server.bundles["tiny/2"]).manifest.simplexes[0].draws
+    fresh = len(stored) + 2  # the server allows 2 fresh draws per simplex
+    first = native(server, "tiny", {"inputs": X.tolist(), "draws": fresh, "return_members": True})
+    assert first.status_code == 200, first.text
+    record = first.json()["predictions"][0]
+    assert len(record["member_probabilities"]) == 2 * fresh
+    again = native(server, "tiny", {"inputs": X.tolist(), "draws": fresh}).json()
+    assert again["predictions"][0]["probabilities"] == pytest.approx(record["probabilities"])
+    refused = native(server, "tiny", {"inputs": X.tolist(), "draws": fresh + 1})
+    assert refused.status_code == 400 and "draws must be between 1 and 4" in refused.text
+    bn = native(server, "tiny-bn", {"inputs": X.tolist(), "draws": 3})
+    assert bn.status_code == 400 and "between 1 and 2" in bn.text
+
+
+def test_tritonclient_health_and_metadata(server):
+    for client in (triton_http(server), triton_grpc(server)):
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("tiny") and client.is_model_ready("tiny", "1")
+        assert not client.is_model_ready("tiny", "9")
+    metadata = triton_http(server).get_model_metadata("tiny")
+    assert metadata["versions"] == ["1", "2"]
+    assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}]
+    grpc_metadata = triton_grpc(server).get_model_metadata("tiny-bn")
+    assert [o.name for o in grpc_metadata.outputs][:2] == ["probabilities", "label"]
+    assert triton_grpc(server).get_server_metadata().extensions == ["binary_tensor_data"]
+    assert triton_http(server).get_server_metadata()["name"] == "espro"
+    models = requests.get(f"{server.http}/v1/models", timeout=10).json()["models"]
+    assert {m["name"] for m in models} == {"tiny", "tiny-bn", "slow"}
+
+
+def test_openapi_documents_the_routes(server):
+    spec = requests.get(f"{server.http}/openapi.json", timeout=10).json()
+    paths = spec["paths"]
+    assert "/v1/models/{name}/predict" in paths
+    assert "/v2/models/{name}/versions/{version}/infer" in paths
+    body = paths["/v1/models/{name}/predict"]["post"]["requestBody"]
+    assert "inputs" in body["content"]["application/json"]["schema"]["properties"]
+    assert "$ref" not in json.dumps(body)
+
+
+# --------------------------------------------------------------------------- refusals
+
+REST_PATH = "/v2/models/tiny/infer"
+
+
+def rest_body(data, shape, datatype="FP32", **parameters) -> str:
+    request = {"inputs": [{"name": "input", "shape": shape, "datatype": datatype, "data": data}]}
+    return json.dumps(request | ({"parameters": parameters} if parameters else {}))
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        ("/v1/models/tiny/predict", '{"inputs": [[1, 2, 3]]}', 400, "expected inputs of shape"),
+        ("/v1/models/tiny/predict", '{"inputs": [["a", 2, 3, 4]]}', 400, "rectangular"),
+        ("/v1/models/tiny/predict", '{"inputs": [[NaN, 2, 3, 4]]}', 400, "NaN"),
+        ("/v1/models/tiny/predict", '{"inputs": []}', 422, "inputs"),
+        ("/v1/models/tiny/predict", '{"inputs": [[1, 2, 3, 4]], "draws": 99}', 400, "draws"),
+        ("/v1/models/tiny/predict", "{oops", 400, "not valid JSON"),
+        ("/v1/models/nope/predict", '{"inputs": [[1, 2, 3, 4]]}', 404, "unknown model 'nope'"),
+        (REST_PATH, rest_body([1, 2, 3], [1, 3]), 400, "expected inputs of shape"),
+        (REST_PATH, rest_body(["a", "b", "c", "d"], [1, 4], "BYTES"), 400, "real numbers"),
+        (REST_PATH, rest_body([], [0, 4]), 400, "empty"),
+        (REST_PATH, rest_body([1, 2, 3, 4], [1, 4], draws=-1), 400, "draws"),
+        ("/v2/models/tiny/versions/9/infer", rest_body([1, 2, 3, 4], [1, 4]), 404, "version"),
+    ],
+)
+def test_http_refusals_name_the_problem(server, path, body, status, message):
+    response = requests.post(server.http + path, data=body, timeout=10)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
+def test_a_body_over_the_limit_is_413_and_the_server_stays_up(server):
+    huge = np.zeros((80_000, 4), np.float32)  # about 1.8 MB as JSON, over the 1 MiB limit
+    response = native(server, "tiny", {"inputs": huge.tolist()})
+    assert response.status_code == 413 and "limit" in response.json()["error"]
+    with pytest.raises(InferenceServerException, match=r"RESOURCE_EXHAUSTED|limit"):
+        grpc_infer(server, x=np.zeros((80_000, 4), np.float32))
+    assert native(server, "tiny", {"inputs": X.tolist()}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("call", "code", "message"),
+    [
+        (lambda s: grpc_infer(s, x=np.ones((2, 3), np.float32)), "INVALID_ARGUMENT", "shape"),
+        (lambda s: grpc_infer(s, x=np.full((1, 4), np.inf, np.float32)), "INVALID_ARGUMENT", "inf"),
+        (lambda s: grpc_infer(s, draws=50), "INVALID_ARGUMENT", "draws"),
+        (lambda s: grpc_infer(s, model="nope"), "NOT_FOUND", "unknown model"),
+        (lambda s: grpc_infer(s, version="9"), "NOT_FOUND", "no version '9'"),
+        (lambda s: grpc_infer(s, x=np.zeros((0, 4), np.float32)), "INVALID_ARGUMENT", "empty"),
+    ],
+)
+def test_grpc_refusals_carry_their_code(server, call, code, message):
+    with pytest.raises(InferenceServerException) as info:
+        call(server)
+    assert info.value.status() == f"StatusCode.{code}"
+    assert message in info.value.message()
+
+
+# --------------------------------------------------------------------------- batching, metrics
+
+
+def scrape(server) -> dict:
+    text = requests.get(server.metrics, timeout=10).text
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def histogram_count(family, **labels) -> float:
+    return sum(
+        sample.value
+        for sample in family.samples
+        if sample.name.endswith("_count") and labels.items() <= sample.labels.items()
+    )
+
+
+def test_concurrent_requests_are_batched_and_metrics_parse(server):
+    server.redeploy(max_batch_size=16, batch_wait_timeout_s=0.25)
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            bodies = list(
+                pool.map(lambda _: native(server, "tiny", {"inputs": X.tolist()}), range(16))
+            )
+    finally:
+        server.redeploy()
+    assert all(b.status_code == 200 for b in bodies)
+    deadline = time.monotonic() + 30
+    while True:  # Ray exports metrics about once a second
+        families = scrape(server)
+        batches = families.get("ray_espro_batch_requests")
+        if batches is not None and histogram_count(batches, model="tiny") > 0:
+            sums = [s.value for s in batches.samples if s.name.endswith("_sum")]
+            counts = histogram_count(batches, model="tiny")
+            if sum(sums) >= 16:
+                break
+        assert time.monotonic() < deadline, "the batch metrics never arrived"
+        time.sleep(1)
+    assert sum(sums) / counts > 1, "concurrent requests were never batched together"
+    requests_total = families["ray_espro_requests"]
+    statuses = {s.labels["status"] for s in requests_total.samples if s.labels["model"] == "tiny"}
+    assert "200" in statuses
+    for name in ("predictive_entropy_nats", "mutual_information_nats", "confidence"):
+        assert histogram_count(families[f"ray_espro_{name}"], model="tiny", version="2") > 0
+    info = families["ray_espro_model_info"]
+    digests = {s.labels["bundle_sha256"] for s in info.samples if s.labels["model"] == "tiny"}
+    assert load_bundle(server.bundles["tiny/2"]).digest in digests
+
+
+# --------------------------------------------------------------------------- overload, swaps
+
+
+def test_a_full_queue_answers_503_with_retry_after(server):
+    server.redeploy(max_batch_size=1, max_ongoing_requests=1, max_queued_requests=1)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(
+                pool.map(lambda _: native(server, "slow", {"inputs": [[1, 2, 3, 4]]}), range(8))
+            )
+    finally:
+        server.redeploy()
+    codes = sorted(a.status_code for a in answers)
+    assert set(codes) == {200, 503}, codes
+    refused = next(a for a in answers if a.status_code == 503)
+    assert refused.headers["Retry-After"] == "1"
+    assert native(server, "tiny", {"inputs": X.tolist()}).status_code == 200
+
+
+def test_a_new_version_replaces_the_old_under_load(server, tmp_path):
+    from conftest import tiny_bundle
+
+    v3 = tiny_bundle(seed=5, version="3").write(tmp_path / "tiny-3")
+    answers: list[requests.Response] = []
+    stop = time.monotonic() + 60
+
+    def hammer() -> None:
+        while time.monotonic() < stop:
+            answers.append(answer := native(server, "tiny", {"inputs": X.tolist()}))
+            if answer.status_code != 200 or answer.json()["model_version"] == "3":
+                return
+
+    with ThreadPoolExecutor(4) as pool:
+        running = [pool.submit(hammer) for _ in range(4)]
+        time.sleep(0.5)
+        server.redeploy(bundles=[*server.config.bundles, str(v3)])
+        for future in running:
+            future.result()
+    try:
+        assert all(a.status_code == 200 for a in answers), {a.status_code for a in answers}
+        versions = [a.json()["model_version"] for a in answers]
+        assert "2" in versions and "3" in versions
+        expected = Predictor(load_bundle(v3)).predict(torch.from_numpy(X)).probs
+        newest = next(a for a in answers if a.json()["model_version"] == "3")
+        got = [r["probabilities"] for r in newest.json()["predictions"]]
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    finally:
+        server.redeploy()

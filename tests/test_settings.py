@@ -1,0 +1,77 @@
+"""Server configuration: validation, the live-retunable part, and the committed Serve config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from serving.settings import AppConfig, LaunchConfig, Tuning
+from training.cli import build_parser, serve_configs
+from training.config import ConfigError
+
+SERVE_YAML = Path(__file__).parents[1] / "deploy" / "serve.yaml"
+
+
+def test_defaults_bind_loopback_and_batch_within_the_replica_limit():
+    launch = LaunchConfig()
+    assert launch.host == "127.0.0.1" and launch.address is None
+    app = AppConfig(bundles=["b"])
+    assert app.max_ongoing_requests >= app.max_batch_size
+    assert app.tuning() == Tuning(bundles=["b"])
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"max_batch_size": 64, "max_ongoing_requests": 8}, "at least max_batch_size"),
+        ({"bundles": []}, "at least 1"),
+        ({"device": "tpu"}, "cpu"),
+        ({"replicas": 0}, "greater than or equal to 1"),
+        ({"batch_wait_timeout_s": -1}, "greater than or equal to 0"),
+        ({"max_batch": 3}, "Extra inputs"),
+    ],
+)
+def test_bad_app_configs_are_refused(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        AppConfig.model_validate({"bundles": ["b"]} | fields)
+
+
+def test_serve_flags_become_validated_configs():
+    args = build_parser().parse_args(
+        ["serve", "a", "b", "--http-port", "8100", "--batch-wait-ms", "5", "--max-body-mb", "2"]
+    )
+    app, launch = serve_configs(args)
+    assert app.bundles == ["a", "b"] and app.batch_wait_timeout_s == 0.005
+    assert app.max_body_bytes == 2 << 20 and launch.http_port == 8100 and launch.grpc_port == 9000
+    bad = build_parser().parse_args(["serve", "a", "--max-batch-size", "100"])
+    with pytest.raises(ConfigError, match="max_ongoing_requests"):
+        serve_configs(bad)
+
+
+def test_the_committed_serve_config_is_a_valid_app(tiny_bundle_dir):
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import GRPC_SERVICER, build_app
+
+    config = yaml.safe_load(SERVE_YAML.read_text())
+    ServeDeploySchema.model_validate(config)
+    assert config["grpc_options"]["grpc_servicer_functions"] == [GRPC_SERVICER]
+    assert config["http_options"]["host"] == "127.0.0.1"
+    (app,) = config["applications"]
+    assert app["import_path"] == "serving.app:build_app"
+    args = AppConfig.model_validate(app["args"] | {"bundles": [str(tiny_bundle_dir)]})
+    deployment = build_app(args)._bound_deployment
+    assert deployment.name == "espro"
+    assert deployment._deployment_config.user_config == args.tuning().model_dump()
+    assert deployment._deployment_config.max_queued_requests == args.max_queued_requests
+    assert deployment.ray_actor_options["num_gpus"] == 0
+
+
+def test_cuda_replicas_ask_ray_for_a_gpu():
+    from serving.app import build_app
+
+    deployment = build_app({"bundles": ["b"], "device": "cuda"})._bound_deployment
+    assert deployment.ray_actor_options["num_gpus"] == 1
