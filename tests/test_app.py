@@ -8,6 +8,9 @@ Protocol.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -299,3 +302,39 @@ def test_a_new_version_replaces_the_old_under_load(server, tmp_path):
         np.testing.assert_allclose(got, expected, atol=1e-5)
     finally:
         server.redeploy()
+
+
+# --------------------------------------------------------------------------- espro serve
+
+
+def test_espro_serve_starts_answers_and_drains_on_sigterm(server, tmp_path):
+    """The command line end to end, as its own process with its own Ray cluster."""
+    bundle = server.bundles["tiny/1"]
+    command = [sys.executable, "-m", "training.cli", "serve", str(bundle), "--ray-cpus", "1"]
+    command += ["--http-port", "18100", "--grpc-port", "19100", "--metrics-port", "18180"]
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "Ctrl-C stops it" not in log.read_text():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        body = {"inputs": X.tolist()}
+        answer = requests.post(
+            "http://127.0.0.1:18100/v1/models/tiny/predict", json=body, timeout=30
+        )
+        assert answer.status_code == 200 and answer.json()["model_version"] == "1"
+        assert tgrpc.InferenceServerClient("127.0.0.1:19100").is_model_ready("tiny")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log.read_text()
+    assert "draining" in log.read_text()
+
+
+def test_espro_serve_refuses_a_missing_bundle_before_starting_ray(tmp_path):
+    command = [sys.executable, "-m", "training.cli", "serve", str(tmp_path / "nothing")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "nothing" in result.stderr
