@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
@@ -31,6 +30,7 @@ from serving.settings import Tuning
 from serving.wire import PredictRequest, PredictResponse
 
 from .metrics import ServerMetrics
+from .openapi import json_answer, json_body
 
 logger = logging.getLogger("ray.serve")
 R = TypeVar("R")
@@ -43,52 +43,6 @@ api = FastAPI(
         "(`/v1`) and the Open Inference Protocol v2 (`/v2`, JSON and binary tensors)."
     ),
 )
-
-
-def _schema(model: type[BaseModel]) -> dict[str, Any]:
-    """A model's JSON schema with its ``$defs`` inlined (OpenAPI resolves refs from its root)."""
-    schema = model.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def inline(node: Any) -> Any:
-        if isinstance(node, dict):
-            if "$ref" in node:
-                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
-            return {key: inline(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [inline(value) for value in node]
-        return node
-
-    return inline(schema)
-
-
-def _json_body(model: type[BaseModel], *, binary: bool = False) -> dict[str, Any]:
-    """``openapi_extra`` documenting a body that a route reads raw (to bound its size)."""
-    content = {"application/json": {"schema": _schema(model)}}
-    if binary:  # the binary tensor extension: JSON, then tensor bytes
-        content["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
-    return {"requestBody": {"required": True, "content": content}}
-
-
-def _json_answer(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
-    error = {"content": {"application/json": {"schema": _schema(_ErrorBody)}}}
-    return {
-        200: {"content": {"application/json": {"schema": _schema(model)}}},
-        **{code: error | {"description": why} for code, why in _ERRORS.items()},
-    }
-
-
-class _ErrorBody(BaseModel):
-    error: str
-
-
-_ERRORS = {
-    400: "Bad input: the message names the problem",
-    404: "Unknown model or version",
-    413: "Body over the size limit",
-    422: "A native request body that does not match the schema",
-    503: "Queue full: retry after the Retry-After header's seconds",
-}
 
 
 def _error(err: OIPError) -> Response:
@@ -271,8 +225,8 @@ class ModelServer:
     @api.post(
         "/v1/models/{name}/predict",
         summary="Calibrated prediction with uncertainty, one record per instance",
-        openapi_extra=_json_body(PredictRequest),
-        responses=_json_answer(PredictResponse),
+        openapi_extra=json_body(PredictRequest),
+        responses=json_answer(PredictResponse),
     )
     async def predict(self, name: str, request: Request) -> Response:
         async def work() -> Response:
@@ -317,14 +271,14 @@ class ModelServer:
     @api.post(
         "/v2/models/{name}/infer",
         summary="Inference (the newest version)",
-        openapi_extra=_json_body(InferenceRequest, binary=True),
-        responses=_json_answer(InferenceResponse),
+        openapi_extra=json_body(InferenceRequest, binary=True),
+        responses=json_answer(InferenceResponse),
     )
     @api.post(
         "/v2/models/{name}/versions/{version}/infer",
         summary="Inference",
-        openapi_extra=_json_body(InferenceRequest, binary=True),
-        responses=_json_answer(InferenceResponse),
+        openapi_extra=json_body(InferenceRequest, binary=True),
+        responses=json_answer(InferenceResponse),
     )
     async def infer(self, name: str, request: Request, version: str | None = None) -> Response:
         async def work() -> Response:
