@@ -1,0 +1,150 @@
+"""The OIP v2 gRPC transport (needs the ``grpc`` extra: ``pip install 'espro-client[grpc]'``).
+
+:class:`GrpcDoor` builds a :class:`GrpcCall` (the RPC, its message and how to read its
+answer) without doing any I/O; :class:`GrpcTransport` and :class:`AsyncGrpcTransport` send it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf.message import Message
+
+from espro_client import _oip
+from espro_client._proto import grpc_predict_v2_pb2 as pb
+from espro_client._proto.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+from espro_client.errors import EsproError, error_for_status
+from espro_client.result import ModelMetadata, Prediction, TensorSpec
+
+T = TypeVar("T")
+
+_UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+"""Leave message size limits to the server (its ``max_body_bytes``)."""
+
+
+@dataclass(frozen=True)
+class GrpcCall(Generic[T]):
+    """One RPC of ``inference.GRPCInferenceService`` and how to read its answer."""
+
+    rpc: str
+    request: Message
+    read: Callable[[Any], T]
+
+
+def target(url: str) -> str:
+    """The ``host:port`` of ``grpc://host:port`` (or of ``host:port`` itself)."""
+    return url.removeprefix("grpc://").rstrip("/")
+
+
+class GrpcDoor:
+    """The OIP v2 gRPC calls. The protocol has no model list and no bundle hashes."""
+
+    lists_models = False
+
+    def live(self) -> GrpcCall[bool]:
+        return GrpcCall("ServerLive", pb.ServerLiveRequest(), lambda r: r.live)
+
+    def ready(self, model: str | None, version: str | None) -> GrpcCall[bool]:
+        if model is None:
+            return GrpcCall("ServerReady", pb.ServerReadyRequest(), lambda r: r.ready)
+        request = pb.ModelReadyRequest(name=model, version=version or "")
+        return GrpcCall("ModelReady", request, lambda r: r.ready)
+
+    def metadata(self, model: str, version: str | None) -> GrpcCall[ModelMetadata]:
+        request = pb.ModelMetadataRequest(name=model, version=version or "")
+        return GrpcCall("ModelMetadata", request, _read_metadata)
+
+    def predict(
+        self,
+        model: str,
+        version: str | None,
+        x: np.ndarray,
+        draws: int | None,
+        return_members: bool,
+    ) -> GrpcCall[Prediction]:
+        request = pb.ModelInferRequest(model_name=model, model_version=version or "")
+        request.inputs.add(name=_oip.INPUT, datatype="FP32", shape=x.shape)
+        request.raw_input_contents.append(x.astype("<f4").tobytes())
+        for key, value in _oip.parameters(draws, return_members).items():
+            if isinstance(value, bool):
+                request.parameters[key].bool_param = value
+            else:
+                request.parameters[key].int64_param = value
+        return GrpcCall("ModelInfer", request, _read_infer)
+
+
+def _read_metadata(response: pb.ModelMetadataResponse) -> ModelMetadata:
+    def specs(tensors: Any) -> list[TensorSpec]:
+        return [TensorSpec(t.name, t.datatype, list(t.shape)) for t in tensors]
+
+    return ModelMetadata(
+        name=response.name,
+        versions=list(response.versions),
+        platform=response.platform,
+        inputs=specs(response.inputs),
+        outputs=specs(response.outputs),
+    )
+
+
+def _read_infer(response: pb.ModelInferResponse) -> Prediction:
+    if len(response.raw_output_contents) != len(response.outputs):
+        raise EsproError("the server sent outputs without raw_output_contents")
+    tensors = {
+        output.name: _oip.tensor_from_bytes(output.datatype, output.shape, raw)
+        for output, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+    }
+    return _oip.prediction(tensors, response.model_name, response.model_version)
+
+
+def _rpc_error(err: grpc.RpcError) -> EsproError:
+    """The exception for a failed RPC, with the server's details."""
+    code: grpc.StatusCode = err.code()  # type: ignore[attr-defined]
+    details: str = err.details() or code.name  # type: ignore[attr-defined]
+    return error_for_status(code.name, details)
+
+
+class GrpcTransport:
+    """Sends calls over one ``grpc.Channel``."""
+
+    def __init__(self, url: str, timeout: float | None) -> None:
+        self._channel = grpc.insecure_channel(target(url), options=_UNLIMITED)
+        self._stub = GRPCInferenceServiceStub(self._channel)
+        self._timeout = timeout
+
+    def send(self, call: GrpcCall[T]) -> T:
+        try:
+            response = getattr(self._stub, call.rpc)(call.request, timeout=self._timeout)
+        except grpc.RpcError as err:
+            raise _rpc_error(err) from None
+        return call.read(response)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class AsyncGrpcTransport:
+    """Sends calls over one ``grpc.aio.Channel``, opened on the first call (in its loop)."""
+
+    def __init__(self, url: str, timeout: float | None) -> None:
+        self._target = target(url)
+        self._timeout = timeout
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: GRPCInferenceServiceStub | None = None
+
+    async def send(self, call: GrpcCall[T]) -> T:
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(self._target, options=_UNLIMITED)
+            self._stub = GRPCInferenceServiceStub(self._channel)
+        try:
+            response = await getattr(self._stub, call.rpc)(call.request, timeout=self._timeout)
+        except grpc.RpcError as err:
+            raise _rpc_error(err) from None
+        return call.read(response)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()

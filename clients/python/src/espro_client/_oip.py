@@ -1,0 +1,67 @@
+"""Open Inference Protocol v2 tensors, shared by the REST and gRPC transports."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from espro_client.errors import EsproError
+from espro_client.result import Prediction
+
+INPUT = "input"
+"""The one input tensor of an espro model: raw instances ``[batch, *input_shape]``, FP32."""
+
+_DTYPES = {"BOOL": np.dtype("?"), "INT64": np.dtype("<i8"), "FP32": np.dtype("<f4")}
+"""The datatypes of espro's outputs."""
+
+
+def _dtype(datatype: str) -> np.dtype:
+    try:
+        return _DTYPES[datatype]
+    except KeyError:
+        raise EsproError(f"unexpected output datatype {datatype!r}") from None
+
+
+def tensor_from_bytes(datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
+    """An output tensor sent in the binary layout (little-endian, row-major)."""
+    return np.frombuffer(raw, dtype=_dtype(datatype)).reshape(shape).copy()
+
+
+def tensor_from_data(datatype: str, shape: Sequence[int], data: list[Any]) -> np.ndarray:
+    """An output tensor sent as JSON ``data`` (a flat list)."""
+    return np.array(data, dtype=_dtype(datatype)).reshape(shape)
+
+
+def parameters(draws: int | None, return_members: bool) -> dict[str, int | bool]:
+    """The request parameters espro reads."""
+    values: dict[str, int | bool] = {"return_members": return_members}
+    if draws is not None:
+        values["draws"] = draws
+    return values
+
+
+def prediction(
+    tensors: Mapping[str, np.ndarray], model_name: str, model_version: str
+) -> Prediction:
+    """The prediction in a classification model's output tensors (no bundle hash: OIP lacks it)."""
+    if "probabilities" not in tensors:
+        raise EsproError(
+            f"model {model_name!r} answered {', '.join(tensors)}: "
+            "espro_client supports classification models only"
+        )
+    return Prediction(
+        probabilities=tensors["probabilities"],
+        labels=tensors["label"],
+        confidence=tensors["confidence"],
+        entropy=tensors["entropy"],
+        expected_entropy=tensors["expected_entropy"],
+        mutual_information=tensors["mutual_information"],
+        disagreement=tensors["disagreement"],
+        model_name=model_name,
+        model_version=model_version,
+        prediction_sets=tensors.get("prediction_set"),
+        abstain=tensors.get("abstain"),
+        member_probabilities=tensors.get("member_probabilities"),
+    )

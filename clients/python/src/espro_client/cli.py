@@ -1,0 +1,140 @@
+"""The ``espro-client`` command: ``predict``, ``health`` and ``models`` against a server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, fields
+from typing import Any
+
+import numpy as np
+
+from espro_client.client import Client, Transport
+from espro_client.errors import EsproError
+from espro_client.result import Prediction
+
+_COLUMNS = ("label", "confidence", "entropy", "mutual_information", "abstain")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="espro-client", description="Predict with, check and list an espro server."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("url", help="http://host:port, or grpc://host:port for gRPC")
+        sub.add_argument(
+            "--transport",
+            choices=["http", "rest", "grpc"],
+            help="default: grpc for grpc:// URLs, else http (native JSON)",
+        )
+        sub.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+        return sub
+
+    predict = command("predict", "predict the instances of a .npy file [B, *input_shape]")
+    predict.add_argument("inputs", help="a .npy file")
+    predict.add_argument("--model", help="default: the only model served (HTTP transports)")
+    predict.add_argument("--version", help="a model version (rest and grpc)")
+    predict.add_argument("--draws", type=int, help="draws per simplex")
+    predict.add_argument("--members", action="store_true", help="return member probabilities")
+    predict.add_argument("--chunk-size", type=int, default=1024, help="instances per request")
+    predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    command("health", "whether the server is live and ready")
+    command("models", "the served models, versions and bundle hashes").add_argument(
+        "--json", action="store_true", help="print JSON instead of a table"
+    )
+    return parser
+
+
+def _transport(args: argparse.Namespace) -> Transport:
+    if args.transport is not None:
+        return args.transport  # type: ignore[no-any-return]
+    return "grpc" if args.url.startswith("grpc://") else "http"
+
+
+def _only_model(client: Client) -> str:
+    names = [model.name for model in client.models()]
+    if len(names) != 1:
+        raise EsproError(f"the server serves {', '.join(names) or 'no models'}: pass --model")
+    return names[0]
+
+
+def _table(header: Sequence[str], rows: list[Sequence[Any]]) -> str:
+    cells = [list(header)] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float | np.floating):
+        return f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+def _prediction_json(prediction: Prediction) -> dict[str, Any]:
+    values = {f.name: getattr(prediction, f.name) for f in fields(prediction)}
+    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in values.items()}
+
+
+def _prediction_table(p: Prediction) -> str:
+    def column(name: str) -> Sequence[Any]:
+        values = getattr(p, name if name != "label" else "labels")
+        return [None] * len(p) if values is None else values.tolist()
+
+    columns = {name: column(name) for name in _COLUMNS}
+    if (names := p.class_names) is not None:
+        columns["label"] = [f"{i} ({n})" for i, n in zip(columns["label"], names, strict=True)]
+    if p.prediction_set_names is not None:
+        columns["prediction_set"] = [" ".join(s) for s in p.prediction_set_names]
+    elif (sets := p.prediction_sets) is not None:
+        columns["prediction_set"] = [" ".join(map(str, np.flatnonzero(s))) for s in sets]
+    title = f"{p.model_name}:{p.model_version} bundle {p.bundle_sha256 or '(unknown over gRPC)'}"
+    rows = [[i, *values] for i, values in enumerate(zip(*columns.values(), strict=True))]
+    return f"{title}\n{_table(['#', *columns], rows)}"
+
+
+def _run(args: argparse.Namespace) -> tuple[str, int]:
+    """What to print, and the exit status."""
+    with Client(args.url, transport=_transport(args), timeout=args.timeout) as client:
+        if args.command == "health":
+            live, ready = client.health(), client.ready()
+            return json.dumps({"live": live, "ready": ready}), 0 if live and ready else 1
+        if args.command == "models":
+            models = client.models()
+            if args.json:
+                return json.dumps([asdict(m) for m in models], indent=2), 0
+            rows = [[m.name, v.version, v.bundle_sha256] for m in models for v in m.versions]
+            return _table(["model", "version", "bundle_sha256"], rows), 0
+        client.chunk_size = args.chunk_size
+        prediction = client.predict(
+            args.model or _only_model(client),
+            np.load(args.inputs),
+            version=args.version,
+            draws=args.draws,
+            return_members=args.members,
+        )
+        if args.json:
+            return json.dumps(_prediction_json(prediction)), 0
+        return _prediction_table(prediction), 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line. Exit status 1: the server refused, is unreachable, or (for
+    ``health``) is not live and ready."""
+    args = _parser().parse_args(argv)
+    try:
+        text, status = _run(args)
+    except EsproError as err:
+        print(f"espro-client: {err}", file=sys.stderr)
+        return 1
+    print(text)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

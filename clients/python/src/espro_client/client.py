@@ -1,0 +1,262 @@
+"""``Client`` and ``AsyncClient``: one API over three transports.
+
+Both build the same calls (``_ClientBase``) and differ only in how they send them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from espro_client._http import AsyncHttpTransport, HttpTransport, NativeDoor, RestDoor
+from espro_client.errors import Unavailable
+from espro_client.result import Model, ModelMetadata, Prediction, concatenate
+from espro_client.retry import Retry
+
+Transport = Literal["http", "rest", "grpc"]
+"""``http``: espro's native JSON; ``rest``: OIP v2 REST; ``grpc``: OIP v2 gRPC."""
+
+
+class _ClientBase:
+    """Configuration, and the calls every operation makes, for both clients."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        transport: Transport = "http",
+        timeout: float | None = 30.0,
+        retry: Retry | None = None,
+        chunk_size: int = 1024,
+        binary: bool = True,
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+        self.url = url
+        self.transport = transport
+        self.timeout = timeout
+        self.retry = Retry() if retry is None else retry
+        self.chunk_size = chunk_size
+        self._door: Any
+        if transport == "http":
+            self._door = NativeDoor()
+        elif transport == "rest":
+            self._door = RestDoor(binary)
+        elif transport == "grpc":
+            from espro_client._grpc import GrpcDoor
+
+            self._door = GrpcDoor()
+        else:
+            raise ValueError(f"transport must be 'http', 'rest' or 'grpc', got {transport!r}")
+        self._hashes: dict[tuple[str, str], str] = {}
+        self._transport = self._open(url, timeout)
+
+    def _open(self, url: str, timeout: float | None) -> Any:
+        """The transport that sends this client's calls."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r}, transport={self.transport!r})"
+
+    def _predict_calls(
+        self,
+        model: str,
+        inputs: ArrayLike,
+        version: str | None,
+        draws: int | None,
+        return_members: bool,
+    ) -> list[Any]:
+        """One call per chunk of ``chunk_size`` instances."""
+        x = np.ascontiguousarray(inputs, dtype=np.float32)
+        if x.ndim == 0 or len(x) == 0:
+            raise ValueError(f"inputs must be a batch [B, *input_shape] with B ≥ 1, got {x.shape}")
+        return [
+            self._door.predict(model, version, x[i : i + self.chunk_size], draws, return_members)
+            for i in range(0, len(x), self.chunk_size)
+        ]
+
+    def _models_call(self) -> Any:
+        if not self._door.lists_models:
+            raise NotImplementedError(
+                "OIP gRPC has no model list; ask an HTTP transport ('http' or 'rest')"
+            )
+        return self._door.models()
+
+    def _needs_hash(self, prediction: Prediction) -> bool:
+        """Whether the bundle hash is missing and ``GET /v1/models`` may tell it (OIP REST)."""
+        key = (prediction.model_name, prediction.model_version)
+        return (
+            prediction.bundle_sha256 is None and self._door.lists_models and key not in self._hashes
+        )
+
+    def _with_hash(self, prediction: Prediction, models: list[Model] | None) -> Prediction:
+        """``prediction`` with its bundle hash from ``models`` or the cache (if known)."""
+        for model in models or []:
+            for v in model.versions:
+                self._hashes[model.name, v.version] = v.bundle_sha256
+        if prediction.bundle_sha256 is not None:
+            return prediction
+        key = (prediction.model_name, prediction.model_version)
+        return replace(prediction, bundle_sha256=self._hashes.get(key))
+
+
+class Client(_ClientBase):
+    """A synchronous espro client holding one connection pool (or gRPC channel).
+
+    >>> with Client("http://127.0.0.1:8000") as client:
+    ...     prediction = client.predict("mnist1d", x)
+
+    ``url`` is ``http://host:port`` for ``http`` and ``rest``, ``grpc://host:port`` (or
+    ``host:port``) for ``grpc``. ``timeout`` bounds each request in seconds (``None``: no
+    bound); ``retry`` says how to retry 503 / ``UNAVAILABLE`` and connection failures;
+    ``predict`` sends at most ``chunk_size`` instances per request; ``binary=False`` sends
+    OIP REST tensors as JSON instead of binary.
+    """
+
+    def _open(self, url: str, timeout: float | None) -> Any:
+        if self.transport == "grpc":
+            from espro_client._grpc import GrpcTransport
+
+            return GrpcTransport(url, timeout)
+        return HttpTransport(url, timeout)
+
+    def _send(self, call: Any) -> Any:
+        return self.retry.call(lambda: self._transport.send(call))
+
+    def predict(
+        self,
+        model: str,
+        inputs: ArrayLike,
+        *,
+        version: str | None = None,
+        draws: int | None = None,
+        return_members: bool = False,
+    ) -> Prediction:
+        """Predict raw instances ``[B, *input_shape]`` with ``model`` (its newest version
+        unless ``version`` is given; the ``http`` transport cannot pick one).
+
+        ``draws`` uses that many members per simplex; ``return_members`` also returns every
+        member's probabilities.
+        """
+        calls = self._predict_calls(model, inputs, version, draws, return_members)
+        prediction = concatenate([self._send(call) for call in calls])
+        models = self.models() if self._needs_hash(prediction) else None
+        return self._with_hash(prediction, models)
+
+    def health(self) -> bool:
+        """Whether the server is up (``False`` when it cannot be reached). Not retried."""
+        try:
+            return bool(self._transport.send(self._door.live()))
+        except Unavailable:
+            return False
+
+    def ready(self, model: str | None = None, version: str | None = None) -> bool:
+        """Whether the server (or ``model``, at ``version``) takes requests. Not retried."""
+        try:
+            return bool(self._transport.send(self._door.ready(model, version)))
+        except Unavailable:
+            return False
+
+    def models(self) -> list[Model]:
+        """The served models, their versions and bundle hashes (HTTP transports only)."""
+        models: list[Model] = self._send(self._models_call())
+        return models
+
+    def metadata(self, model: str, version: str | None = None) -> ModelMetadata:
+        """A model's OIP metadata: versions, input and output tensors."""
+        metadata: ModelMetadata = self._send(self._door.metadata(model, version))
+        return metadata
+
+    def close(self) -> None:
+        """Close the connections."""
+        self._transport.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncClient(_ClientBase):
+    """The asyncio twin of :class:`Client`: the same arguments, methods and results.
+
+    >>> async with AsyncClient("grpc://127.0.0.1:9000", transport="grpc") as client:
+    ...     prediction = await client.predict("mnist1d", x)
+
+    The chunks of one ``predict`` go one after another; run several ``predict`` calls with
+    ``asyncio.gather`` to send them concurrently.
+    """
+
+    def _open(self, url: str, timeout: float | None) -> Any:
+        if self.transport == "grpc":
+            from espro_client._grpc import AsyncGrpcTransport
+
+            return AsyncGrpcTransport(url, timeout)
+        return AsyncHttpTransport(url, timeout)
+
+    async def _send(self, call: Any) -> Any:
+        return await self.retry.acall(lambda: self._transport.send(call))
+
+    async def predict(
+        self,
+        model: str,
+        inputs: ArrayLike,
+        *,
+        version: str | None = None,
+        draws: int | None = None,
+        return_members: bool = False,
+    ) -> Prediction:
+        """See :meth:`Client.predict`."""
+        calls = self._predict_calls(model, inputs, version, draws, return_members)
+        prediction = concatenate([await self._send(call) for call in calls])
+        models = await self.models() if self._needs_hash(prediction) else None
+        return self._with_hash(prediction, models)
+
+    async def health(self) -> bool:
+        """See :meth:`Client.health`."""
+        try:
+            return bool(await self._transport.send(self._door.live()))
+        except Unavailable:
+            return False
+
+    async def ready(self, model: str | None = None, version: str | None = None) -> bool:
+        """See :meth:`Client.ready`."""
+        try:
+            return bool(await self._transport.send(self._door.ready(model, version)))
+        except Unavailable:
+            return False
+
+    async def models(self) -> list[Model]:
+        """See :meth:`Client.models`."""
+        models: list[Model] = await self._send(self._models_call())
+        return models
+
+    async def metadata(self, model: str, version: str | None = None) -> ModelMetadata:
+        """See :meth:`Client.metadata`."""
+        metadata: ModelMetadata = await self._send(self._door.metadata(model, version))
+        return metadata
+
+    async def close(self) -> None:
+        """Close the connections."""
+        await self._transport.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -1,0 +1,66 @@
+"""The exceptions a client raises, one per kind of answer the caller handles differently."""
+
+from __future__ import annotations
+
+
+class EsproError(Exception):
+    """A request the server refused or could not answer.
+
+    ``status`` is the HTTP status (``int``) or the gRPC status code's name (``str``), or
+    ``None`` when no answer arrived; ``message`` is the server's explanation.
+    """
+
+    def __init__(self, message: str, status: int | str | None = None) -> None:
+        super().__init__(message if status is None else f"{status}: {message}")
+        self.message = message
+        self.status = status
+
+
+class BadRequest(EsproError):
+    """The request is wrong (bad input, parameter or size): retrying will not help."""
+
+
+class NotFound(EsproError):
+    """No such model or version."""
+
+
+class Unavailable(EsproError):
+    """The server is busy, not ready or unreachable: the client retries these.
+
+    ``retry_after`` is the server's ``Retry-After`` in seconds, when it sent one.
+    """
+
+    def __init__(
+        self, message: str, status: int | str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, status)
+        self.retry_after = retry_after
+
+
+class Timeout(EsproError):
+    """No answer within the client's timeout."""
+
+
+_BY_HTTP_STATUS: dict[int, type[EsproError]] = {
+    400: BadRequest,
+    404: NotFound,
+    413: BadRequest,
+    422: BadRequest,
+    503: Unavailable,
+}
+_BY_GRPC_CODE: dict[str, type[EsproError]] = {
+    "INVALID_ARGUMENT": BadRequest,
+    "RESOURCE_EXHAUSTED": BadRequest,
+    "NOT_FOUND": NotFound,
+    "UNAVAILABLE": Unavailable,
+    "DEADLINE_EXCEEDED": Timeout,
+}
+
+
+def error_for_status(status: int | str, message: str) -> EsproError:
+    """The exception for an HTTP status or gRPC code name (``EsproError`` for the rest)."""
+    if isinstance(status, int):
+        kind = _BY_HTTP_STATUS.get(status, EsproError)
+    else:
+        kind = _BY_GRPC_CODE.get(status, EsproError)
+    return kind(message, status)
