@@ -460,5 +460,5 @@ def test_fresh_draws_need_a_model_without_batchnorm(tmp_path, make_tiny_bundle):
     with pytest.raises(ValueError, match="BatchNorm"):
         Predictor(bundle, allow_custom_architecture=True, max_fresh_draws=1)
     predictor = Predictor(bundle, allow_custom_architecture=True)
-    with pytest.raises(InputError, match="between 1 and 2, got 3$"):
+    with pytest.raises(InputError, match=r"between 1 and 2, got 3$"):
         predictor.member_indices(3)
