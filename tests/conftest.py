@@ -212,24 +212,33 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One Ray cluster and espro app for the whole session (a cold start costs seconds).
+def ray_cluster() -> Iterator[None]:
+    """One local Ray for the whole test session (a cold start costs seconds), on loopback,
+    exporting metrics at 127.0.0.1:18080."""
+    if not _loopback_only():
+        pytest.fail(LOOPBACK_ONLY)
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+    # Replicas and tasks import this module to build the custom test architectures.
+    here = str(Path(__file__).parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    import ray
+
+    from serving.cluster import connect
+
+    connect(num_cpus=2, num_gpus=0, _metrics_export_port=18080, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def server(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The espro app on the session's Ray, for the whole session.
 
     It serves ``tiny`` versions 1 and 2, ``tiny-bn`` (BatchNorm) and ``slow`` (50 ms per
     member), with 2 fresh draws allowed and a 1 MiB body limit.
     """
-    if not _loopback_only():
-        pytest.fail(LOOPBACK_ONLY)
-    for key, value in {
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_metrics_report_interval_ms": "1000",
-    }.items():
-        os.environ.setdefault(key, value)
-    # Replicas import this module to build the custom test architectures.
-    here = str(Path(__file__).parent)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     from serving.app import launch
     from serving.settings import AppConfig, LaunchConfig
 
@@ -247,9 +256,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         max_body_bytes=1 << 20,
         torch_threads=1,
     )
-    ports = LaunchConfig(
-        num_cpus=2, num_gpus=0, http_port=18000, grpc_port=19000, metrics_port=18080
-    )
+    ports = LaunchConfig(http_port=18000, grpc_port=19000)
     launch.start(config, ports)
     try:
         yield Server(

@@ -26,6 +26,7 @@ from serving.wire import predict_response
 from training.checkpoint import CheckpointError
 from training.config import (
     ConfigError,
+    TrainConfig,
     builtin_configs,
     load_config,
     parse_config,
@@ -41,6 +42,15 @@ log = logging.getLogger("espro")
 DEMO_CONFIG = "mnist1d-demo"
 
 
+def _ray_runner(config: TrainConfig, address: str | None) -> Any:
+    """Ray tasks for the simplexes, one GPU each when training on CUDA."""
+    from serving.cluster import connect
+    from training.distributed import RayRunner
+
+    connect(address)
+    return RayRunner(num_gpus=1 if resolve_device(config.device).type == "cuda" else 0)
+
+
 def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     default_name = f"{config.name}-{config.version}"
@@ -54,8 +64,11 @@ def _train(args: argparse.Namespace) -> int:
     output = Path(args.output or Path("runs") / default_name)
     workdir = Path(args.workdir) if args.workdir else output.with_name(output.name + ".work")
     log.info("training %s into %s (checkpoints in %s)", config.name, output, workdir)
+    runner = _ray_runner(config, args.address) if args.ray or args.address else None
     try:
-        path, results = train(config, output, workdir=workdir, overwrite=args.overwrite)
+        path, results = train(
+            config, output, workdir=workdir, overwrite=args.overwrite, runner=runner
+        )
     except KeyboardInterrupt:
         log.error("interrupted: run the same command again to resume from the last vertex")
         return 130
@@ -301,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument(
         "--keep-checkpoints", action="store_true", help="keep the work directory after success"
+    )
+    p.add_argument(
+        "--ray", action="store_true", help="grow the simplexes as tasks on a local Ray (at once)"
+    )
+    p.add_argument(
+        "--address", help="grow the simplexes as tasks on this Ray cluster (auto or host:port)"
     )
     p.set_defaults(func=_train)
 

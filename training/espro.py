@@ -12,8 +12,9 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 import torch
 from safetensors.torch import load_file
@@ -28,6 +29,22 @@ from training.spro import Params, SimplexTrainer
 from training.volume import log_volume
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Runner(Protocol):
+    """Runs independent calls, possibly at once; results come back in order."""
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]: ...
+
+
+class SequentialRunner:
+    """One call after another, in this process."""
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        return [fn(item) for item in items]
 
 
 def derive_seed(seed: int, *keys: object) -> int:
@@ -98,6 +115,10 @@ class ComplexTrainer:
     ``make_model`` builds the architecture on the device of ``x``. Every finished vertex goes
     to ``checkpoints``; a mode does not depend on λ, so simplexes grown with several values of
     λ (the search) share their mode, and a simplex grown once for a λ is loaded thereafter.
+
+    Simplexes are independent, so ``runner`` may grow them at once (Ray tasks, see
+    :mod:`training.distributed`): first every mode, then every simplex from its saved mode.
+    Seeds depend only on the position of a vertex, so the weights are the same either way.
     """
 
     config: TrainConfig
@@ -106,14 +127,32 @@ class ComplexTrainer:
     x: torch.Tensor
     y: torch.Tensor
     checkpoints: Checkpoints
+    runner: Runner = field(default_factory=SequentialRunner)
 
     def train(self, lam: float, modes: int | None = None) -> list[TrainedSimplex]:
         """The first ``modes`` simplexes (all by default) grown with volume weight ``lam``."""
-        count = self.config.modes.count if modes is None else modes
-        return [self.simplex(m, lam) for m in range(count)]
+        return self.train_grid([lam], modes)[0]
 
-    def simplex(self, m: int, lam: float) -> TrainedSimplex:
-        """Train mode ``m`` (or load it) and grow its simplex, one vertex at a time."""
+    def train_grid(
+        self, lams: Sequence[float], modes: int | None = None
+    ) -> list[list[TrainedSimplex]]:
+        """For every λ of ``lams``, the first ``modes`` simplexes grown with it."""
+        count = self.config.modes.count if modes is None else modes
+        if not isinstance(self.runner, SequentialRunner):
+            self.runner.map(self._mode, range(count))  # shared by every λ: train each once
+        jobs = [(m, lam) for lam in lams for m in range(count)]
+        simplexes = self.runner.map(self._simplex, jobs)
+        return [simplexes[i * count : (i + 1) * count] for i in range(len(lams))]
+
+    def _mode(self, m: int) -> None:
+        self.simplex(m, 0.0, vertices=0)
+
+    def _simplex(self, job: tuple[int, float]) -> TrainedSimplex:
+        return self.simplex(*job)
+
+    def simplex(self, m: int, lam: float, *, vertices: int | None = None) -> TrainedSimplex:
+        """Train mode ``m`` (or load it) and grow its simplex, one vertex at a time, up to
+        ``vertices`` added vertices (the config's number by default)."""
         config = self.config
         torch.manual_seed(derive_seed(config.seed, "init", m))
         model = self.make_model()
@@ -126,7 +165,7 @@ class ComplexTrainer:
             model, self.task, lam=lam, samples=config.simplex.samples, eps=config.simplex.eps
         )
         seconds, losses = [], []
-        for j in range(config.simplex.vertices + 1):
+        for j in range(1 + (config.simplex.vertices if vertices is None else vertices)):
             key = (m, j, None if j == 0 else lam)
             saved = self.checkpoints.load(*key, device=self.x.device)
             if saved is None:

@@ -28,6 +28,8 @@ from training.diagnostics import diagnose
 from training.espro import (
     ComplexTrainer,
     Draw,
+    Runner,
+    SequentialRunner,
     TrainedSimplex,
     config_digest,
     draw_members,
@@ -87,21 +89,24 @@ def train(
     *,
     workdir: str | Path | None = None,
     overwrite: bool = False,
+    runner: Runner | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Train, calibrate and evaluate a complex, write its bundle, return (path, results).
 
     Finished vertices are checkpointed in ``workdir`` (a temporary directory when ``None``).
+    ``runner`` grows the simplexes (one after another by default; at once with
+    :class:`training.distributed.RayRunner`).
     """
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
     with tempfile.TemporaryDirectory(prefix="espro-") as scratch:
         checkpoints = Checkpoints(workdir or scratch, config_digest(config))
-        return _train(config, output, checkpoints, overwrite)
+        return _train(config, output, checkpoints, overwrite, runner or SequentialRunner())
 
 
 def _train(
-    config: TrainConfig, output: Path, checkpoints: Checkpoints, overwrite: bool
+    config: TrainConfig, output: Path, checkpoints: Checkpoints, overwrite: bool, runner: Runner
 ) -> tuple[Path, dict[str, Any]]:
     started = time.perf_counter()
     dataset = load_dataset(config.data)
@@ -123,7 +128,7 @@ def _train(
     y = dataset.train.y.to(device)
     training: dict[str, Any] = {"config": config.model_dump(mode="json", by_alias=True)}
     lam = config.simplex.lam
-    trainer = ComplexTrainer(config, make_model, task, x, y, checkpoints)
+    trainer = ComplexTrainer(config, make_model, task, x, y, checkpoints, runner)
     if lam is None and config.simplex.vertices > 0:
         search = search_lambda(trainer, dataset.val, input_spec)
         lam = search.best

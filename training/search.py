@@ -49,8 +49,7 @@ def search_lambda(trainer: ComplexTrainer, val: Split, input_spec: InputSpec) ->
     modes = min(search.modes, config.modes.count)
     started = time.perf_counter()
     scores = []
-    for lam in search.grid:
-        simplexes = trainer.train(lam, modes)
+    for lam, simplexes in zip(search.grid, trainer.train_grid(search.grid, modes), strict=True):
         model = trainer.make_model()
         draws = draw_members(config, model, simplexes, trainer.x)
         ensemble = MemberEnsemble(

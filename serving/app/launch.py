@@ -11,18 +11,12 @@ import ray
 from ray import serve
 
 from serving.bundle import load_bundle
+from serving.cluster import connect
 from serving.settings import AppConfig, LaunchConfig
 
 from . import GRPC_SERVICER, build_app
 
 APP_NAME = "espro"
-
-RAY_ENVIRONMENT = {
-    "RAY_USAGE_STATS_ENABLED": "0",  # never report usage to anyone
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "disabled",  # a private, single-user cluster (see docs/serving.md)
-}
-"""Set for a Ray started here unless the environment says otherwise."""
 
 
 def check_bundles(config: AppConfig) -> AppConfig:
@@ -38,19 +32,13 @@ def start(app: AppConfig, launch: LaunchConfig) -> None:
     """Start or join Ray, start Serve's doors, and deploy ``app``; returns once it is ready."""
     # The proxy refuses larger gRPC messages with RESOURCE_EXHAUSTED before they reach us.
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(app.max_body_bytes))
-    if launch.address is None:
-        for key, value in RAY_ENVIRONMENT.items():
-            os.environ.setdefault(key, value)
-        ray.init(
-            num_cpus=launch.num_cpus,
-            num_gpus=launch.num_gpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1" if launch.host == "127.0.0.1" else None,
-            _metrics_export_port=launch.metrics_port,
-            log_to_driver=False,
-        )
-    else:
-        ray.init(address=launch.address, log_to_driver=False)
+    connect(
+        launch.address,
+        num_cpus=launch.num_cpus,
+        num_gpus=launch.num_gpus,
+        _metrics_export_port=launch.metrics_port,
+        log_to_driver=False,
+    )
     serve.start(
         http_options={"host": launch.host, "port": launch.http_port},
         grpc_options={"port": launch.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
@@ -59,8 +47,8 @@ def start(app: AppConfig, launch: LaunchConfig) -> None:
 
 
 def deploy(app: AppConfig) -> None:
-    """Deploy ``app``, or update the running one in place: new bundles, batching and queue
-    limits reach the running replicas without a restart; requests in flight finish."""
+    """Deploy ``app``, or update the running one: Serve starts replicas with the new config,
+    then drains and stops the old ones, so requests in flight finish (docs/serving.md)."""
     serve.run(build_app(app), name=APP_NAME, route_prefix="/")
 
 
