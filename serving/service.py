@@ -10,7 +10,7 @@ carrying the HTTP status (and through it the gRPC code) and a message naming the
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from serving import __version__
 from serving.ensemble import InputError
-from serving.manifest import Task, describe_validation_error
+from serving.manifest import Manifest, Task, describe_validation_error
 from serving.oip import (
     ModelMetadata,
     OIPError,
@@ -48,6 +48,7 @@ INPUT = "input"
 CLASSIFICATION_OUTPUTS = {
     "probabilities": ("FP32", 2),
     "label": ("INT64", 1),
+    "class_name": ("BYTES", 1),
     "confidence": ("FP32", 1),
     "entropy": ("FP32", 1),
     "expected_entropy": ("FP32", 1),
@@ -99,8 +100,11 @@ class ModelRepository:
         return versions[version]
 
 
-def prediction_tensors(prediction: Prediction) -> dict[str, np.ndarray]:
-    """The OIP output tensors of a prediction (member outputs when they were asked for)."""
+def prediction_tensors(
+    prediction: Prediction, class_names: Sequence[str] = ()
+) -> dict[str, np.ndarray]:
+    """The OIP output tensors of a prediction (member outputs when they were asked for);
+    ``class_name`` holds each instance's label's name, from ``class_names``."""
     if isinstance(prediction, RegressionPrediction):
         tensors = {name: getattr(prediction, name) for name in REGRESSION_OUTPUTS}
         members = {
@@ -111,6 +115,9 @@ def prediction_tensors(prediction: Prediction) -> dict[str, np.ndarray]:
         tensors = {
             "probabilities": prediction.probs,
             "label": prediction.labels,
+            "class_name": np.array([class_names[i] for i in prediction.labels.tolist()], object)
+            if class_names
+            else None,
             "confidence": prediction.confidence,
             "entropy": prediction.entropy,
             "expected_entropy": prediction.expected_entropy,
@@ -123,7 +130,12 @@ def prediction_tensors(prediction: Prediction) -> dict[str, np.ndarray]:
         probs = prediction.member_probs
         members = {"member_probabilities": None if probs is None else probs.transpose(0, 1)}
     arrays = {k: v for k, v in (tensors | members).items() if v is not None}
-    return {n: (t.float() if t.is_floating_point() else t).numpy() for n, t in arrays.items()}
+    return {
+        name: value
+        if isinstance(value, np.ndarray)
+        else (value.float() if value.is_floating_point() else value).numpy()
+        for name, value in arrays.items()
+    }
 
 
 def model_metadata(repository: ModelRepository, name: str, version: str | None) -> ModelMetadata:
@@ -248,7 +260,9 @@ class InferenceService:
         manifest = predictor.manifest
 
         def encode(prediction: Prediction) -> tuple[bytes, int | None]:
-            tensors = select_outputs(prediction_tensors(prediction), requested)
+            tensors = select_outputs(
+                prediction_tensors(prediction, manifest.class_names), requested
+            )
             return encode_rest_response(
                 manifest.name, manifest.version, request.id, tensors, binary
             )
@@ -263,7 +277,9 @@ class InferenceService:
         manifest = predictor.manifest
 
         def encode(prediction: Prediction) -> pb.ModelInferResponse:
-            tensors = select_outputs(prediction_tensors(prediction), requested)
+            tensors = select_outputs(
+                prediction_tensors(prediction, manifest.class_names), requested
+            )
             return encode_grpc_response(manifest.name, manifest.version, request.id, tensors)
 
         return self.job(predictor, _the_input(arrays), request_options(parameters), encode)
@@ -278,6 +294,13 @@ class InferenceService:
 
     def grpc_infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         return self.grpc_job(request).run()
+
+
+def _outputs(
+    prediction: Prediction, manifest: Manifest, requested: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """The output tensors a request asked for (all of them when it named none)."""
+    return select_outputs(prediction_tensors(prediction, manifest.class_names), requested)
 
 
 def _the_input(arrays: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -60,13 +60,13 @@ def assert_matches(p: Prediction, ref: Any, transport: str) -> None:
     np.testing.assert_allclose(p.disagreement, ref.disagreement.numpy(), **close)
     np.testing.assert_array_equal(p.abstain, ref.abstain.numpy())
     sets = ref.prediction_sets.numpy()
+    assert p.class_names.tolist() == [CLASS_NAMES[c] for c in ref.labels.tolist()]
     if transport == "http":
         assert p.prediction_sets is None
         assert p.prediction_set_names == [[CLASS_NAMES[c] for c in np.flatnonzero(s)] for s in sets]
-        assert p.class_names.tolist() == [CLASS_NAMES[c] for c in ref.labels.tolist()]
     else:
         np.testing.assert_array_equal(p.prediction_sets, sets)
-        assert p.prediction_set_names is None and p.class_names is None
+        assert p.prediction_set_names is None
     assert p.probabilities.dtype == np.float32 and p.labels.dtype == np.int64
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,13 +26,22 @@ def _dtype(datatype: str) -> np.dtype:
 
 
 def tensor_from_bytes(datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
-    """An output tensor sent in the binary layout (little-endian, row-major)."""
-    return np.frombuffer(raw, dtype=_dtype(datatype)).reshape(shape).copy()
+    """An output tensor sent in the binary layout (little-endian, row-major; BYTES elements
+    each preceded by their 4-byte length), BYTES as an array of ``str``."""
+    if datatype != "BYTES":
+        return np.frombuffer(raw, dtype=_dtype(datatype)).reshape(shape).copy()
+    elements, offset = [], 0
+    while offset < len(raw):
+        (length,) = struct.unpack_from("<I", raw, offset)
+        elements.append(raw[offset + 4 : offset + 4 + length].decode())
+        offset += 4 + length
+    return np.array(elements, dtype=str).reshape(shape)
 
 
 def tensor_from_data(datatype: str, shape: Sequence[int], data: list[Any]) -> np.ndarray:
     """An output tensor sent as JSON ``data`` (a flat list)."""
-    return np.array(data, dtype=_dtype(datatype)).reshape(shape)
+    dtype = np.dtype(str) if datatype == "BYTES" else _dtype(datatype)
+    return np.array(data, dtype=dtype).reshape(shape)
 
 
 def parameters(draws: int | None, return_members: bool) -> dict[str, int | bool]:
@@ -61,6 +71,7 @@ def prediction(
         disagreement=tensors["disagreement"],
         model_name=model_name,
         model_version=model_version,
+        class_names=tensors.get("class_name"),
         prediction_sets=tensors.get("prediction_set"),
         abstain=tensors.get("abstain"),
         member_probabilities=tensors.get("member_probabilities"),

@@ -14,9 +14,9 @@ class Prediction:
     """Calibrated predictions for a batch of ``B`` instances over ``C`` classes.
 
     Every transport fills the same fields with the same numbers, except where the protocol
-    does not carry a value (see docs/client.md): ``class_names`` and ``prediction_set_names``
-    come only from the native JSON transport, ``prediction_sets`` only from the OIP ones, and
-    ``bundle_sha256`` is ``None`` over gRPC.
+    does not carry a value (see docs/client.md): ``prediction_set_names`` come only from the
+    native JSON transport, ``prediction_sets`` only from the OIP ones, and ``bundle_sha256`` is
+    ``None`` over gRPC.
     """
 
     probabilities: np.ndarray
