@@ -66,6 +66,7 @@ class OIPError(Exception):
 
 _GRPC_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     422: grpc.StatusCode.INVALID_ARGUMENT,
@@ -232,7 +233,17 @@ def _spec(name: str, datatype: str, shape: Sequence[int]) -> _Spec:
         raise OIPError(400, f"input {name!r}: {err.message}") from None
     if any(d < 0 for d in shape):
         raise OIPError(400, f"input {name!r}: shape {list(shape)} has a negative dimension")
+    # numpy cannot even build an empty array past these, so refuse them here with a 400
+    if len(shape) > _MAX_RANK:
+        raise OIPError(400, f"input {name!r}: shape has {len(shape)} dimensions, over {_MAX_RANK}")
+    if math.prod(d for d in shape if d) * _DTYPES[datatype].itemsize > _MAX_BYTES:
+        raise OIPError(400, f"input {name!r}: shape {list(shape)} is too large for any array")
     return _Spec(name, datatype, tuple(shape))
+
+
+_MAX_RANK = 32
+"""The most dimensions an input may have (numpy allows 64; OIP clients use a handful)."""
+_MAX_BYTES = np.iinfo(np.intp).max
 
 
 _INTEGERS, _NUMBERS = frozenset({int}), frozenset({int, float})

@@ -52,6 +52,9 @@ class AppConfig(Tuning):
     """The largest request body (HTTP) or message (gRPC); larger ones get 413."""
     allow_custom_architecture: bool = False
     """Build ``module:callable`` architectures named by a bundle (runs that module's code)."""
+    auth_token_file: str | None = None
+    """A file of bearer tokens (one per line) that every request but health checks must
+    present; read by each replica at start and at every reconfiguration. None: no auth."""
 
     @model_validator(mode="after")
     def _batch_fits(self) -> AppConfig:

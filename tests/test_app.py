@@ -354,3 +354,36 @@ def test_espro_serve_refuses_a_missing_bundle_before_starting_ray(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "error:" in result.stderr and "nothing" in result.stderr
+
+
+# --------------------------------------------------------------------------- access
+
+
+def test_bearer_tokens_guard_http_and_grpc_but_not_health(server, tmp_path):
+    token = "tok-" + "7" * 24
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"{token}\n")
+    server.redeploy(auth_token_file=str(token_file))
+    try:
+        body = {"inputs": X.tolist()}
+        refused = native(server, "tiny", body)
+        assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+        assert "Bearer" in refused.json()["error"] and token not in refused.text
+        wrong = native(server, "tiny", body, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        good = native(server, "tiny", body, headers={"Authorization": f"Bearer {token}"})
+        assert good.status_code == 200
+        assert requests.get(f"{server.http}/v2/models/tiny", timeout=10).status_code == 401
+        assert requests.get(f"{server.http}/v2/health/ready", timeout=10).status_code == 200
+
+        client = triton_grpc(server)
+        assert client.is_server_live()  # health stays open for probes
+        with pytest.raises(InferenceServerException) as info:
+            grpc_infer(server)
+        assert info.value.status() == "StatusCode.UNAUTHENTICATED"
+        inputs = [tgrpc.InferInput(INPUT, list(X.shape), "FP32").set_data_from_numpy(X)]
+        result = client.infer("tiny", inputs, headers={"authorization": f"Bearer {token}"})
+        assert result.as_numpy("probabilities").shape == (5, 3)
+    finally:
+        server.redeploy()
+    assert native(server, "tiny", body).status_code == 200

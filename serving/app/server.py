@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
 from serving import __version__
+from serving.auth import BearerTokens
 from serving.bundle import load_bundle
 from serving.oip import InferenceRequest, InferenceResponse, OIPError
 from serving.predictor import Predictor
@@ -46,12 +47,19 @@ api = FastAPI(
 
 
 def _error(err: OIPError) -> Response:
-    return Response(err.rest_body(), status_code=err.status, media_type="application/json")
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return Response(
+        err.rest_body(), status_code=err.status, media_type="application/json", headers=headers
+    )
 
 
 def _grpc_error(context: RayServegRPCContext, err: OIPError) -> None:
     context.set_code(err.grpc_code)
     context.set_details(err.message)
+
+
+def _grpc_authorization(context: RayServegRPCContext) -> str | None:
+    return dict(context.invocation_metadata()).get("authorization")
 
 
 def _header_length(request: Request) -> int | None:
@@ -79,12 +87,15 @@ class ModelServer:
         allow_custom_architecture: bool = False,
         max_body_bytes: int = 64 << 20,
         torch_threads: int | None = None,
+        auth_token_file: str | None = None,
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = device
         self.allow_custom_architecture = allow_custom_architecture
         self.max_body_bytes = max_body_bytes
+        self.auth_token_file = auth_token_file
+        self.tokens = self._read_tokens()
         self.service = InferenceService(ModelRepository(), server_version=__version__)
         self.metrics = ServerMetrics()
         self._predictors: dict[str, Predictor] = {}  # by bundle hash, reused across reloads
@@ -96,6 +107,7 @@ class ModelServer:
         """Load the listed bundles, then swap them in at once; requests in flight finish on
         the predictors they started with. A bundle that fails to load fails the update."""
         tuning = Tuning.model_validate(user_config)
+        self.tokens = self._read_tokens()  # again, so that rotated tokens take effect
         predictors = await asyncio.to_thread(self._load, tuning)
         self.service.repository = ModelRepository(predictors)
         self._predictors = {p.bundle.digest: p for p in predictors}
@@ -173,11 +185,12 @@ class ModelServer:
         return job.encode(prediction)
 
     async def _handle(
-        self, door: str, model: str, work: Callable[[], Awaitable[Response]]
+        self, door: str, model: str, request: Request, work: Callable[[], Awaitable[Response]]
     ) -> Response:
         """Answer an HTTP request, turning refusals into their status and counting it."""
         start = time.perf_counter()
         try:
+            self.tokens.check(request.headers.get("authorization"))
             response = await work()
         except OIPError as err:
             response = _error(err)
@@ -186,6 +199,28 @@ class ModelServer:
             response = _error(OIPError(500, "internal error; the server log has the details"))
         self.metrics.request(door, model, response.status_code, time.perf_counter() - start)
         return response
+
+    def _read_tokens(self) -> BearerTokens:
+        if self.auth_token_file is None:
+            return BearerTokens()
+        return BearerTokens.from_file(self.auth_token_file)
+
+    def _denied(self, request: Request) -> Response | None:
+        """The 401 for a request without a valid token, where tokens are required."""
+        try:
+            self.tokens.check(request.headers.get("authorization"))
+        except OIPError as err:
+            return _error(err)
+        return None
+
+    def _grpc_denied(self, context: RayServegRPCContext) -> bool:
+        """Refuse a gRPC call without a valid token (UNAUTHENTICATED); True if refused."""
+        try:
+            self.tokens.check(_grpc_authorization(context))
+        except OIPError as err:
+            _grpc_error(context, err)
+            return True
+        return False
 
     async def _body(self, request: Request) -> bytes:
         """The request body, refused with 413 past ``max_body_bytes`` before it is all read."""
@@ -204,7 +239,9 @@ class ModelServer:
     # -- native JSON ---------------------------------------------------------------------
 
     @api.get("/v1/models", summary="The models served, with their versions and bundle hashes")
-    def list_models(self) -> dict[str, Any]:
+    def list_models(self, request: Request) -> Any:
+        if denied := self._denied(request):
+            return denied
         repository = self.service.repository
         return {
             "models": [
@@ -233,12 +270,14 @@ class ModelServer:
             job = self.service.native_job(name, await self._body(request))
             return Response(await self._answer(job), media_type="application/json")
 
-        return await self._handle("native", name, work)
+        return await self._handle("native", name, request, work)
 
     # -- Open Inference Protocol v2, REST --------------------------------------------------
 
     @api.get("/v2", summary="Server metadata")
-    def server_metadata(self) -> dict[str, Any]:
+    def server_metadata(self, request: Request) -> Any:
+        if denied := self._denied(request):
+            return denied
         return self.service.server_metadata().model_dump()
 
     @api.get("/v2/health/live", summary="Liveness")
@@ -252,8 +291,9 @@ class ModelServer:
 
     @api.get("/v2/models/{name}", summary="Model metadata (the newest version)")
     @api.get("/v2/models/{name}/versions/{version}", summary="Model metadata")
-    def model_metadata(self, name: str, version: str | None = None) -> Response:
+    def model_metadata(self, name: str, request: Request, version: str | None = None) -> Response:
         try:
+            self.tokens.check(request.headers.get("authorization"))
             metadata = model_metadata(self.service.repository, name, version)
         except OIPError as err:
             return _error(err)
@@ -261,8 +301,9 @@ class ModelServer:
 
     @api.get("/v2/models/{name}/ready", summary="Model readiness")
     @api.get("/v2/models/{name}/versions/{version}/ready", summary="Model version readiness")
-    def model_ready(self, name: str, version: str | None = None) -> Response:
+    def model_ready(self, name: str, request: Request, version: str | None = None) -> Response:
         try:
+            self.tokens.check(request.headers.get("authorization"))
             self.service.repository.get(name, version)
         except OIPError as err:
             return _error(err)
@@ -293,7 +334,7 @@ class ModelServer:
                 headers={"Inference-Header-Content-Length": str(json_length)},
             )
 
-        return await self._handle("rest", name, work)
+        return await self._handle("rest", name, request, work)
 
     # -- Open Inference Protocol v2, gRPC (methods named after the RPCs) -------------------
 
@@ -303,19 +344,29 @@ class ModelServer:
     async def ServerReady(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=bool(self.service.repository.names()))
 
-    async def ModelReady(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, grpc_context: RayServegRPCContext
+    ) -> pb.ModelReadyResponse:
+        if self._grpc_denied(grpc_context):
+            return pb.ModelReadyResponse()
         try:
             self.service.repository.get(request.name, request.version)
         except OIPError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, grpc_context: RayServegRPCContext
+    ) -> pb.ServerMetadataResponse:
+        if self._grpc_denied(grpc_context):
+            return pb.ServerMetadataResponse()
         return self.service.server_metadata().to_grpc()
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, grpc_context: RayServegRPCContext
     ) -> pb.ModelMetadataResponse:
+        if self._grpc_denied(grpc_context):
+            return pb.ModelMetadataResponse()
         try:
             return model_metadata(self.service.repository, request.name, request.version).to_grpc()
         except OIPError as err:
@@ -328,6 +379,7 @@ class ModelServer:
         start = time.perf_counter()
         response, status = pb.ModelInferResponse(), 200
         try:
+            self.tokens.check(_grpc_authorization(grpc_context))
             if (size := request.ByteSize()) > self.max_body_bytes:
                 raise OIPError(
                     413, f"the message has {size} bytes; the limit is {self.max_body_bytes}"
