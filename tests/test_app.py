@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -324,25 +325,34 @@ def test_a_new_version_replaces_the_old_under_load(server, tmp_path):
 
 
 def test_espro_serve_starts_answers_and_drains_on_sigterm(server, tmp_path):
-    """The command line end to end, as its own process with its own Ray cluster."""
-    bundle = server.bundles["tiny/1"]
-    command = [sys.executable, "-m", "training.cli", "serve", str(bundle), "--ray-cpus", "1"]
+    """The command line end to end, as its own process with its own Ray cluster: requests
+    in flight when SIGTERM arrives are still answered."""
+    bundles = [str(server.bundles["tiny/1"]), str(server.bundles["slow"])]
+    command = [sys.executable, "-m", "training.cli", "serve", *bundles, "--ray-cpus", "1"]
     command += ["--http-port", "18100", "--grpc-port", "19100", "--metrics-port", "18180"]
+    command += ["--allow-custom-architecture", "--max-fresh-draws", "40"]
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    url = "http://127.0.0.1:18100/v1/models/{}/predict"
     try:
         deadline = time.monotonic() + 120
         while "Ctrl-C stops it" not in log.read_text():
             assert process.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.5)
-        body = {"inputs": X.tolist()}
-        answer = requests.post(
-            "http://127.0.0.1:18100/v1/models/tiny/predict", json=body, timeout=30
-        )
+        answer = requests.post(url.format("tiny"), json={"inputs": X.tolist()}, timeout=30)
         assert answer.status_code == 200 and answer.json()["model_version"] == "1"
         assert tgrpc.InferenceServerClient("127.0.0.1:19100").is_model_ready("tiny")
+        slow = {"inputs": [[1, 2, 3, 4]], "draws": 40}  # 40 members x 50 ms: 2 s
+        with ThreadPoolExecutor(3) as pool:
+            in_flight = [
+                pool.submit(requests.post, url.format("slow"), json=slow, timeout=60)
+                for _ in range(3)
+            ]
+            time.sleep(0.7)
+            process.send_signal(signal.SIGTERM)
+            assert [f.result().status_code for f in in_flight] == [200, 200, 200]
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, log.read_text()
@@ -387,3 +397,32 @@ def test_bearer_tokens_guard_http_and_grpc_but_not_health(server, tmp_path):
     finally:
         server.redeploy()
     assert native(server, "tiny", body).status_code == 200
+
+
+def test_a_corrupt_new_bundle_is_refused_and_the_old_keeps_serving(server, tmp_path):
+    from conftest import tiny_bundle
+    from serving.bundle import BundleError
+
+    corrupt = tiny_bundle(seed=7, version="4").write(tmp_path / "tiny-4")
+    weights = corrupt / "vertices.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the last weight: the hash no longer matches
+    weights.write_bytes(bytes(data))
+    answers: list[requests.Response] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            answers.append(native(server, "tiny", {"inputs": X.tolist()}))
+
+    with ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(hammer) for _ in range(2)]
+        time.sleep(0.3)
+        with pytest.raises(BundleError, match="sha256"):
+            server.redeploy(bundles=[*server.config.bundles, str(corrupt)])
+        time.sleep(0.3)
+        stop.set()
+        for future in running:
+            future.result()
+    assert answers and all(a.status_code == 200 for a in answers)
+    assert {a.json()["model_version"] for a in answers} == {"2"}

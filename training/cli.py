@@ -264,7 +264,7 @@ def _launcher() -> Any:
 def _serve(args: argparse.Namespace) -> int:
     app, launch = serve_configs(args)
     launcher = _launcher()
-    launcher.serve_until_stopped(launcher.check_bundles(app), launch)
+    launcher.serve_until_stopped(app, launch)
     return 0
 
 

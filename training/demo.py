@@ -49,9 +49,8 @@ def serve_and_query(bundle: Path, inputs: np.ndarray, where: LaunchConfig | None
     from serving.app import launch
 
     where = where or LaunchConfig()
-    app = launch.check_bundles(AppConfig(bundles=[str(bundle)]))
     print(f"\nespro serve {bundle}")
-    launch.start(app, where)
+    launch.start(AppConfig(bundles=[str(bundle)]), where)
     try:
         url, target = f"http://{where.host}:{where.http_port}", f"{where.host}:{where.grpc_port}"
         manifest_name = json.loads((bundle / "manifest.json").read_text())["name"]

@@ -29,7 +29,9 @@ def check_bundles(config: AppConfig) -> AppConfig:
 
 
 def start(app: AppConfig, launch: LaunchConfig) -> None:
-    """Start or join Ray, start Serve's doors, and deploy ``app``; returns once it is ready."""
+    """Verify the bundles, start or join Ray, start Serve's doors, and deploy ``app``;
+    returns once it is ready."""
+    app = check_bundles(app)
     # The proxy refuses larger gRPC messages with RESOURCE_EXHAUSTED before they reach us.
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(app.max_body_bytes))
     connect(
@@ -43,17 +45,27 @@ def start(app: AppConfig, launch: LaunchConfig) -> None:
         http_options={"host": launch.host, "port": launch.http_port},
         grpc_options={"port": launch.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
     )
-    deploy(app)
+    _run(app)
 
 
 def deploy(app: AppConfig) -> None:
-    """Deploy ``app``, or update the running one: Serve starts replicas with the new config,
-    then drains and stops the old ones, so requests in flight finish (docs/serving.md)."""
+    """Update the running application to ``app``. Its bundles are verified here first, so a
+    missing or corrupt one is refused while the running version keeps serving; then Serve
+    starts replicas with the new config and drains and stops the old ones (docs/serving.md)."""
+    _run(check_bundles(app))
+
+
+def _run(app: AppConfig) -> None:
     serve.run(build_app(app), name=APP_NAME, route_prefix="/")
 
 
 def stop() -> None:
-    """Drain requests in flight, remove the application and leave Ray."""
+    """Drain requests in flight, remove the application and leave Ray.
+
+    Deleting the application first lets its replicas finish their requests while the proxies
+    still carry the answers back; shutting Serve down at once would drop them.
+    """
+    serve.delete(APP_NAME)
     serve.shutdown()
     ray.shutdown()
 
