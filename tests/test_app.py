@@ -426,3 +426,47 @@ def test_a_corrupt_new_bundle_is_refused_and_the_old_keeps_serving(server, tmp_p
             future.result()
     assert answers and all(a.status_code == 200 for a in answers)
     assert {a.json()["model_version"] for a in answers} == {"2"}
+
+
+def serve_replicas() -> list[dict]:
+    import ray
+
+    return [
+        actor
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if "SERVE_REPLICA::espro#espro" in actor["name"]
+    ]
+
+
+def test_killing_a_replica_under_load_answers_every_request(server):
+    """Serve replaces a killed replica; every request gets an answer. The few that were in
+    flight on the dead replica get 500 from Serve's proxy (at most one per client thread)."""
+    import ray
+
+    server.redeploy(replicas=2, num_cpus=0.5)
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            codes.append(native(server, "tiny", {"inputs": X.tolist()}).status_code)
+
+    try:
+        replicas = serve_replicas()
+        assert len(replicas) == 2, replicas
+        victim = replicas[0]
+        with ThreadPoolExecutor(4) as pool:
+            running = [pool.submit(hammer) for _ in range(4)]
+            time.sleep(0.5)
+            ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+            deadline = time.monotonic() + 60
+            while victim in (survivors := serve_replicas()) or len(survivors) < 2:
+                assert time.monotonic() < deadline, "Serve did not replace the killed replica"
+                time.sleep(0.5)
+            stop.set()
+            for future in running:
+                future.result()
+    finally:
+        server.redeploy()
+    assert set(codes) <= {200, 500} and codes.count(500) <= 4, codes
+    assert codes[-8:] == [200] * 8
