@@ -297,6 +297,24 @@ def _configs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    # Imported here: the experiments import matplotlib, which `espro` must not need otherwise.
+    from training.experiments.registry import EXPERIMENTS, describe, run_experiment
+
+    if args.list or not args.name:
+        print(describe())
+        return 0
+    if args.name not in EXPERIMENTS:
+        raise ConfigError(f"no experiment {args.name!r}; known: {', '.join(EXPERIMENTS)}")
+    command = f"espro experiment {args.name}" + " --quick" * args.quick
+    command += f" -o {args.output}" * bool(args.output) + f" --seed {args.seed}" * bool(args.seed)
+    report, results, _ = run_experiment(
+        args.name, quick=args.quick, output=args.output, seed=args.seed, command=command
+    )
+    print(f"wrote {report} and {results}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``espro`` command."""
     parser = argparse.ArgumentParser(
@@ -382,6 +400,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("configs", help="list the built-in configs, or print one")
     p.add_argument("name", nargs="?")
     p.set_defaults(func=_configs)
+
+    p = sub.add_parser(
+        "experiment",
+        help="run a reproduction experiment; writes report.md, figures and results.json",
+    )
+    p.add_argument("name", nargs="?", help="the experiment (see --list)")
+    p.add_argument("--list", action="store_true", help="list the experiments")
+    p.add_argument("--quick", action="store_true", help="a seconds-sized smoke run")
+    p.add_argument("-o", "--output", help="output folder (default docs/reproduction/NAME)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    p.set_defaults(func=_experiment)
     return parser
 
 

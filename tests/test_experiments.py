@@ -1,0 +1,140 @@
+"""``espro experiment NAME --quick``: every experiment writes its report, figures and sane
+numbers. The quick sizes are smoke tests of the code paths, not evidence."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from training.cli import main
+from training.experiments.registry import EXPERIMENTS, run_experiment
+
+pytestmark = pytest.mark.slow
+
+
+def _numbers(value: Any) -> list[float]:
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _numbers(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in _numbers(v)]
+    if isinstance(value, bool) or value is None:
+        return []
+    if isinstance(value, int | float):
+        return [float(value)]
+    return []
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:
+    root = tmp_path_factory.mktemp("experiments")
+    done = {}
+    for name in EXPERIMENTS:
+        report, results, _ = run_experiment(name, quick=True, output=root / name)
+        done[name] = (report, json.loads(results.read_text()))
+    return done
+
+
+def test_cli_lists_experiments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["experiment", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in EXPERIMENTS)
+
+
+def test_cli_does_not_import_matplotlib() -> None:
+    code = "import sys, training.cli; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_unknown_experiment_is_an_error() -> None:
+    assert main(["experiment", "no-such-experiment"]) == 2
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_report_json_and_figures(name: str, outputs: dict) -> None:
+    report, payload = outputs[name]
+    text = report.read_text()
+    assert text.startswith("# ") and "Command: `espro experiment" in text
+    assert payload["experiment"] == name and payload["quick"] is True
+    assert payload["wall_seconds"] > 0 and payload["machine"]["cpu_cores_available"] >= 1
+    assert payload["figures"], "every experiment draws at least one figure"
+    for figure in payload["figures"]:
+        assert (report.parent / figure).stat().st_size > 1000
+        assert f"]({figure})" in text
+    assert all(math.isfinite(v) for v in _numbers(payload["results"]))
+
+
+def _finite(values: list[float]) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+def test_ensembles_numbers(outputs: dict) -> None:
+    results = outputs["ensembles"][1]["results"]
+    for name, entry in results.items():
+        for cell in entry["cells"]:
+            for scaling in ("raw", "calibrated"):
+                m = cell[scaling]
+                assert 0 <= m["error"] <= 1 and 0 <= m["ece"] <= 1 and 0 <= m["brier"] <= 2
+                assert math.isfinite(m["nll"]) and m["nll"] > 0
+            assert cell["train_seconds"] > 0
+        if name == "digits":  # learns within the quick size
+            best = min(c["calibrated"]["error"] for c in entry["cells"])
+            assert best < 0.9, "an ensemble no better than chance"
+
+
+def test_shift_numbers(outputs: dict) -> None:
+    results = outputs["shift"][1]["results"]
+    assert {"gaussian_noise", "masking", "translation", "blur"} <= set(results["corruptions"])
+    for entry in results["corruptions"].values():
+        for by_method in entry["severities"].values():
+            assert set(by_method) == {"single", "deep_ensemble", "espro"}
+            for m in by_method.values():
+                assert 0 <= m["accuracy"] <= 1 and 0 <= m["ece"] <= 1 and math.isfinite(m["nll"])
+
+
+def test_spro_complex_numbers(outputs: dict) -> None:
+    results = outputs["spro-complex"][1]["results"]
+    assert set(results["complexes"]) == {"2 modes", "3 modes"}
+    for entry in results["complexes"].values():
+        assert _finite(entry["log_volume"]["simplexes"] + [entry["log_volume"]["complex"]])
+        for sc in entry["simplexes"]:
+            assert all(0 <= a <= 1 for a in sc["train"]["accuracy"] + sc["test"]["accuracy"])
+            assert _finite(sc["train"]["loss"])
+        assert entry["planes"] and 0 <= entry["ensemble_test_accuracy"] <= 1
+
+
+def test_dimensionality_numbers(outputs: dict) -> None:
+    results = outputs["dimensionality"][1]["results"]
+    assert [s["connecting_vertices"] for s in results["steps"]] == [1, 2]
+    for step in results["steps"]:
+        assert math.isfinite(step["log_volume_complex"])
+        assert all(h > 0 for h in step["new_vertex_height"])  # the volume is positive
+        assert 0 <= step["draw_train_accuracy_min"] <= step["draw_train_accuracy_mean"] <= 1
+
+
+def test_diversity_numbers(outputs: dict) -> None:
+    results = outputs["diversity"][1]["results"]
+    assert len(results["alphas"][0]) == 4  # a tetrahedron
+    assert math.isfinite(results["log_volume"])
+    assert 0 <= results["mean_pairwise_disagreement_grid"] <= 1
+    assert 0 <= results["ensemble_test_accuracy"] <= 1
+
+
+def test_regression_numbers(outputs: dict) -> None:
+    methods = outputs["regression"][1]["results"]["methods"]
+    assert len(methods) == 3
+    for r in methods.values():
+        assert _finite([r["test_log_likelihood_calibrated"], r["test_rmse"]])
+        assert r["mean_std_in_gaps"] > 0 and r["mean_std_in_clusters"] > 0
+
+
+def test_draws_numbers(outputs: dict) -> None:
+    results = outputs["draws"][1]["results"]
+    for entry in results["draws"].values():
+        assert 0 <= entry["error"]["mean"] <= 1 and math.isfinite(entry["nll"]["mean"])

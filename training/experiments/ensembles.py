@@ -1,0 +1,285 @@
+"""Single model, deep ensembles of 1-5 and ESPRO with 1-5 modes x simplex order 1-3.
+
+One training per data set: five modes, each grown to a 3-simplex. Because every vertex is
+seeded by its position alone, the first ``k + 1`` vertices of a mode's simplex are the
+``k``-simplex, so each (modes, order) cell reuses those vertices and its training time is the
+sum of the times of the vertices it uses (the paper's Figures 8 and A.7).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from training.experiments.common import (
+    draw,
+    make_config,
+    member_outputs,
+    scores,
+    setup,
+    train_simplexes,
+)
+from training.experiments.report import Context, pyplot, table
+
+TITLE = "Ensembles: ESPRO against deep ensembles at equal members and equal training time"
+METRICS = ("error", "nll", "ece", "brier")
+
+
+def _configs(ctx: Context) -> dict[str, Any]:
+    quick = {
+        "modes": 2,
+        "mode_epochs": 4,
+        "vertices": 1,
+        "vertex_epochs": 1,
+        "samples": 2,
+        "batch_size": 32,
+    }
+    return {
+        "mnist1d": make_config(
+            dataset="mnist1d",
+            architecture="cnn",
+            kwargs={"channels": [32, 64], "hidden": 128},
+            data_options={"n_samples": 600} if ctx.quick else {},
+            per_simplex=ctx.size(2, 5),
+            seed=ctx.seed,
+            **ctx.size(quick, {"modes": 5, "mode_epochs": 30, "vertices": 3, "vertex_epochs": 6}),
+        ),
+        "digits": make_config(
+            dataset="digits",
+            architecture="cnn",
+            kwargs={"channels": [16, 32], "hidden": 64},
+            per_simplex=ctx.size(2, 5),
+            seed=ctx.seed,
+            **ctx.size(quick, {"modes": 5, "mode_epochs": 40, "vertices": 3, "vertex_epochs": 8}),
+        ),
+    }
+
+
+def _flat(metrics: dict[str, float]) -> dict[str, float]:
+    return {
+        "error": 1.0 - metrics["accuracy"],
+        "nll": metrics["nll"],
+        "ece": metrics["ece"],
+        "brier": metrics["brier"],
+    }
+
+
+def run_dataset(ctx: Context, name: str, config: Any) -> dict[str, Any]:
+    s = setup(config)
+    with ctx.timed(f"{name} training"):
+        simplexes = train_simplexes(s)
+    modes, order = config.modes.count, config.simplex.vertices
+    data = s.dataset
+    outs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    with ctx.timed(f"{name} evaluation"):
+        for m, simplex in enumerate(simplexes):
+            for k in range(order + 1):
+                members, _ = draw(
+                    simplex.vertices[: k + 1], config.draws.per_simplex, ctx.seed, m, k
+                )
+                outs[m, k] = (
+                    member_outputs(s, members, data.val.x),
+                    member_outputs(s, members, data.test.x),
+                )
+        cells = []
+        for k in range(order + 1):
+            for count in range(1, modes + 1):
+                val = torch.cat([outs[m, k][0] for m in range(count)])
+                test = torch.cat([outs[m, k][1] for m in range(count)])
+                result = scores(s.task, val, data.val.y, test, data.test.y)
+                seconds = sum(sum(simplexes[m].seconds[: k + 1]) for m in range(count))
+                cells.append(
+                    {
+                        "modes": count,
+                        "order": k,
+                        "members": int(val.shape[0]),
+                        "train_seconds": seconds,
+                        "temperature": result["scale"],
+                        "raw": _flat(result["raw"]),
+                        "calibrated": _flat(result["calibrated"]),
+                        "aurc": result["calibrated"]["aurc"],
+                    }
+                )
+    return {
+        "config": config.model_dump(mode="json", by_alias=True),
+        "train_size": len(data.train),
+        "test_size": len(data.test),
+        "vertex_seconds": [sm.seconds for sm in simplexes],
+        "log_volumes": [
+            [None if k == 0 else _log_volume(sm.vertices[: k + 1]) for k in range(order + 1)]
+            for sm in simplexes
+        ],
+        "cells": cells,
+    }
+
+
+def _log_volume(vertices: list) -> float:
+    from training.volume import log_volume
+
+    return float(log_volume(vertices))
+
+
+def _label(cell: dict[str, Any]) -> str:
+    if cell["order"] == 0:
+        return "single" if cell["modes"] == 1 else f"deep ensemble ({cell['modes']})"
+    return f"ESPRO {cell['modes']} x {cell['order']}-simplex"
+
+
+def _comparison(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """ESPRO against the deep ensemble of the same modes, and of at most the same time."""
+    de = {c["modes"]: c for c in cells if c["order"] == 0}
+    same_members, same_budget = [], []
+    for c in cells:
+        if c["order"] == 0:
+            continue
+        base = de[c["modes"]]
+        same_members.append(
+            {
+                "modes": c["modes"],
+                "order": c["order"],
+                **{f"{m}_better": c["calibrated"][m] < base["calibrated"][m] for m in METRICS},
+                "error_delta": c["calibrated"]["error"] - base["calibrated"]["error"],
+                "nll_delta": c["calibrated"]["nll"] - base["calibrated"]["nll"],
+            }
+        )
+        affordable = [d for d in de.values() if d["train_seconds"] <= c["train_seconds"]]
+        rival = max(affordable, key=lambda d: d["modes"]) if affordable else de[1]
+        same_budget.append(
+            {
+                "modes": c["modes"],
+                "order": c["order"],
+                "seconds": c["train_seconds"],
+                "rival_modes": rival["modes"],
+                "rival_seconds": rival["train_seconds"],
+                "budget_exceeds_largest_ensemble": c["train_seconds"]
+                > max(d["train_seconds"] for d in de.values()),
+                "error_delta": c["calibrated"]["error"] - rival["calibrated"]["error"],
+                "nll_delta": c["calibrated"]["nll"] - rival["calibrated"]["nll"],
+            }
+        )
+    n = len(same_members)
+    return {
+        "same_members": same_members,
+        "same_budget": same_budget,
+        "summary": {
+            **{
+                f"espro_better_{m}_same_modes": sum(r[f"{m}_better"] for r in same_members)
+                for m in METRICS
+            },
+            "cells": n,
+            "espro_better_error_same_budget": sum(r["error_delta"] < 0 for r in same_budget),
+            "espro_better_nll_same_budget": sum(r["nll_delta"] < 0 for r in same_budget),
+        },
+    }
+
+
+def _plots(ctx: Context, results: dict[str, Any]) -> None:
+    plt = pyplot()
+    names = list(results)
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        cells = results[name]["cells"]
+        for k in sorted({c["order"] for c in cells}):
+            row = sorted((c for c in cells if c["order"] == k), key=lambda c: c["modes"])
+            label = "deep ensemble" if k == 0 else f"ESPRO, {k}-simplex"
+            ax.plot(
+                [c["train_seconds"] for c in row],
+                [100 * c["calibrated"]["error"] for c in row],
+                marker="o",
+                label=label,
+            )
+            for c in row:
+                ax.annotate(
+                    str(c["modes"]),
+                    (c["train_seconds"], 100 * c["calibrated"]["error"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+        ax.set_xlabel("training time (s, all vertices used)")
+        ax.set_ylabel("test error (%)")
+        ax.set_title(name)
+        ax.legend(fontsize=8)
+    ctx.figure(
+        fig,
+        "error_vs_time",
+        "Test error against training time (cf. the paper's Figure A.7); the number at each "
+        "point is the number of modes.",
+    )
+    fig, axes = plt.subplots(2, len(names), figsize=(5.5 * len(names), 7), squeeze=False)
+    for col, name in enumerate(names):
+        cells = results[name]["cells"]
+        for row_index, metric in enumerate(("error", "nll")):
+            ax = axes[row_index][col]
+            for k in sorted({c["order"] for c in cells}):
+                row = sorted((c for c in cells if c["order"] == k), key=lambda c: c["modes"])
+                ax.plot(
+                    [c["modes"] for c in row],
+                    [c["calibrated"][metric] for c in row],
+                    marker="o",
+                    label="deep ensemble" if k == 0 else f"ESPRO, {k}-simplex",
+                )
+            ax.set_xlabel("modes (independently trained models)")
+            ax.set_ylabel(f"test {metric} (temperature-scaled)")
+            ax.set_title(name)
+            ax.legend(fontsize=8)
+    ctx.figure(fig, "vs_modes", "Error and NLL against the number of modes (cf. Figure 8).")
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for name, config in _configs(ctx).items():
+        results[name] = run_dataset(ctx, name, config)
+        results[name]["comparison"] = _comparison(results[name]["cells"])
+    ctx.add(
+        "Modes are SGD solutions of a small CNN; ESPRO grows a k-simplex at each with SPRO "
+        "(λ fixed, see `training/experiments/common.py`) and pools "
+        "`draws.per_simplex` uniform draws per simplex. *raw* is as trained, *cal* after "
+        "temperature scaling fitted on the validation split (each row its own temperature). "
+        "`train s` sums the wall time of the vertices the row uses."
+    )
+    _plots(ctx, results)
+    for name, r in results.items():
+        ctx.add(f"## {name} ({r['train_size']} training, {r['test_size']} test examples)")
+        rows = [
+            [
+                _label(c),
+                c["members"],
+                f"{c['train_seconds']:.1f}",
+                *[v for m in METRICS for v in (c["raw"][m], c["calibrated"][m])],
+            ]
+            for c in sorted(r["cells"], key=lambda c: (c["order"], c["modes"]))
+        ]
+        header = ["method", "members", "train s"]
+        header += [f"{m} {s}" for m in METRICS for s in ("raw", "cal")]
+        ctx.add(table(header, rows))
+        summary = r["comparison"]["summary"]
+        ctx.add(
+            f"ESPRO cells better than the deep ensemble of the same modes (calibrated), out of "
+            f"{summary['cells']}: error {summary['espro_better_error_same_modes']}, NLL "
+            f"{summary['espro_better_nll_same_modes']}, ECE "
+            f"{summary['espro_better_ece_same_modes']}, Brier "
+            f"{summary['espro_better_brier_same_modes']}. Against the largest deep ensemble "
+            f"trained in no more time: error better in "
+            f"{summary['espro_better_error_same_budget']}, NLL better in "
+            f"{summary['espro_better_nll_same_budget']}."
+        )
+        budget_rows = [
+            [
+                f"ESPRO {b['modes']} x {b['order']}",
+                f"{b['seconds']:.1f}",
+                f"DE {b['rival_modes']} ({b['rival_seconds']:.1f} s)"
+                + (" *" if b["budget_exceeds_largest_ensemble"] else ""),
+                b["error_delta"],
+                b["nll_delta"],
+            ]
+            for b in r["comparison"]["same_budget"]
+        ]
+        ctx.add(
+            "Equal budget: each ESPRO cell against the largest deep ensemble trained in no "
+            "more time (Δ = ESPRO − DE, calibrated; negative favours ESPRO; * the budget "
+            "exceeds the 5-member ensemble, which is then the rival).\n\n"
+            + table(["ESPRO", "train s", "rival", "Δ error", "Δ NLL"], budget_rows)
+        )
+    return results
