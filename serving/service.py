@@ -233,13 +233,15 @@ class InferenceService:
         predictor = self.repository.get(name)
         try:
             request = PredictRequest.model_validate(json.loads(body))
-        except json.JSONDecodeError as err:
-            raise OIPError(400, f"the body is not valid JSON: {err}") from None
         except ValidationError as err:
             raise OIPError(422, describe_validation_error(err)) from None
+        except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8/16/32
+            raise OIPError(400, f"the body is not valid JSON: {err}") from None
+        except RecursionError:
+            raise OIPError(400, "the body is not valid JSON: nested too deeply") from None
         try:
             x = np.asarray(request.inputs, dtype=np.float32)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError, RecursionError):
             raise OIPError(400, "inputs must be a rectangular array of numbers") from None
 
         def encode(prediction: Prediction) -> bytes:

@@ -196,6 +196,7 @@ def test_a_body_over_the_limit_is_413_and_the_server_stays_up(server):
         (lambda s: grpc_infer(s, x=np.full((1, 4), np.inf, np.float32)), "INVALID_ARGUMENT", "inf"),
         (lambda s: grpc_infer(s, draws=50), "INVALID_ARGUMENT", "draws"),
         (lambda s: grpc_infer(s, model="nope"), "NOT_FOUND", "unknown model"),
+        (lambda s: grpc_infer(s, model="Ünïcode"), "NOT_FOUND", "unknown model"),
         (lambda s: grpc_infer(s, version="9"), "NOT_FOUND", "no version '9'"),
         (lambda s: grpc_infer(s, x=np.zeros((0, 4), np.float32)), "INVALID_ARGUMENT", "empty"),
     ],

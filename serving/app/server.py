@@ -66,7 +66,7 @@ def _header_length(request: Request) -> int | None:
     value = request.headers.get("inference-header-content-length")
     if value is None:
         return None
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise OIPError(400, f"Inference-Header-Content-Length must be a byte count, got {value!r}")
     return int(value)
 
@@ -197,8 +197,15 @@ class ModelServer:
         except Exception:
             logger.exception("%s request for model %r failed", door, model)
             response = _error(OIPError(500, "internal error; the server log has the details"))
-        self.metrics.request(door, model, response.status_code, time.perf_counter() - start)
+        self.metrics.request(
+            door, self._model_tag(model), response.status_code, time.perf_counter() - start
+        )
         return response
+
+    def _model_tag(self, name: str) -> str:
+        """``name`` as a metric label if it is served: an unknown name (any text a client
+        sends) would make a label Ray cannot encode, or an unbounded number of series."""
+        return name if name in self.service.repository.names() else "unknown"
 
     def _read_tokens(self) -> BearerTokens:
         if self.auth_token_file is None:
@@ -226,7 +233,12 @@ class ModelServer:
         """The request body, refused with 413 past ``max_body_bytes`` before it is all read."""
         limit = self.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if (
+            declared is not None
+            and declared.isascii()
+            and declared.isdigit()
+            and int(declared) > limit
+        ):
             raise OIPError(413, f"the body has {declared} bytes; the limit is {limit}")
         chunks, size = [], 0
         async for chunk in request.stream():
@@ -392,5 +404,6 @@ class ModelServer:
             logger.exception("grpc request for model %r failed", request.model_name)
             status = 500
             _grpc_error(grpc_context, OIPError(500, "internal error; the server log has details"))
-        self.metrics.request("grpc", request.model_name, status, time.perf_counter() - start)
+        model = self._model_tag(request.model_name)
+        self.metrics.request("grpc", model, status, time.perf_counter() - start)
         return response
