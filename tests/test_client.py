@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +26,7 @@ from espro_client import (
     NotFound,
     Prediction,
     Retry,
+    Timeout,
     Unavailable,
 )
 from espro_client._proto import grpc_predict_v2_pb2 as pb
@@ -234,10 +236,13 @@ class Stub(BaseHTTPRequestHandler):
 
     answers: ClassVar[list[tuple[int, dict[str, Any]]]] = []
     requests: ClassVar[int] = 0
+    delay: ClassVar[float] = 0.0
+    """Seconds to wait before answering."""
 
     def do_GET(self) -> None:
         status, body = type(self).answers[type(self).requests]
         type(self).requests += 1
+        time.sleep(type(self).delay)
         payload = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -291,6 +296,14 @@ def test_4xx_is_not_retried(
     with Client(url, retry=FAST) as c, pytest.raises(BadRequest, match=message) as err:
         c.models()
     assert handler.requests == 1 and err.value.status == status
+
+
+def test_a_slow_answer_is_a_timeout_and_not_retried(stub: tuple[str, type[Stub]]) -> None:
+    url, handler = stub
+    handler.answers, handler.delay = [(200, MODELS)] * 3, 1.0
+    with Client(url, timeout=0.2, retry=FAST) as c, pytest.raises(Timeout, match="no answer"):
+        c.models()
+    assert handler.requests == 1
 
 
 def test_async_retries(stub: tuple[str, type[Stub]]) -> None:
@@ -363,3 +376,20 @@ def test_imports_without_torch_or_ray() -> None:
         "espro_client.Client('grpc://127.0.0.1:1', transport='grpc').close()\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_client_speaks_the_servers_proto_and_its_stubs_are_current(tmp_path: Path) -> None:
+    from espro_client._proto import generate as client_proto
+
+    import serving.proto
+
+    def definitions(path: Path) -> list[str]:  # the proto without its comments
+        return [line for line in path.read_text().splitlines() if not line.startswith("//")]
+
+    server_proto = Path(serving.proto.__file__).with_name("grpc_predict_v2.proto")
+    assert definitions(client_proto.SRC / client_proto.PROTO) == definitions(server_proto)
+    client_proto.generate(tmp_path)
+    fresh = tmp_path / client_proto.PROTO.parent
+    for module in fresh.glob("*.py*"):
+        checked_in = client_proto.SRC / client_proto.PROTO.parent / module.name
+        assert module.read_text() == checked_in.read_text(), module.name
