@@ -527,23 +527,29 @@ def encode_rest_response(
     request_id: str | None,
     tensors: Mapping[str, np.ndarray],
     binary: set[str] | bool = False,
+    parameters: Mapping[str, str] | None = None,
 ) -> tuple[bytes, int | None]:
     """A REST inference response body and its ``Inference-Header-Content-Length``.
 
     Outputs in ``binary`` (all when ``True``) follow the JSON header as raw bytes; the length
     is ``None`` when every output is in the JSON, and the body is then plain JSON.
+    ``parameters`` become the response's parameters.
     """
     outputs, chunks = [], []
     for name, array in tensors.items():
         header = {"name": name, "shape": list(array.shape), "datatype": oip_datatype(array.dtype)}
         if binary if isinstance(binary, bool) else name in binary:
             chunks.append(tensor_bytes(array))
-            parameters = {"binary_data_size": len(chunks[-1])}
-            outputs.append(ResponseOutput(**header, parameters=parameters))
+            size = {"binary_data_size": len(chunks[-1])}
+            outputs.append(ResponseOutput(**header, parameters=size))
         else:
             outputs.append(ResponseOutput(**header, data=_json_data(array)))
     response = InferenceResponse(
-        model_name=model_name, model_version=model_version, id=request_id, outputs=outputs
+        model_name=model_name,
+        model_version=model_version,
+        id=request_id,
+        parameters=dict(parameters) if parameters else None,
+        outputs=outputs,
     )
     json_header = response.model_dump_json(exclude_none=True).encode()
     if not chunks:
@@ -651,11 +657,15 @@ def encode_grpc_response(
     model_version: str | None,
     request_id: str | None,
     tensors: Mapping[str, np.ndarray],
+    parameters: Mapping[str, str] | None = None,
 ) -> pb.ModelInferResponse:
-    """A gRPC ``ModelInferResponse`` carrying every tensor in ``raw_output_contents``."""
+    """A gRPC ``ModelInferResponse`` carrying every tensor in ``raw_output_contents``, and
+    ``parameters`` as string parameters."""
     response = pb.ModelInferResponse(
         model_name=model_name, model_version=model_version or "", id=request_id or ""
     )
+    for key, value in (parameters or {}).items():
+        response.parameters[key].string_param = value
     for name, array in tensors.items():
         response.outputs.add(name=name, datatype=oip_datatype(array.dtype), shape=array.shape)
         response.raw_output_contents.append(tensor_bytes(array))

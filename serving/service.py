@@ -266,7 +266,7 @@ class InferenceService:
                 prediction_tensors(prediction, manifest.class_names), requested
             )
             return encode_rest_response(
-                manifest.name, manifest.version, request.id, tensors, binary
+                manifest.name, manifest.version, request.id, tensors, binary, _identity(predictor)
             )
 
         return self.job(predictor, _the_input(arrays), request_options(request.parameters), encode)
@@ -282,7 +282,9 @@ class InferenceService:
             tensors = select_outputs(
                 prediction_tensors(prediction, manifest.class_names), requested
             )
-            return encode_grpc_response(manifest.name, manifest.version, request.id, tensors)
+            return encode_grpc_response(
+                manifest.name, manifest.version, request.id, tensors, _identity(predictor)
+            )
 
         return self.job(predictor, _the_input(arrays), request_options(parameters), encode)
 
@@ -296,6 +298,11 @@ class InferenceService:
 
     def grpc_infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         return self.grpc_job(request).run()
+
+
+def _identity(predictor: Predictor) -> dict[str, str]:
+    """The response parameters naming the exact bundle that answered."""
+    return {"bundle_sha256": predictor.bundle.digest}
 
 
 def _outputs(

@@ -82,7 +82,7 @@ def test_predict_matches_the_bundle(server: Any, transport: str) -> None:
     assert_matches(p, reference(server), transport)
     assert (p.model_name, p.model_version, len(p)) == ("tiny", "2", 5)
     digest = load_bundle(server.bundles["tiny/2"]).digest
-    assert p.bundle_sha256 == (None if transport == "grpc" else digest)
+    assert p.bundle_sha256 == digest
     assert p.member_probabilities is None
 
 
@@ -120,8 +120,7 @@ def test_an_older_version(server: Any, transport: str) -> None:
         p = c.predict("tiny", X, version="1")
     assert p.model_version == "1"
     assert_matches(p, reference(server, "tiny/1"), transport)
-    if transport == "rest":
-        assert p.bundle_sha256 == load_bundle(server.bundles["tiny/1"]).digest
+    assert p.bundle_sha256 == load_bundle(server.bundles["tiny/1"]).digest
 
 
 def test_the_native_door_cannot_pick_a_version(server: Any) -> None:
@@ -206,8 +205,7 @@ def test_async_client(server: Any, transport: str) -> None:
     assert_matches(p, reference(server), transport)
     assert_matches(members, reference(server, draws=1, return_members=True), transport)
     assert members.member_probabilities.shape == (5, 2, 3)
-    if transport != "grpc":
-        assert p.bundle_sha256 == load_bundle(server.bundles["tiny/2"]).digest
+    assert p.bundle_sha256 == load_bundle(server.bundles["tiny/2"]).digest
 
 
 def test_cli(server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -664,3 +664,15 @@ def test_errors_carry_status_grpc_code_and_rest_body():
     assert OIPError(404, "").grpc_code is grpc.StatusCode.NOT_FOUND
     assert OIPError(503, "").grpc_code is grpc.StatusCode.UNAVAILABLE
     assert OIPError(500, "").grpc_code is grpc.StatusCode.INTERNAL
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_response_parameters_reach_rest_and_grpc(binary):
+    tensors = {"probabilities": np.zeros((2, 3), np.float32)}
+    body, length = oip.encode_rest_response(
+        "m", "1", None, tensors, binary, {"bundle_sha256": "ab"}
+    )
+    header = json.loads(body if length is None else body[:length])
+    assert header["parameters"] == {"bundle_sha256": "ab"}
+    response = oip.encode_grpc_response("m", "1", None, tensors, {"bundle_sha256": "ab"})
+    assert response.parameters["bundle_sha256"].string_param == "ab"

@@ -97,7 +97,13 @@ def _read_infer(response: pb.ModelInferResponse) -> Prediction:
         output.name: _oip.tensor_from_bytes(output.datatype, output.shape, raw)
         for output, raw in zip(response.outputs, response.raw_output_contents, strict=True)
     }
-    return _oip.prediction(tensors, response.model_name, response.model_version)
+    digest = response.parameters.get("bundle_sha256")
+    return _oip.prediction(
+        tensors,
+        response.model_name,
+        response.model_version,
+        None if digest is None else digest.string_param,
+    )
 
 
 def _rpc_error(err: grpc.RpcError) -> EsproError:

@@ -206,7 +206,8 @@ def _read_infer(response: httpx.Response) -> Prediction:
         else:
             tensors[name] = _oip.tensor_from_bytes(datatype, shape, body[offset : offset + size])
             offset += size
-    return _oip.prediction(tensors, header["model_name"], header.get("model_version", ""))
+    digest = (header.get("parameters") or {}).get("bundle_sha256")
+    return _oip.prediction(tensors, header["model_name"], header.get("model_version", ""), digest)
 
 
 @contextmanager

@@ -53,9 +53,13 @@ def parameters(draws: int | None, return_members: bool) -> dict[str, int | bool]
 
 
 def prediction(
-    tensors: Mapping[str, np.ndarray], model_name: str, model_version: str
+    tensors: Mapping[str, np.ndarray],
+    model_name: str,
+    model_version: str,
+    bundle_sha256: str | None = None,
 ) -> Prediction:
-    """The prediction in a classification model's output tensors (no bundle hash: OIP lacks it)."""
+    """The prediction in a classification model's output tensors; espro servers name the
+    bundle in the response parameter ``bundle_sha256``."""
     if "probabilities" not in tensors:
         raise EsproError(
             f"model {model_name!r} answered {', '.join(tensors)}: "
@@ -71,6 +75,7 @@ def prediction(
         disagreement=tensors["disagreement"],
         model_name=model_name,
         model_version=model_version,
+        bundle_sha256=bundle_sha256,
         class_names=tensors.get("class_name"),
         prediction_sets=tensors.get("prediction_set"),
         abstain=tensors.get("abstain"),

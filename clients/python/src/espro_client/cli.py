@@ -93,7 +93,7 @@ def _prediction_table(p: Prediction) -> str:
         columns["prediction_set"] = [" ".join(s) for s in p.prediction_set_names]
     elif (sets := p.prediction_sets) is not None:
         columns["prediction_set"] = [" ".join(map(str, np.flatnonzero(s))) for s in sets]
-    title = f"{p.model_name}:{p.model_version} bundle {p.bundle_sha256 or '(unknown over gRPC)'}"
+    title = f"{p.model_name}:{p.model_version} bundle {p.bundle_sha256}"
     rows = [[i, *values] for i, values in enumerate(zip(*columns.values(), strict=True))]
     return f"{title}\n{_table(['#', *columns], rows)}"
 

@@ -5,7 +5,6 @@ Both build the same calls (``_ClientBase``) and differ only in how they send the
 
 from __future__ import annotations
 
-from dataclasses import replace
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -52,7 +51,6 @@ class _ClientBase:
             self._door = GrpcDoor()
         else:
             raise ValueError(f"transport must be 'http', 'rest' or 'grpc', got {transport!r}")
-        self._hashes: dict[tuple[str, str], str] = {}
         self._transport = self._open(url, timeout)
 
     def _open(self, url: str, timeout: float | None) -> Any:
@@ -85,23 +83,6 @@ class _ClientBase:
                 "OIP gRPC has no model list; ask an HTTP transport ('http' or 'rest')"
             )
         return self._door.models()
-
-    def _needs_hash(self, prediction: Prediction) -> bool:
-        """Whether the bundle hash is missing and ``GET /v1/models`` may tell it (OIP REST)."""
-        key = (prediction.model_name, prediction.model_version)
-        return (
-            prediction.bundle_sha256 is None and self._door.lists_models and key not in self._hashes
-        )
-
-    def _with_hash(self, prediction: Prediction, models: list[Model] | None) -> Prediction:
-        """``prediction`` with its bundle hash from ``models`` or the cache (if known)."""
-        for model in models or []:
-            for v in model.versions:
-                self._hashes[model.name, v.version] = v.bundle_sha256
-        if prediction.bundle_sha256 is not None:
-            return prediction
-        key = (prediction.model_name, prediction.model_version)
-        return replace(prediction, bundle_sha256=self._hashes.get(key))
 
 
 class Client(_ClientBase):
@@ -143,9 +124,7 @@ class Client(_ClientBase):
         member's probabilities.
         """
         calls = self._predict_calls(model, inputs, version, draws, return_members)
-        prediction = concatenate([self._send(call) for call in calls])
-        models = self.models() if self._needs_hash(prediction) else None
-        return self._with_hash(prediction, models)
+        return concatenate([self._send(call) for call in calls])
 
     def health(self) -> bool:
         """Whether the server is up (``False`` when it cannot be reached). Not retried."""
@@ -218,9 +197,7 @@ class AsyncClient(_ClientBase):
     ) -> Prediction:
         """See :meth:`Client.predict`."""
         calls = self._predict_calls(model, inputs, version, draws, return_members)
-        prediction = concatenate([await self._send(call) for call in calls])
-        models = await self.models() if self._needs_hash(prediction) else None
-        return self._with_hash(prediction, models)
+        return concatenate([await self._send(call) for call in calls])
 
     async def health(self) -> bool:
         """See :meth:`Client.health`."""

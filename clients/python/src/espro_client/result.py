@@ -15,8 +15,7 @@ class Prediction:
 
     Every transport fills the same fields with the same numbers, except where the protocol
     does not carry a value (see docs/client.md): ``prediction_set_names`` come only from the
-    native JSON transport, ``prediction_sets`` only from the OIP ones, and ``bundle_sha256`` is
-    ``None`` over gRPC.
+    native JSON transport, and ``prediction_sets`` only from the OIP ones.
     """
 
     probabilities: np.ndarray
