@@ -8,6 +8,7 @@ is copied per member and no layer is rewritten.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -22,8 +23,20 @@ class InputError(ValueError):
     """Inputs that do not match the bundle's input spec; the message says what was expected."""
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where a member lies: its simplex and its coordinates, ``θ = Σ_j alpha_j θ_j``."""
+
+    simplex: int
+    alpha: tuple[float, ...]
+
+
 class MemberEnsemble:
-    """A module and the states of its members, answering raw (unnormalised) inputs."""
+    """A module and the states of its members, answering raw (unnormalised) inputs.
+
+    ``vertices`` (the parameters of every simplex's vertices) and ``origins`` (one per member)
+    are optional; engines that exploit the simplex structure need them.
+    """
 
     def __init__(
         self,
@@ -33,23 +46,30 @@ class MemberEnsemble:
         *,
         device: str | torch.device = "cpu",
         chunk_size: int = 1024,
+        vertices: Sequence[Sequence[MemberState]] = (),
+        origins: Sequence[Origin | None] | None = None,
     ) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one member")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if origins is not None and len(origins) != len(members):
+            raise ValueError(f"{len(origins)} origins for {len(members)} members")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.members = [{k: v.to(self.device) for k, v in m.items()} for m in members]
+        self.vertices = vertices
+        self.origins: list[Origin | None] = list(origins or [None] * len(members))
         self.input_spec = input_spec
         self.chunk_size = chunk_size
 
     def __len__(self) -> int:
         return len(self.members)
 
-    def add(self, member: MemberState) -> int:
+    def add(self, member: MemberState, origin: Origin | None = None) -> int:
         """Materialise one more member on the ensemble's device; returns its index."""
         self.members.append({k: v.to(self.device) for k, v in member.items()})
+        self.origins.append(origin)
         return len(self.members) - 1
 
     def check_inputs(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,9 +91,9 @@ class MemberEnsemble:
     def outputs(self, x: torch.Tensor, members: Sequence[int] | None = None) -> torch.Tensor:
         """Member outputs ``[S, B, num_outputs]`` for a raw batch ``[B, *input_shape]``."""
         x = self.input_spec.normalise(self.check_inputs(x).to(self.device))
-        chosen = [self.members[i] for i in members] if members is not None else self.members
-        chunks = [
-            torch.stack([functional_call(self.model, m, (part,)) for m in chosen])
-            for part in x.split(self.chunk_size)
-        ]
-        return torch.cat(chunks, dim=1)
+        indices = list(members) if members is not None else list(range(len(self)))
+        return torch.cat([self.forward(part, indices) for part in x.split(self.chunk_size)], dim=1)
+
+    def forward(self, x: torch.Tensor, members: Sequence[int]) -> torch.Tensor:
+        """Outputs ``[S, B, ·]`` of the chosen members for a normalised batch: one call each."""
+        return torch.stack([functional_call(self.model, self.members[i], (x,)) for i in members])

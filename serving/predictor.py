@@ -12,7 +12,8 @@ import torch
 
 from serving.architectures import create_model
 from serving.bundle import Bundle, load_bundle
-from serving.ensemble import InputError, MemberEnsemble
+from serving.engine import create_engine
+from serving.ensemble import InputError, Origin
 from serving.manifest import Manifest, Task
 from serving.predictive import (
     ClassificationPrediction,
@@ -44,6 +45,9 @@ class Predictor:
     (no BatchNorm statistics to carry per draw) may also grant up to ``max_fresh_draws`` more,
     sampled uniformly on each simplex from a seed fixed by the bundle's hash, so every replica
     answers alike. Fresh members are materialised on first use and kept.
+
+    ``engine`` chooses how member outputs are computed (see :mod:`serving.engine`); every
+    engine answers the same probabilities, to float tolerance.
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class Predictor:
         device: str | torch.device = "cpu",
         allow_custom_architecture: bool = False,
         max_fresh_draws: int = 0,
+        engine: str = "reference",
     ) -> None:
         self.bundle = bundle
         self.max_fresh_draws = max_fresh_draws
@@ -60,17 +65,26 @@ class Predictor:
         manifest = bundle.manifest
         model = build_model(manifest, allow_custom_architecture=allow_custom_architecture)
         self._check_names(model, manifest)
-        members, self._slots = [], []
-        for m, simplex in enumerate(manifest.simplexes):
-            vertices = bundle.vertices(m)
+        members, origins, self._slots = [], [], []
+        all_vertices = [bundle.vertices(m) for m in range(len(manifest.simplexes))]
+        for m, (simplex, vertices) in enumerate(zip(manifest.simplexes, all_vertices, strict=True)):
             slots = []
             for s, draw in enumerate(simplex.draws):
                 slots.append(len(members))
                 members.append({**mix_vertices(vertices, draw.alpha), **bundle.buffers(m, s)})
+                origins.append(Origin(m, draw.alpha))
                 self._check_shapes(model, manifest, members[-1])
             self._slots.append(slots)
         self._fresh: list[list[int]] = [[] for _ in self._slots]
-        self.ensemble = MemberEnsemble(model, members, manifest.input, device=device)
+        self.ensemble = create_engine(
+            engine,
+            model,
+            members,
+            manifest.input,
+            device=device,
+            vertices=all_vertices,
+            origins=origins,
+        )
 
     @classmethod
     def from_path(cls, path: str | Path, **kwargs: object) -> Predictor:
@@ -162,7 +176,9 @@ class Predictor:
                 vertices = self.bundle.vertices(m)
                 generator = torch.Generator().manual_seed(int(self.bundle.digest[:15], 16) + m)
                 alphas = sample_dirichlet(len(vertices), count, generator)[len(have) :]
-                have += [self.ensemble.add(mix_vertices(vertices, alpha)) for alpha in alphas]
+                for alpha in alphas:
+                    origin = Origin(m, tuple(alpha.tolist()))
+                    have.append(self.ensemble.add(mix_vertices(vertices, alpha), origin))
             return have[:count]
 
     def outputs(self, x: torch.Tensor, draws: int | None = None) -> torch.Tensor:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serving.engine import parse_engine
 
 MiB = 1 << 20
 
@@ -55,6 +57,15 @@ class AppConfig(Tuning):
     auth_token_file: str | None = None
     """A file of bearer tokens (one per line) that every request but health checks must
     present; read by each replica at start and at every reconfiguration. None: no auth."""
+    engine: str = "reference"
+    """How replicas compute member outputs: ``reference``, ``fused``, ``shortcut`` or ``onnx``,
+    with options such as ``fused:bf16,graphs`` (see :mod:`serving.engine`)."""
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        parse_engine(value)
+        return value
 
     @model_validator(mode="after")
     def _batch_fits(self) -> AppConfig:

@@ -471,3 +471,13 @@ def test_killing_a_replica_under_load_answers_every_request(server):
         server.redeploy()
     assert set(codes) <= {200, 500} and codes.count(500) <= 4, codes
     assert codes[-8:] == [200] * 8
+
+
+def test_the_fused_engine_serves_the_same_answers(server):
+    server.redeploy(engine="fused")
+    try:
+        body = native(server, "tiny", {"inputs": X.tolist()}).json()
+    finally:
+        server.redeploy()
+    probs = [r["probabilities"] for r in body["predictions"]]
+    np.testing.assert_allclose(probs, offline(server, "tiny/2").probs, atol=1e-5)

@@ -226,6 +226,7 @@ SERVE_APP_FLAGS = {
     "max_fresh_draws": "max_fresh_draws",
     "allow_custom_architecture": "allow_custom_architecture",
     "auth_token_file": "auth_token_file",
+    "engine": "engine",
 }
 SERVE_LAUNCH_FLAGS = ("address", "host", "http_port", "grpc_port", "metrics_port")
 
@@ -388,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, help="request size limit in MiB (default 64)")
     p.add_argument("--allow-custom-architecture", action="store_true", default=None)
     p.add_argument("--auth-token-file", help="require a bearer token from this file (per line)")
+    p.add_argument("--engine", help="member engine: reference, fused, shortcut, onnx[:bf16,...]")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser(

@@ -45,6 +45,7 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         allow_custom_architecture=config.allow_custom_architecture,
         max_body_bytes=config.max_body_bytes,
         auth_token_file=config.auth_token_file,
+        engine=config.engine,
         torch_threads=config.torch_threads or max(1, int(config.num_cpus)),
     )
 

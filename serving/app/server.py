@@ -88,6 +88,7 @@ class ModelServer:
         max_body_bytes: int = 64 << 20,
         torch_threads: int | None = None,
         auth_token_file: str | None = None,
+        engine: str = "reference",
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -95,6 +96,7 @@ class ModelServer:
         self.allow_custom_architecture = allow_custom_architecture
         self.max_body_bytes = max_body_bytes
         self.auth_token_file = auth_token_file
+        self.engine = engine
         self.tokens = self._read_tokens()
         self.service = InferenceService(ModelRepository(), server_version=__version__)
         self.metrics = ServerMetrics()
@@ -133,6 +135,7 @@ class ModelServer:
                     bundle,
                     device=self.device,
                     allow_custom_architecture=self.allow_custom_architecture,
+                    engine=self.engine,
                 )
             predictor.max_fresh_draws = (
                 0 if bundle.manifest.buffer_names else tuning.max_fresh_draws

@@ -1,0 +1,84 @@
+"""Member engines: ways to compute every member's outputs, chosen by a configuration string.
+
+An engine is a :class:`~serving.ensemble.MemberEnsemble` (the reference: one
+``functional_call`` per member) or a subclass answering ``outputs(x, members) -> [S, B, ·]``
+alike. The string is ``NAME[:OPTION,...]``:
+
+============  =================================================================================
+``reference``  the loop over members (:class:`~serving.ensemble.MemberEnsemble`)
+``fused``      members stacked and run at once by ``torch.func.vmap`` (:mod:`.fused`)
+``shortcut``   ``fused``, with the first layer computed once per vertex and mixed (:mod:`.shortcut`)
+``onnx``       the ensemble exported as one ONNX graph, run by ONNX Runtime (:mod:`.onnx`)
+============  =================================================================================
+
+Options of ``fused`` and ``shortcut``: ``bf16`` or ``fp16`` (weights and activations in that
+precision, outputs in float32) and ``graphs`` (CUDA graphs for batches up to 64; ignored on the
+CPU). Example: ``fused:bf16,graphs``.
+
+This module imports neither torch nor ONNX Runtime: settings validate strings with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from serving.ensemble import MemberEnsemble
+
+ENGINES = ("reference", "fused", "shortcut", "onnx")
+PRECISIONS = ("fp32", "bf16", "fp16")
+_OPTIONS = {"fused": {"bf16", "fp16", "graphs"}, "shortcut": {"bf16", "fp16", "graphs"}}
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """A parsed engine string."""
+
+    name: str
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    cuda_graphs: bool = False
+
+    def __str__(self) -> str:
+        options = [self.precision] if self.precision != "fp32" else []
+        options += ["graphs"] if self.cuda_graphs else []
+        return f"{self.name}:{','.join(options)}" if options else self.name
+
+
+def parse_engine(spec: str) -> EngineSpec:
+    """Parse ``NAME[:OPTION,...]``; a ``ValueError`` names what is wrong."""
+    name, _, rest = spec.partition(":")
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; known: {', '.join(ENGINES)}")
+    options = [option for option in rest.split(",") if option]
+    allowed = _OPTIONS.get(name, set())
+    unknown = [option for option in options if option not in allowed]
+    if unknown:
+        hint = f"; {name} takes {', '.join(sorted(allowed))}" if allowed else ""
+        raise ValueError(f"engine {name!r} has no option {unknown[0]!r}{hint}")
+    precisions = [option for option in options if option in PRECISIONS]
+    if len(precisions) > 1:
+        raise ValueError(f"engine {spec!r} names more than one precision")
+    precision = precisions[0] if precisions else "fp32"
+    return EngineSpec(name, precision, "graphs" in options)  # type: ignore[arg-type]
+
+
+def create_engine(spec: str | EngineSpec, *args: Any, **kwargs: Any) -> MemberEnsemble:
+    """The engine ``spec`` over ``MemberEnsemble``'s arguments (model, members, input spec, …)."""
+    spec = parse_engine(spec) if isinstance(spec, str) else spec
+    if spec.name == "reference":
+        from serving.ensemble import MemberEnsemble
+
+        return MemberEnsemble(*args, **kwargs)
+    if spec.name == "onnx":
+        from serving.engine.onnx import OnnxEnsemble
+
+        return OnnxEnsemble(*args, **kwargs)
+    import torch
+
+    from serving.engine.fused import FusedEnsemble
+    from serving.engine.shortcut import ShortcutEnsemble
+
+    engine = FusedEnsemble if spec.name == "fused" else ShortcutEnsemble
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.precision]
+    return engine(*args, dtype=dtype, cuda_graphs=spec.cuda_graphs, **kwargs)

@@ -1,0 +1,352 @@
+"""Tests for serving.engine: every back end answers the reference loop's probabilities."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import batchnorm_mlp
+from serving.architectures import create_model
+from serving.bundle import load_bundle
+from serving.engine import EngineSpec, create_engine, parse_engine
+from serving.engine.shortcut import ShortcutEnsemble, split_at_first_layer
+from serving.ensemble import MemberEnsemble, Origin
+from serving.manifest import InputSpec
+from serving.predictor import Predictor
+from serving.settings import AppConfig
+from serving.simplex import mix_vertices, sample_dirichlet
+
+if TYPE_CHECKING:
+    from conftest import TinyBundle
+
+MakeBundle = Callable[..., "TinyBundle"]
+FP32_ENGINES = ["fused", "shortcut"]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+BENCHMARK = Path(__file__).parents[1] / "benchmarks" / "engine.py"
+MLP = functools.partial(create_model, "mlp", input_shape=(4,), num_outputs=3)
+
+
+def _probs(outputs: torch.Tensor) -> torch.Tensor:
+    return outputs.float().softmax(dim=-1).cpu()
+
+
+def _inputs(shape: Sequence[int] = (4,), batch: int = 7, seed: int = 0) -> torch.Tensor:
+    return 3 * torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _predictors(
+    tiny: TinyBundle, path: Path, engine: str, **kwargs: Any
+) -> tuple[Predictor, Predictor]:
+    bundle = load_bundle(tiny.write(path))
+    return tuple(  # type: ignore[return-value]
+        Predictor(bundle, allow_custom_architecture=tiny.custom, engine=name, **kwargs)
+        for name in ("reference", engine)
+    )
+
+
+def bn_first(*, input_shape: Sequence[int], num_outputs: int) -> nn.Module:
+    """BatchNorm before the first Linear: not linear in the mixed state, so no shortcut."""
+    return nn.Sequential(nn.BatchNorm1d(input_shape[0]), nn.Linear(input_shape[0], num_outputs))
+
+
+class Residual(nn.Module):
+    """A network that is not an ``nn.Sequential``: no shortcut."""
+
+    def __init__(self, width: int, num_outputs: int) -> None:
+        super().__init__()
+        self.inner = nn.Linear(width, width)
+        self.head = nn.Linear(width, num_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x + torch.relu(self.inner(x)))
+
+
+def _ensemble(
+    build: Callable[[], nn.Module],
+    input_shape: Sequence[int],
+    engine: str,
+    *,
+    num_vertices: Sequence[int] = (2, 3),
+    draws: int = 4,
+    **kwargs: Any,
+) -> tuple[MemberEnsemble, MemberEnsemble]:
+    """(reference, engine) over the members of simplexes of independently initialised vertices
+    (PyTorch's initialisation: realistic scales), each member with its own random buffers."""
+    torch.manual_seed(0)
+    model = build().eval()
+    vertices = [
+        [{n: p.detach() for n, p in build().named_parameters()} for _ in range(v)]
+        for v in num_vertices
+    ]
+    members, origins = [], []
+    for m, simplex in enumerate(vertices):
+        for alpha in sample_dirichlet(len(simplex), draws, torch.Generator().manual_seed(m)):
+            buffers = {
+                n: b + torch.rand_like(b) if b.is_floating_point() else b
+                for n, b in model.named_buffers()
+            }
+            members.append(mix_vertices(simplex, alpha) | buffers)
+            origins.append(Origin(m, tuple(alpha.tolist())))
+    spec = InputSpec(
+        shape=tuple(input_shape), mean=(0.5,) * input_shape[0], std=(2.0,) * input_shape[0]
+    )
+    common = {"vertices": vertices, "origins": origins} | kwargs
+    return MemberEnsemble(model, members, spec), create_engine(
+        engine, model, members, spec, **common
+    )
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+
+def test_engine_strings_parse() -> None:
+    assert parse_engine("reference") == EngineSpec("reference")
+    assert parse_engine("fused:bf16,graphs") == EngineSpec("fused", "bf16", cuda_graphs=True)
+    assert str(parse_engine("shortcut:graphs,fp16")) == "shortcut:fp16,graphs"
+    for bad, message in [
+        ("turbo", "unknown engine 'turbo'"),
+        ("reference:bf16", "engine 'reference' has no option 'bf16'"),
+        ("fused:int8", "fused takes bf16, fp16, graphs"),
+        ("fused:bf16,fp16", "more than one precision"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_engine(bad)
+
+
+def test_app_config_validates_the_engine() -> None:
+    assert AppConfig(bundles=["b"]).engine == "reference"
+    assert AppConfig(bundles=["b"], engine="fused:bf16").engine == "fused:bf16"
+    with pytest.raises(ValueError, match="engine"):
+        AppConfig(bundles=["b"], engine="fused:int8")
+
+
+# --- every back end against the reference -----------------------------------------------------
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+@pytest.mark.parametrize("engine", FP32_ENGINES)
+def test_fp32_engines_equal_the_reference(
+    tmp_path: Path, make_tiny_bundle: MakeBundle, engine: str, batchnorm: bool
+) -> None:
+    tiny = make_tiny_bundle(batchnorm=batchnorm, draws=5)
+    reference, other = _predictors(tiny, tmp_path / "b", engine)
+    x = _inputs()
+    for draws in (None, 1, 3):
+        expected = _probs(reference.outputs(x, draws))
+        torch.testing.assert_close(_probs(other.outputs(x, draws)), expected, atol=1e-5, rtol=0)
+    members = [7, 0, 3]  # any subset, in any order
+    expected = _probs(reference.ensemble.outputs(x, members))
+    torch.testing.assert_close(
+        _probs(other.ensemble.outputs(x, members)), expected, atol=1e-5, rtol=0
+    )
+
+
+@pytest.mark.parametrize("engine", FP32_ENGINES)
+def test_fresh_members_are_seen_after_a_first_run(
+    tmp_path: Path, make_tiny_bundle: MakeBundle, engine: str
+) -> None:
+    reference, other = _predictors(make_tiny_bundle(), tmp_path / "b", engine, max_fresh_draws=6)
+    x = _inputs()
+    other.outputs(x)  # stacks the stored members
+    for draws in (4, 8):  # fresh members added after construction, and after a first run
+        expected = _probs(reference.outputs(x, draws))
+        torch.testing.assert_close(_probs(other.outputs(x, draws)), expected, atol=1e-5, rtol=0)
+    assert len(other.ensemble) == len(reference.ensemble) == 2 * 8
+
+
+@pytest.mark.parametrize("engine", FP32_ENGINES)
+def test_chunks_of_rows_and_members(engine: str) -> None:
+    build = functools.partial(
+        create_model, "cnn", input_shape=(2, 9), num_outputs=3, channels=(4, 5)
+    )
+    reference, other = _ensemble(build, (2, 9), engine, chunk_size=3)
+    x = _inputs((2, 9), batch=8)  # chunks of 3, 3 and 2 rows; groups of 1 or 3 members
+    torch.testing.assert_close(
+        _probs(other.outputs(x)), _probs(reference.outputs(x)), atol=1e-5, rtol=0
+    )
+
+
+@pytest.mark.parametrize("max_vmap_batch", [None, 0])
+@pytest.mark.parametrize("engine", FP32_ENGINES)
+def test_vmapped_and_member_by_member_runs_agree(engine: str, max_vmap_batch: int | None) -> None:
+    build = functools.partial(batchnorm_mlp, input_shape=(4,), num_outputs=3)
+    reference, other = _ensemble(build, (4,), engine, max_vmap_batch=max_vmap_batch)
+    x = _inputs()
+    torch.testing.assert_close(
+        _probs(other.outputs(x)), _probs(reference.outputs(x)), atol=1e-5, rtol=0
+    )
+
+
+@pytest.mark.parametrize(
+    ("architecture", "shape"),
+    [("mlp", (4,)), ("cnn", (2, 9)), ("cnn", (3, 6, 5))],
+)
+@pytest.mark.parametrize("engine", ["fused:bf16", "shortcut:bf16"])
+def test_bf16_engines_are_within_2e_3(
+    architecture: str, shape: tuple[int, ...], engine: str
+) -> None:
+    build = functools.partial(create_model, architecture, input_shape=shape, num_outputs=5)
+    reference, other = _ensemble(build, shape, engine)
+    x = _inputs(shape)
+    error = (_probs(other.outputs(x)) - _probs(reference.outputs(x))).abs().max()
+    assert error <= 2e-3
+
+
+# --- the shortcut applies where it is exact, and only there ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("build", "shape", "applies"),
+    [
+        (functools.partial(create_model, "mlp", input_shape=(4,), num_outputs=3), (4,), True),
+        (functools.partial(create_model, "cnn", input_shape=(2, 9), num_outputs=3), (2, 9), True),
+        (
+            functools.partial(create_model, "cnn", input_shape=(3, 6, 5), num_outputs=3),
+            (3, 6, 5),
+            True,
+        ),
+        (functools.partial(batchnorm_mlp, input_shape=(4,), num_outputs=3), (4,), True),
+        (functools.partial(bn_first, input_shape=(4,), num_outputs=3), (4,), False),
+        (functools.partial(Residual, 4, 3), (4,), False),
+    ],
+)
+def test_shortcut_applies_only_where_exact(
+    build: Callable[[], nn.Module], shape: tuple[int, ...], applies: bool
+) -> None:
+    assert (split_at_first_layer(build()) is not None) is applies
+    reference, shortcut = _ensemble(build, shape, "shortcut")
+    assert isinstance(shortcut, ShortcutEnsemble) and shortcut.applies is applies
+    x = _inputs(shape)
+    torch.testing.assert_close(
+        _probs(shortcut.outputs(x)), _probs(reference.outputs(x)), atol=1e-5, rtol=0
+    )
+
+
+def test_shortcut_mixes_outputs_only_when_there_are_fewer_vertices_than_members() -> None:
+    _, shortcut = _ensemble(MLP, (4,), "shortcut", num_vertices=(2,), draws=4)
+    assert not isinstance(shortcut.prepare((0, 1, 2)), dict)  # 2 vertices for 3 members: mixed
+    assert isinstance(shortcut.prepare((0, 1)), dict)  # 2 vertices for 2 members: stacked
+
+
+def test_shortcut_without_origins_runs_fused() -> None:
+    reference, shortcut = _ensemble(MLP, (4,), "shortcut", num_vertices=(2,), draws=4)
+    index = shortcut.add(reference.members[0])  # a member of unknown origin
+    reference.add(reference.members[0])
+    assert isinstance(shortcut.prepare((0, 1, 2, index)), dict)
+    x = _inputs()
+    torch.testing.assert_close(
+        _probs(shortcut.outputs(x)), _probs(reference.outputs(x)), atol=1e-5, rtol=0
+    )
+
+
+# --- ONNX Runtime -----------------------------------------------------------------------------
+
+
+def test_onnx_graph_equals_the_reference_with_its_pooling(
+    tmp_path: Path, make_tiny_bundle: MakeBundle
+) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from serving.predictive import classify
+
+    tiny = make_tiny_bundle(batchnorm=True, num_vertices=(2, 2), draws=1)  # exports take seconds
+    reference, onnx = _predictors(tiny, tmp_path / "b", "onnx")
+    x = _inputs()
+    expected = reference.outputs(x)
+    torch.testing.assert_close(_probs(onnx.outputs(x)), _probs(expected), atol=1e-5, rtol=0)
+    torch.testing.assert_close(  # the batch dimension is dynamic
+        _probs(onnx.outputs(x[:1])), _probs(expected[:, :1]), atol=1e-5, rtol=0
+    )
+    graph = onnx.ensemble.run(x, temperature=1.5)  # type: ignore[attr-defined]
+    pooled = classify(expected, temperature=1.5)
+    for name in ("probs", "entropy", "expected_entropy", "mutual_information"):
+        torch.testing.assert_close(graph[name], getattr(pooled, name), atol=1e-5, rtol=0)
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+
+
+def test_quick_benchmark_writes_sane_json(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("engine_benchmark", BENCHMARK)
+    assert spec is not None and spec.loader is not None
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    out = tmp_path / "engine.json"
+    benchmark.main(
+        [
+            "--quick",
+            "--engines",
+            "reference",
+            "fused",
+            "shortcut:bf16",
+            "--out",
+            str(out),
+        ]
+    )
+    report = json.loads(out.read_text())
+    assert len(report["loadavg_before"]) == 3 and report["matmul_peak_gflops"]["fp32"] > 0
+    cells = report["results"]
+    assert {(c["model"], c["engine"]) for c in cells} == {
+        (model, engine)
+        for model in ("cnn", "mlp")
+        for engine in ("reference", "fused", "shortcut:bf16")
+    }
+    for cell in cells:
+        assert cell["latency_ms"] > 0 and cell["gflops"] > 0 and cell["fraction_of_fp32_peak"] > 0
+        tolerance = 2e-3 if parse_engine(cell["engine"]).precision == "bf16" else 1e-5
+        assert cell["max_prob_error"] <= tolerance
+
+
+# --- CUDA (skipped without a GPU; benchmarks/gpu_engine.sh runs them) --------------------------
+
+
+@CUDA
+@pytest.mark.parametrize(
+    ("engine", "tolerance"),
+    [
+        ("fused", 1e-5),
+        ("shortcut", 1e-5),
+        ("fused:graphs", 1e-5),
+        ("shortcut:graphs", 1e-5),
+        ("fused:fp16,graphs", 2e-3),
+        ("fused:bf16", 2e-3),
+        ("shortcut:fp16", 2e-3),
+        ("onnx", 1e-5),
+    ],
+)
+def test_cuda_engines_equal_the_cpu_reference(engine: str, tolerance: float) -> None:
+    if engine == "onnx":
+        ort = pytest.importorskip("onnxruntime")
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            pytest.skip("onnxruntime has no CUDA provider")
+    shape = (3, 8, 8)
+    build = functools.partial(create_model, "cnn", input_shape=shape, num_outputs=5)
+    reference, other = _ensemble(build, shape, engine, device="cuda")
+    assert other.device.type == "cuda"
+    for batch in (1, 3, 64, 65):  # graphs: padded to 1, 4, 64; 65 runs eagerly
+        x = _inputs(shape, batch=batch, seed=batch)
+        for members in (None, [5, 0, 2, 7]):
+            error = (
+                _probs(other.outputs(x, members)) - _probs(reference.outputs(x, members))
+            ).abs()
+            assert error.max() <= tolerance, (batch, members)
+
+
+def test_importing_the_engines_imports_neither_ray_nor_onnxruntime() -> None:
+    code = (
+        "import sys, serving.engine, serving.engine.fused, serving.engine.shortcut, "
+        "serving.engine.onnx, serving.predictor, serving.settings\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in ('ray', 'onnxruntime')]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
