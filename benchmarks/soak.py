@@ -218,7 +218,7 @@ def send(
 # --------------------------------------------------------------------------- memory
 
 
-def _descendants(root: int) -> list[int]:
+def descendants(root: int) -> list[int]:
     """``root`` and every process below it, from ``/proc`` (Linux; psutil is not a
     dependency here)."""
     parents: dict[int, int] = {}
@@ -236,12 +236,13 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
-def memory() -> dict[str, Any]:
-    """RSS in MiB of this driver and every process it started (GCS, raylet, workers,
-    replicas, proxy): the total, and per process name (Ray names workers ``ray::Actor``)."""
+def memory(root: int | None = None) -> dict[str, Any]:
+    """RSS in MiB of process ``root`` (this driver by default) and every process it started
+    (GCS, raylet, workers, replicas, proxy): the total, and per process name (Ray names
+    workers ``ray::Actor``)."""
     by_name: dict[str, float] = {}
     total = 0.0
-    for pid in _descendants(os.getpid()):
+    for pid in descendants(os.getpid() if root is None else root):
         try:
             status = Path(f"/proc/{pid}/status").read_text()
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()

@@ -1,0 +1,93 @@
+"""Cold start: seconds from launching ``espro serve`` to its first ready answer, and the memory
+of every process it runs (driver, GCS, raylet, Serve controller, proxy, replicas).
+
+Run it where Ray may open ports, i.e. in a loopback-only network namespace:
+
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 \\
+    unshare --net sh -c 'ip link set lo up; exec .venv/bin/python benchmarks/cold_start.py \\
+        runs/demo/bundle --out benchmarks/results/cold-start.json'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from soak import memory
+
+from serving.bundle import load_bundle
+
+
+def first_answer(url: str, body: bytes, deadline: float) -> float:
+    """Poll ``url`` with ``body`` until it answers 200; the time it did."""
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                if response.status == 200:
+                    return time.perf_counter()
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"no answer from {url} before the deadline")
+
+
+def cold_start(bundle: Path, port: int) -> dict[str, Any]:
+    """One launch: time to the first prediction, memory while idle, time to stop."""
+    manifest = load_bundle(bundle).manifest
+    body = json.dumps({"inputs": [np.zeros(manifest.input.shape).tolist()]}).encode()
+    url = f"http://127.0.0.1:{port}/v1/models/{manifest.name}/predict"
+    command = [sys.executable, "-m", "training.cli", "serve", str(bundle)]
+    command += ["--http-port", str(port), "--grpc-port", str(port + 1000)]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ready = first_answer(url, body, time.monotonic() + 300)
+        resident = memory(process.pid)
+    finally:
+        stopping = time.perf_counter()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=120)
+    return {
+        "seconds_to_first_answer": round(ready - start, 2),
+        "seconds_to_stop": round(time.perf_counter() - stopping, 2),
+        "exit_code": code,
+        **resident,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cold-start.json"))
+    args = parser.parse_args(argv)
+    load_before = os.getloadavg()
+    runs = [cold_start(args.bundle, args.port) for _ in range(args.repeats)]
+    result = {
+        "command": "benchmarks/cold_start.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
