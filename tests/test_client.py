@@ -23,6 +23,7 @@ from espro_client import (
     AsyncClient,
     BadRequest,
     Client,
+    EsproError,
     NotFound,
     Prediction,
     Retry,
@@ -232,7 +233,8 @@ def test_cli(server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 class Stub(BaseHTTPRequestHandler):
     """Answers each request with the next of ``answers`` (status, body), counting them."""
 
-    answers: ClassVar[list[tuple[int, dict[str, Any]]]] = []
+    answers: ClassVar[list[tuple[int, dict[str, Any] | str]]] = []
+    """JSON bodies, or plain-text ones as a proxy or gateway sends them."""
     requests: ClassVar[int] = 0
     delay: ClassVar[float] = 0.0
     """Seconds to wait before answering."""
@@ -241,9 +243,10 @@ class Stub(BaseHTTPRequestHandler):
         status, body = type(self).answers[type(self).requests]
         type(self).requests += 1
         time.sleep(type(self).delay)
-        payload = json.dumps(body).encode()
+        text = isinstance(body, str)
+        payload = body.encode() if text else json.dumps(body).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", "text/plain" if text else "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
@@ -294,6 +297,23 @@ def test_4xx_is_not_retried(
     with Client(url, retry=FAST) as c, pytest.raises(BadRequest, match=message) as err:
         c.models()
     assert handler.requests == 1 and err.value.status == status
+
+
+def test_a_500_that_no_model_sent_is_retried(stub: tuple[str, type[Stub]]) -> None:
+    url, handler = stub
+    died = "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task."
+    handler.answers = [(500, died), (502, "Bad Gateway"), (200, MODELS)]
+    with Client(url, retry=FAST) as c:
+        assert c.models()[0].name == "m"
+    assert handler.requests == 3
+
+
+def test_espros_own_500_is_not_retried(stub: tuple[str, type[Stub]]) -> None:
+    url, handler = stub
+    handler.answers = [(500, {"error": "internal error; the server log has details"})] * 2
+    with Client(url, retry=FAST) as c, pytest.raises(EsproError, match="internal error") as err:
+        c.models()
+    assert handler.requests == 1 and not isinstance(err.value, Unavailable)
 
 
 def test_a_slow_answer_is_a_timeout_and_not_retried(stub: tuple[str, type[Stub]]) -> None:

@@ -42,18 +42,27 @@ class HttpCall(Generic[T]):
         return self.read(response)
 
 
+NO_ANSWER = frozenset({500, 502, 504})
+"""Statuses that, without espro's JSON error body, mean no replica answered the request."""
+
+
 def http_error(response: httpx.Response) -> EsproError:
     """The exception for an error response, with the server's message."""
     try:
         body = response.json()
     except ValueError:
         body = None
+    status = response.status_code
     if isinstance(body, dict) and ("error" in body or "detail" in body):
         message = body.get("error", body.get("detail"))
         message = message if isinstance(message, str) else json.dumps(message)
+        err = error_for_status(status, message)
+    elif status in NO_ANSWER:
+        # Not espro's answer: Serve's proxy (a replica died during the request) or a gateway
+        # failed before the model answered. Predictions are idempotent, so it may be retried.
+        err = Unavailable(f"no model answered ({status}): {response.text[:500]}", status)
     else:
-        message = response.text or response.reason_phrase
-    err = error_for_status(response.status_code, message)
+        err = error_for_status(status, response.text or response.reason_phrase)
     if isinstance(err, Unavailable):
         retry_after = response.headers.get("retry-after", "")
         err.retry_after = float(retry_after) if retry_after.isdigit() else None
