@@ -215,13 +215,14 @@ class ModelServer:
             return BearerTokens()
         return BearerTokens.from_file(self.auth_token_file)
 
-    def _denied(self, request: Request) -> Response | None:
-        """The 401 for a request without a valid token, where tokens are required."""
+    def _json(self, request: Request, answer: Callable[[], Any]) -> Response:
+        """A metadata route's JSON answer, once the request's token is accepted; a refusal
+        (401, 404) as its status and message."""
         try:
             self.tokens.check(request.headers.get("authorization"))
+            return JSONResponse(answer())
         except OIPError as err:
             return _error(err)
-        return None
 
     def _grpc_denied(self, context: RayServegRPCContext) -> bool:
         """Refuse a gRPC call without a valid token (UNAUTHENTICATED); True if refused."""
@@ -254,25 +255,26 @@ class ModelServer:
     # -- native JSON ---------------------------------------------------------------------
 
     @api.get("/v1/models", summary="The models served, with their versions and bundle hashes")
-    def list_models(self, request: Request) -> Any:
-        if denied := self._denied(request):
-            return denied
-        repository = self.service.repository
-        return {
-            "models": [
-                {
-                    "name": name,
-                    "versions": [
-                        {
-                            "version": version,
-                            "bundle_sha256": repository.get(name, version).bundle.digest,
-                        }
-                        for version in repository.versions(name)
-                    ],
-                }
-                for name in repository.names()
-            ]
-        }
+    def list_models(self, request: Request) -> Response:
+        def answer() -> dict[str, Any]:
+            repository = self.service.repository
+            return {
+                "models": [
+                    {
+                        "name": name,
+                        "versions": [
+                            {
+                                "version": version,
+                                "bundle_sha256": repository.get(name, version).bundle.digest,
+                            }
+                            for version in repository.versions(name)
+                        ],
+                    }
+                    for name in repository.names()
+                ]
+            }
+
+        return self._json(request, answer)
 
     @api.post(
         "/v1/models/{name}/predict",
@@ -290,10 +292,8 @@ class ModelServer:
     # -- Open Inference Protocol v2, REST --------------------------------------------------
 
     @api.get("/v2", summary="Server metadata")
-    def server_metadata(self, request: Request) -> Any:
-        if denied := self._denied(request):
-            return denied
-        return self.service.server_metadata().model_dump()
+    def server_metadata(self, request: Request) -> Response:
+        return self._json(request, lambda: self.service.server_metadata().model_dump())
 
     @api.get("/v2/health/live", summary="Liveness")
     def live(self) -> dict[str, bool]:
@@ -307,22 +307,17 @@ class ModelServer:
     @api.get("/v2/models/{name}", summary="Model metadata (the newest version)")
     @api.get("/v2/models/{name}/versions/{version}", summary="Model metadata")
     def model_metadata(self, name: str, request: Request, version: str | None = None) -> Response:
-        try:
-            self.tokens.check(request.headers.get("authorization"))
-            metadata = model_metadata(self.service.repository, name, version)
-        except OIPError as err:
-            return _error(err)
-        return JSONResponse(metadata.model_dump())
+        repository = self.service.repository
+        return self._json(request, lambda: model_metadata(repository, name, version).model_dump())
 
     @api.get("/v2/models/{name}/ready", summary="Model readiness")
     @api.get("/v2/models/{name}/versions/{version}/ready", summary="Model version readiness")
     def model_ready(self, name: str, request: Request, version: str | None = None) -> Response:
-        try:
-            self.tokens.check(request.headers.get("authorization"))
-            self.service.repository.get(name, version)
-        except OIPError as err:
-            return _error(err)
-        return JSONResponse({"name": name, "ready": True})
+        def answer() -> dict[str, Any]:
+            self.service.repository.get(name, version)  # 404 for an unknown model or version
+            return {"name": name, "ready": True}
+
+        return self._json(request, answer)
 
     @api.post(
         "/v2/models/{name}/infer",

@@ -11,6 +11,7 @@ simplex (:func:`training.spro.task_loss`, ``log(h² + ε‖θ_0‖²)`` via
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,8 +46,6 @@ def train_connecting_vertex(
     eps: float = 1e-4,
 ) -> tuple[Params, ConnectingHistory]:
     """One more connecting vertex, started at the centroid of the complex's vertices."""
-    import time
-
     start_time = time.perf_counter()
     every = [*modes, *connecting]
     start = mix_vertices(every, [1.0 / len(every)] * len(every))
