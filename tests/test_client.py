@@ -4,7 +4,9 @@ fail on purpose (retries), plus its independence from torch and Ray."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -36,6 +38,7 @@ from espro_client.cli import main
 
 from conftest import CLASS_NAMES
 from serving.bundle import load_bundle
+from serving.oip import INTERNAL_ERROR
 from serving.predictor import Predictor
 
 TRANSPORTS = ["http", "rest", "grpc"]
@@ -316,12 +319,28 @@ def test_espros_own_500_is_not_retried(stub: tuple[str, type[Stub]]) -> None:
     assert handler.requests == 1 and not isinstance(err.value, Unavailable)
 
 
-def test_a_slow_answer_is_a_timeout_and_not_retried(stub: tuple[str, type[Stub]]) -> None:
+@pytest.mark.parametrize(("timeouts", "requests"), [(True, 3), (False, 1)])
+def test_a_slow_answer_is_a_timeout_retried_unless_told_not_to(
+    stub: tuple[str, type[Stub]], timeouts: bool, requests: int
+) -> None:
     url, handler = stub
     handler.answers, handler.delay = [(200, MODELS)] * 3, 1.0
-    with Client(url, timeout=0.2, retry=FAST) as c, pytest.raises(Timeout, match="no answer"):
+    retry = dataclasses.replace(FAST, timeouts=timeouts)
+    with Client(url, timeout=0.2, retry=retry) as c, pytest.raises(Timeout, match="no answer"):
         c.models()
-    assert handler.requests == 1
+    assert handler.requests == requests
+
+
+def test_the_servers_408_is_a_timeout_and_retried(stub: tuple[str, type[Stub]]) -> None:
+    url, handler = stub
+    handler.answers = [(408, "Request 1a2b timed out after 60.0s."), (200, MODELS)]
+    with Client(url, retry=FAST) as c:
+        assert c.models()[0].name == "m"
+    assert handler.requests == 2
+    handler.requests, handler.answers = 0, [(408, "timed out")]
+    with Client(url, retry=Retry(attempts=1)) as c, pytest.raises(Timeout) as err:
+        c.models()
+    assert err.value.status == 408
 
 
 def test_async_retries(stub: tuple[str, type[Stub]]) -> None:
@@ -343,28 +362,42 @@ def test_connection_failures_are_retried_then_unavailable() -> None:
 
 
 class FlakyInference(pb_grpc.GRPCInferenceServiceServicer):
-    """``ModelMetadata`` fails with each of ``codes`` in turn, then answers."""
+    """``ModelMetadata`` fails with each of ``codes`` in turn (with ``details``), then
+    answers."""
 
-    def __init__(self, codes: list[grpc.StatusCode]) -> None:
-        self.codes, self.calls = codes, 0
+    def __init__(self, codes: list[grpc.StatusCode], details: str) -> None:
+        self.codes, self.details, self.calls = codes, details, 0
 
     def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.calls += 1
         if self.calls <= len(self.codes):
-            context.abort(self.codes[self.calls - 1], "try again")
+            context.abort(self.codes[self.calls - 1], self.details)
         return pb.ModelMetadataResponse(name=request.name, platform="stub")
 
 
+BACKPRESSURE = "Request dropped due to backpressure (num_queued_requests=1, max_queued_requests=1)."
+"""What Serve's gRPC proxy says past a full queue, with RESOURCE_EXHAUSTED."""
+
+
 @pytest.mark.parametrize(
-    ("codes", "calls", "error"),
+    ("codes", "details", "calls", "error"),
     [
-        ([grpc.StatusCode.UNAVAILABLE] * 2, 3, None),
-        ([grpc.StatusCode.INVALID_ARGUMENT], 1, BadRequest),
-        ([grpc.StatusCode.RESOURCE_EXHAUSTED], 1, BadRequest),
+        ([grpc.StatusCode.UNAVAILABLE] * 2, "try again", 3, None),
+        ([grpc.StatusCode.DEADLINE_EXCEEDED] * 2, "Request timed out after 60.0s.", 3, None),
+        ([grpc.StatusCode.RESOURCE_EXHAUSTED] * 2, BACKPRESSURE, 3, None),
+        ([grpc.StatusCode.INTERNAL] * 2, "The actor died unexpectedly", 3, None),
+        ([grpc.StatusCode.INVALID_ARGUMENT], "bad shape", 1, BadRequest),
+        ([grpc.StatusCode.RESOURCE_EXHAUSTED], "larger than max (9 vs. 8)", 1, BadRequest),
+        ([grpc.StatusCode.INTERNAL], INTERNAL_ERROR, 1, EsproError),
     ],
 )
-def test_grpc_retries(codes: list[grpc.StatusCode], calls: int, error: type | None) -> None:
-    servicer = FlakyInference(codes)
+def test_grpc_retries(
+    codes: list[grpc.StatusCode],
+    details: str,
+    calls: int,
+    error: type | None,
+) -> None:
+    servicer = FlakyInference(codes, details)
     grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, grpc_server)
     port = grpc_server.add_insecure_port("127.0.0.1:0")
@@ -374,7 +407,7 @@ def test_grpc_retries(codes: list[grpc.StatusCode], calls: int, error: type | No
             if error is None:
                 assert c.metadata("m").platform == "stub"
             else:
-                with pytest.raises(error, match="try again") as err:
+                with pytest.raises(error, match=re.escape(details)) as err:
                     c.metadata("m")
                 assert err.value.status == codes[0].name
     finally:

@@ -6,7 +6,14 @@
 """
 
 from espro_client.client import AsyncClient, Client, Transport
-from espro_client.errors import BadRequest, EsproError, NotFound, Timeout, Unavailable
+from espro_client.errors import (
+    BadRequest,
+    EsproError,
+    NotFound,
+    Timeout,
+    Unauthorized,
+    Unavailable,
+)
 from espro_client.result import Model, ModelMetadata, ModelVersion, Prediction, TensorSpec
 from espro_client.retry import Retry
 
@@ -26,5 +33,6 @@ __all__ = [
     "TensorSpec",
     "Timeout",
     "Transport",
+    "Unauthorized",
     "Unavailable",
 ]

@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 from espro_client import _oip
 from espro_client._proto import grpc_predict_v2_pb2 as pb
 from espro_client._proto.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
-from espro_client.errors import EsproError, error_for_status
+from espro_client.errors import EsproError, Unavailable, error_for_status
 from espro_client.result import ModelMetadata, Prediction, TensorSpec
 
 T = TypeVar("T")
@@ -106,24 +106,40 @@ def _read_infer(response: pb.ModelInferResponse) -> Prediction:
     )
 
 
+NO_ANSWER = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+"""Codes that, unless espro sent them (details starting ``internal error``), mean no replica
+answered the RPC: Serve's proxy failed it because the replica died."""
+
+
 def _rpc_error(err: grpc.RpcError) -> EsproError:
     """The exception for a failed RPC, with the server's details."""
     code: grpc.StatusCode = err.code()  # type: ignore[attr-defined]
     details: str = err.details() or code.name  # type: ignore[attr-defined]
+    if code in NO_ANSWER and not details.startswith("internal error"):
+        # Serve's gRPC proxy passes no trailers, so the details are all that tell it from
+        # espro's own failure. Predictions are idempotent: a retry is safe.
+        return Unavailable(f"no model answered ({code.name}): {details}", code.name)
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and "backpressure" in details:
+        # Serve's proxy past a full queue uses the code that otherwise means "message too
+        # large"; only its details tell them apart.
+        return Unavailable(details, code.name)
     return error_for_status(code.name, details)
 
 
 class GrpcTransport:
     """Sends calls over one ``grpc.Channel``."""
 
-    def __init__(self, url: str, timeout: float | None) -> None:
+    def __init__(self, url: str, timeout: float | None, headers: dict[str, str]) -> None:
         self._channel = grpc.insecure_channel(target(url), options=_UNLIMITED)
         self._stub = GRPCInferenceServiceStub(self._channel)
         self._timeout = timeout
+        self._metadata = tuple(headers.items())
 
     def send(self, call: GrpcCall[T]) -> T:
         try:
-            response = getattr(self._stub, call.rpc)(call.request, timeout=self._timeout)
+            response = getattr(self._stub, call.rpc)(
+                call.request, timeout=self._timeout, metadata=self._metadata
+            )
         except grpc.RpcError as err:
             raise _rpc_error(err) from None
         return call.read(response)
@@ -135,9 +151,10 @@ class GrpcTransport:
 class AsyncGrpcTransport:
     """Sends calls over one ``grpc.aio.Channel``, opened on the first call (in its loop)."""
 
-    def __init__(self, url: str, timeout: float | None) -> None:
+    def __init__(self, url: str, timeout: float | None, headers: dict[str, str]) -> None:
         self._target = target(url)
         self._timeout = timeout
+        self._metadata = tuple(headers.items())
         self._channel: grpc.aio.Channel | None = None
         self._stub: GRPCInferenceServiceStub | None = None
 
@@ -146,7 +163,9 @@ class AsyncGrpcTransport:
             self._channel = grpc.aio.insecure_channel(self._target, options=_UNLIMITED)
             self._stub = GRPCInferenceServiceStub(self._channel)
         try:
-            response = await getattr(self._stub, call.rpc)(call.request, timeout=self._timeout)
+            response = await getattr(self._stub, call.rpc)(
+                call.request, timeout=self._timeout, metadata=self._metadata
+            )
         except grpc.RpcError as err:
             raise _rpc_error(err) from None
         return call.read(response)

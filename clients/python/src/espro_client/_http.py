@@ -233,8 +233,8 @@ def _connection_errors() -> Iterator[None]:
 class HttpTransport:
     """Sends calls over one pooled ``httpx.Client``."""
 
-    def __init__(self, url: str, timeout: float | None) -> None:
-        self._client = httpx.Client(base_url=url, timeout=timeout)
+    def __init__(self, url: str, timeout: float | None, headers: dict[str, str]) -> None:
+        self._client = httpx.Client(base_url=url, timeout=timeout, headers=headers)
 
     def send(self, call: HttpCall[T]) -> T:
         with _connection_errors():
@@ -250,8 +250,8 @@ class HttpTransport:
 class AsyncHttpTransport:
     """Sends calls over one pooled ``httpx.AsyncClient``."""
 
-    def __init__(self, url: str, timeout: float | None) -> None:
-        self._client = httpx.AsyncClient(base_url=url, timeout=timeout)
+    def __init__(self, url: str, timeout: float | None, headers: dict[str, str]) -> None:
+        self._client = httpx.AsyncClient(base_url=url, timeout=timeout, headers=headers)
 
     async def send(self, call: HttpCall[T]) -> T:
         with _connection_errors():

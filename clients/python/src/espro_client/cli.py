@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
             help="default: grpc for grpc:// URLs, else http (native JSON)",
         )
         sub.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+        sub.add_argument(
+            "--token-file", type=Path, help="send the bearer token in this file (first line)"
+        )
         return sub
 
     predict = command("predict", "predict the instances of a .npy file [B, *input_shape]")
@@ -100,7 +104,8 @@ def _prediction_table(p: Prediction) -> str:
 
 def _run(args: argparse.Namespace) -> tuple[str, int]:
     """What to print, and the exit status."""
-    with Client(args.url, transport=_transport(args), timeout=args.timeout) as client:
+    token = None if args.token_file is None else args.token_file.read_text().split("\n")[0].strip()
+    with Client(args.url, transport=_transport(args), timeout=args.timeout, token=token) as client:
         if args.command == "health":
             live, ready = client.health(), client.ready()
             return json.dumps({"live": live, "ready": ready}), 0 if live and ready else 1

@@ -32,6 +32,7 @@ class _ClientBase:
         retry: Retry | None = None,
         chunk_size: int = 1024,
         binary: bool = True,
+        token: str | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
@@ -51,10 +52,11 @@ class _ClientBase:
             self._door = GrpcDoor()
         else:
             raise ValueError(f"transport must be 'http', 'rest' or 'grpc', got {transport!r}")
-        self._transport = self._open(url, timeout)
+        headers = {} if token is None else {"authorization": f"Bearer {token}"}
+        self._transport = self._open(url, timeout, headers)
 
-    def _open(self, url: str, timeout: float | None) -> Any:
-        """The transport that sends this client's calls."""
+    def _open(self, url: str, timeout: float | None, headers: dict[str, str]) -> Any:
+        """The transport that sends this client's calls with ``headers`` (gRPC: metadata)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -95,15 +97,16 @@ class Client(_ClientBase):
     ``host:port``) for ``grpc``. ``timeout`` bounds each request in seconds (``None``: no
     bound); ``retry`` says how to retry 503 / ``UNAVAILABLE`` and connection failures;
     ``predict`` sends at most ``chunk_size`` instances per request; ``binary=False`` sends
-    OIP REST tensors as JSON instead of binary.
+    OIP REST tensors as JSON instead of binary; ``token`` is sent as ``Authorization: Bearer``
+    to a server that requires one.
     """
 
-    def _open(self, url: str, timeout: float | None) -> Any:
+    def _open(self, url: str, timeout: float | None, headers: dict[str, str]) -> Any:
         if self.transport == "grpc":
             from espro_client._grpc import GrpcTransport
 
-            return GrpcTransport(url, timeout)
-        return HttpTransport(url, timeout)
+            return GrpcTransport(url, timeout, headers)
+        return HttpTransport(url, timeout, headers)
 
     def _send(self, call: Any) -> Any:
         return self.retry.call(lambda: self._transport.send(call))
@@ -176,12 +179,12 @@ class AsyncClient(_ClientBase):
     ``asyncio.gather`` to send them concurrently.
     """
 
-    def _open(self, url: str, timeout: float | None) -> Any:
+    def _open(self, url: str, timeout: float | None, headers: dict[str, str]) -> Any:
         if self.transport == "grpc":
             from espro_client._grpc import AsyncGrpcTransport
 
-            return AsyncGrpcTransport(url, timeout)
-        return AsyncHttpTransport(url, timeout)
+            return AsyncGrpcTransport(url, timeout, headers)
+        return AsyncHttpTransport(url, timeout, headers)
 
     async def _send(self, call: Any) -> Any:
         return await self.retry.acall(lambda: self._transport.send(call))

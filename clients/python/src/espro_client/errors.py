@@ -20,6 +20,10 @@ class BadRequest(EsproError):
     """The request is wrong (bad input, parameter or size): retrying will not help."""
 
 
+class Unauthorized(EsproError):
+    """The server requires a bearer token (``Client(token=...)``) and got none or a wrong one."""
+
+
 class NotFound(EsproError):
     """No such model or version."""
 
@@ -38,12 +42,15 @@ class Unavailable(EsproError):
 
 
 class Timeout(EsproError):
-    """No answer within the client's timeout."""
+    """No answer in time: the client's timeout passed, or the server's (HTTP 408, gRPC
+    ``DEADLINE_EXCEEDED``). The client retries these unless ``Retry(timeouts=False)``."""
 
 
 _BY_HTTP_STATUS: dict[int, type[EsproError]] = {
     400: BadRequest,
+    401: Unauthorized,
     404: NotFound,
+    408: Timeout,
     413: BadRequest,
     422: BadRequest,
     503: Unavailable,
@@ -52,6 +59,7 @@ _BY_GRPC_CODE: dict[str, type[EsproError]] = {
     "INVALID_ARGUMENT": BadRequest,
     "RESOURCE_EXHAUSTED": BadRequest,
     "NOT_FOUND": NotFound,
+    "UNAUTHENTICATED": Unauthorized,
     "UNAVAILABLE": Unavailable,
     "DEADLINE_EXCEEDED": Timeout,
 }
