@@ -33,6 +33,8 @@ from serving.manifest import (
 )
 
 MAX_MANIFEST_BYTES = 64 * 2**20
+MAX_FILE_BYTES = 16 * 2**30
+"""The default size limit of any other file of a bundle (its weights)."""
 
 
 class BundleError(ValueError):
@@ -172,16 +174,22 @@ def read_manifest(path: str | Path) -> tuple[Manifest, str]:
     return manifest, hashlib.sha256(raw).hexdigest()
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Load a bundle after verifying its schema, file hashes and tensor names."""
+def load_bundle(path: str | Path, *, max_file_bytes: int = MAX_FILE_BYTES) -> Bundle:
+    """Load a bundle after verifying its schema, file sizes, file hashes and tensor names.
+
+    A file the manifest lists that is larger than ``max_file_bytes`` is refused before it is
+    read (files are read whole, to hash the very bytes that are parsed)."""
     root = Path(path)
     manifest, digest = read_manifest(root)
     if TENSORS_FILE not in manifest.files:
         raise BundleError(f"manifest lists no hash for {TENSORS_FILE}")
     contents = {}
     for name, expected in manifest.files.items():
+        file = _inside(root, name)
+        if (size := file.stat().st_size) > max_file_bytes:
+            raise BundleError(f"{name} has {size} bytes; the limit is {max_file_bytes}")
         # Hash the very bytes that are parsed, so the file cannot change in between.
-        contents[name] = _inside(root, name).read_bytes()
+        contents[name] = file.read_bytes()
         actual = hashlib.sha256(contents[name]).hexdigest()
         if actual != expected:
             raise BundleError(

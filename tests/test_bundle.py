@@ -318,6 +318,23 @@ def test_oversized_manifest_is_refused(
         load_bundle(tiny_bundle_dir)
 
 
+def test_oversized_tensor_file_is_refused_before_it_is_read(
+    tiny_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    size = (tiny_bundle_dir / TENSORS_FILE).stat().st_size
+    assert load_bundle(tiny_bundle_dir, max_file_bytes=size).tensors
+    read = Path.read_bytes
+    monkeypatch.setattr(
+        Path,
+        "read_bytes",
+        lambda self: pytest.fail("read") if self.name == TENSORS_FILE else read(self),
+    )
+    with pytest.raises(
+        BundleError, match=f"{TENSORS_FILE} has {size} bytes; the limit is {size - 1}"
+    ):
+        load_bundle(tiny_bundle_dir, max_file_bytes=size - 1)
+
+
 def test_loading_never_unpickles(tiny_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("a bundle must never be unpickled")
