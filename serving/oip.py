@@ -46,6 +46,11 @@ ParameterValue = StrictBool | StrictInt | StrictFloat | StrictStr
 Parameters = dict[str, ParameterValue]
 
 
+INTERNAL_ERROR = "internal error; the server log has the details"
+"""What espro answers (500, gRPC INTERNAL) when it fails unexpectedly. Clients tell it from
+Serve's proxy failing a request whose replica died, which they retry."""
+
+
 class OIPError(Exception):
     """A request the protocol layer refuses, with the HTTP ``status`` to answer it with."""
 

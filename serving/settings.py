@@ -96,3 +96,6 @@ class LaunchConfig(_Config):
     """CPUs of a Ray started here (default: every core)."""
     num_gpus: int | None = Field(default=None, ge=0)
     """GPUs of a Ray started here (default: every visible GPU)."""
+    request_timeout_s: float | None = Field(default=60.0, gt=0)
+    """The doors answer 408 (gRPC ``DEADLINE_EXCEEDED``) to a request with no answer after this
+    long, so none waits forever (``None``: no bound); clients may retry those."""

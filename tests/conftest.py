@@ -237,7 +237,8 @@ def server(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
     """The espro app on the session's Ray, for the whole session.
 
     It serves ``tiny`` versions 1 and 2, ``tiny-bn`` (BatchNorm) and ``slow`` (50 ms per
-    member), with 2 fresh draws allowed and a 1 MiB body limit.
+    member), with 2 fresh draws allowed and a 1 MiB body limit; the doors answer a request
+    still waiting after 20 s with 408 / ``DEADLINE_EXCEEDED``.
     """
     from serving.app import launch
     from serving.settings import AppConfig, LaunchConfig
@@ -256,7 +257,7 @@ def server(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
         max_body_bytes=1 << 20,
         torch_threads=1,
     )
-    ports = LaunchConfig(http_port=18000, grpc_port=19000)
+    ports = LaunchConfig(http_port=18000, grpc_port=19000, request_timeout_s=20)
     launch.start(config, ports)
     try:
         yield Server(

@@ -276,19 +276,46 @@ def test_concurrent_requests_are_batched_and_metrics_parse(server):
 
 
 def test_a_full_queue_answers_503_with_retry_after(server):
+    """Past a full queue HTTP gets 503 with Retry-After; gRPC gets Serve's RESOURCE_EXHAUSTED
+    "backpressure", which espro_client retries like UNAVAILABLE."""
+    from espro_client import Client, Retry, Unavailable
+
+    def grpc_outcome(_) -> str:
+        with Client(server.grpc, transport="grpc", retry=Retry(attempts=1)) as client:
+            try:
+                client.predict("slow", X[:1])
+            except Unavailable as err:
+                return f"{err.status}: {err.message}"
+        return "OK"
+
     server.redeploy(max_batch_size=1, max_ongoing_requests=1, max_queued_requests=1)
     try:
         with ThreadPoolExecutor(8) as pool:
             answers = list(
                 pool.map(lambda _: native(server, "slow", {"inputs": [[1, 2, 3, 4]]}), range(8))
             )
+            outcomes = set(pool.map(grpc_outcome, range(8)))
     finally:
         server.redeploy()
     codes = sorted(a.status_code for a in answers)
     assert set(codes) == {200, 503}, codes
     refused = next(a for a in answers if a.status_code == 503)
     assert refused.headers["Retry-After"] == "1"
+    assert "OK" in outcomes and len(outcomes) > 1, outcomes
+    assert all(o == "OK" or o.startswith("RESOURCE_EXHAUSTED: Request dropped") for o in outcomes)
     assert native(server, "tiny", {"inputs": X.tolist()}).status_code == 200
+
+
+def test_no_request_waits_past_the_doors_timeout(server):
+    """The doors bound every request (``LaunchConfig.request_timeout_s``; a header lowers it
+    per request): past it HTTP answers 408, which espro_client retries as a Timeout."""
+    from ray.serve.context import _get_global_client
+
+    http_options = _get_global_client().get_serve_details()["http_options"]
+    assert http_options["request_timeout_s"] == 20
+    hurried = {"x-request-timeout-seconds": "0.001"}
+    answer = native(server, "slow", {"inputs": X.tolist()}, headers=hurried)
+    assert answer.status_code == 408 and "timed out" in answer.text
 
 
 def test_a_new_version_replaces_the_old_under_load(server, tmp_path):
@@ -371,6 +398,9 @@ def test_espro_serve_refuses_a_missing_bundle_before_starting_ray(tmp_path):
 
 
 def test_bearer_tokens_guard_http_and_grpc_but_not_health(server, tmp_path):
+    from espro_client import Client, Unauthorized
+    from espro_client.cli import main as client_cli
+
     token = "tok-" + "7" * 24
     token_file = tmp_path / "tokens"
     token_file.write_text(f"{token}\n")
@@ -395,6 +425,15 @@ def test_bearer_tokens_guard_http_and_grpc_but_not_health(server, tmp_path):
         inputs = [tgrpc.InferInput(INPUT, list(X.shape), "FP32").set_data_from_numpy(X)]
         result = client.infer("tiny", inputs, headers={"authorization": f"Bearer {token}"})
         assert result.as_numpy("probabilities").shape == (5, 3)
+
+        for url, transport in ((server.http, "http"), (server.http, "rest"), (server.grpc, "grpc")):
+            with Client(url, transport=transport, token=token) as espro:
+                assert espro.predict("tiny", X).probabilities.shape == (5, 3)
+            wrong = Client(url, transport=transport, token="nope")
+            with wrong, pytest.raises(Unauthorized, match="not valid"):
+                wrong.predict("tiny", X)
+        assert client_cli(["models", server.http, "--token-file", str(token_file)]) == 0
+        assert client_cli(["models", server.http]) == 1
     finally:
         server.redeploy()
     assert native(server, "tiny", body).status_code == 200
@@ -441,24 +480,26 @@ def serve_replicas() -> list[dict]:
 
 def test_killing_a_replica_under_load_answers_every_request(server):
     """Serve replaces a killed replica. Plain HTTP callers get an answer to every request: the
-    few in flight on the dead replica get 500 from Serve's proxy. espro_client callers retry
-    those (no model answered them) and every prediction succeeds."""
+    few in flight on the dead replica get 500 from Serve's proxy (or, if one is lost in Serve,
+    408 at the doors' timeout). espro_client callers on every transport retry those and their
+    own timeouts, and every prediction succeeds."""
     import ray
     from espro_client import Client, Retry
 
     server.redeploy(replicas=2, num_cpus=0.5)
     codes: list[int] = []
-    predicted: list[str] = []
+    predicted: list[tuple[str, str]] = []
     stop = threading.Event()
 
     def plain() -> None:
         while not stop.is_set():
             codes.append(native(server, "tiny", {"inputs": X.tolist()}).status_code)
 
-    def with_client() -> None:
-        with Client(server.http, retry=Retry(attempts=6, backoff=0.1)) as client:
+    def with_client(url: str, transport: str) -> None:
+        retry = Retry(attempts=6, backoff=0.1)
+        with Client(url, transport=transport, timeout=5, retry=retry) as client:
             while not stop.is_set():
-                predicted.append(client.predict("tiny", X).model_version)
+                predicted.append((transport, client.predict("tiny", X).model_version))
 
     try:
         deadline = time.monotonic() + 60
@@ -466,8 +507,15 @@ def test_killing_a_replica_under_load_answers_every_request(server):
             assert time.monotonic() < deadline, replicas
             time.sleep(0.5)
         victim = replicas[0]
-        with ThreadPoolExecutor(4) as pool:
-            running = [pool.submit(job) for job in (plain, plain, with_client, with_client)]
+        with ThreadPoolExecutor(5) as pool:
+            running = [pool.submit(plain) for _ in range(2)] + [
+                pool.submit(with_client, url, transport)
+                for url, transport in (
+                    (server.http, "http"),
+                    (server.http, "rest"),
+                    (server.grpc, "grpc"),
+                )
+            ]
             time.sleep(0.5)
             ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
             deadline = time.monotonic() + 60
@@ -479,9 +527,9 @@ def test_killing_a_replica_under_load_answers_every_request(server):
                 future.result()  # a client thread that ran out of retries raises here
     finally:
         server.redeploy()
-    assert set(codes) <= {200, 500} and codes.count(500) <= 2, codes
+    assert set(codes) <= {200, 408, 500} and len(codes) - codes.count(200) <= 2, codes
     assert codes[-4:] == [200] * 4
-    assert predicted and set(predicted) == {"2"}
+    assert set(predicted) == {("http", "2"), ("rest", "2"), ("grpc", "2")}
 
 
 def test_the_fused_engine_serves_the_same_answers(server):

@@ -228,7 +228,14 @@ SERVE_APP_FLAGS = {
     "auth_token_file": "auth_token_file",
     "engine": "engine",
 }
-SERVE_LAUNCH_FLAGS = ("address", "host", "http_port", "grpc_port", "metrics_port")
+SERVE_LAUNCH_FLAGS = (
+    "address",
+    "host",
+    "http_port",
+    "grpc_port",
+    "metrics_port",
+    "request_timeout_s",
+)
 
 
 def serve_configs(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -377,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, help="gRPC port (default 9000)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port of a local Ray (8080)")
     p.add_argument("--address", help="join this Ray cluster instead of starting one")
+    p.add_argument(
+        "--request-timeout-s", type=float, help="answer 408 after this long (default 60)"
+    )
     p.add_argument("--ray-cpus", type=int, help="CPUs of a local Ray (default: all)")
     p.add_argument("--replicas", type=int, help="replicas of the model deployment (default 1)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="replica device (cpu)")

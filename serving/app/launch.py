@@ -42,8 +42,16 @@ def start(app: AppConfig, launch: LaunchConfig) -> None:
         log_to_driver=False,
     )
     serve.start(
-        http_options={"host": launch.host, "port": launch.http_port},
-        grpc_options={"port": launch.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+        http_options={
+            "host": launch.host,
+            "port": launch.http_port,
+            "request_timeout_s": launch.request_timeout_s,
+        },
+        grpc_options={
+            "port": launch.grpc_port,
+            "grpc_servicer_functions": [GRPC_SERVICER],
+            "request_timeout_s": launch.request_timeout_s,
+        },
     )
     _run(app)
 

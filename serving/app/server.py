@@ -23,7 +23,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 from serving import __version__
 from serving.auth import BearerTokens
 from serving.bundle import load_bundle
-from serving.oip import InferenceRequest, InferenceResponse, OIPError
+from serving.oip import INTERNAL_ERROR, InferenceRequest, InferenceResponse, OIPError
 from serving.predictor import Predictor
 from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.service import InferenceService, Job, ModelRepository, model_metadata
@@ -199,7 +199,7 @@ class ModelServer:
             response = _error(err)
         except Exception:
             logger.exception("%s request for model %r failed", door, model)
-            response = _error(OIPError(500, "internal error; the server log has the details"))
+            response = _error(OIPError(500, INTERNAL_ERROR))
         self.metrics.request(
             door, self._model_tag(model), response.status_code, time.perf_counter() - start
         )
@@ -401,7 +401,7 @@ class ModelServer:
         except Exception:
             logger.exception("grpc request for model %r failed", request.model_name)
             status = 500
-            _grpc_error(grpc_context, OIPError(500, "internal error; the server log has details"))
+            _grpc_error(grpc_context, OIPError(500, INTERNAL_ERROR))
         model = self._model_tag(request.model_name)
         self.metrics.request("grpc", model, status, time.perf_counter() - start)
         return response
