@@ -1,0 +1,898 @@
+"""Serving benchmark: closed-loop load over every door, against the in-process engine, the espro
+server and a KServe peer, in one run.
+
+The bundle is the reference CNN (``cnn`` on 3×32×32 inputs, channels (32, 64), hidden 128,
+10 classes; 3 simplexes × 5 draws = 15 members, random weights). For every concurrency and
+request size (images per request), three targets get the same load:
+
+- ``engine``: :class:`serving.predictor.Predictor` called in this process, back to back, on
+  the batch the server would form: ``min(concurrency, max_batch_size)`` requests of that size
+  (``max_batch_size`` counts requests, as the server's batcher does), with the replicas' torch
+  threads. Its images/s is the capacity the server's doors and batching can at best deliver.
+- ``espro``: the server (``serving.app.launch.start``) with each ``--engines`` back end, over
+  native JSON, OIP REST JSON, OIP REST with the binary tensor extension, and OIP gRPC.
+- ``kserve``: ``benchmarks/kserve_peer.py`` (KServe's ``ModelServer``, one forward pass per
+  member per request) in its own virtual environment, over the OIP doors.
+
+The load generator runs in its own process pinned to one core: N workers, each sending its next
+request when the previous answer arrives, for ``--warmup`` seconds and then ``--duration``
+seconds in which answers are counted (requests still in flight at the end are awaited and
+counted as sent, not as throughput). A cell reports requests/s, images/s, p50/p99 latency, the
+errors by code (all phases), and the load generator's CPU use (100 % = its core saturated).
+A cell with more than ``--max-inflight-images`` images in flight is recorded as skipped: on a
+small CPU one round of it takes longer than a cell. Run it where Ray may open ports, i.e. in a
+loopback-only network namespace::
+
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 \\
+    unshare --net sh -c 'ip link set lo up; exec .venv/bin/python benchmarks/serving_load.py'
+
+``--quick`` runs tiny cells (about 2 minutes); the default grid (6 s windows, both engines,
+the KServe peer) about 13-14 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import select
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+import torch
+from engine import machine
+from soak import memory
+from tqdm import tqdm
+
+from serving.architectures import create_model
+from serving.bundle import write_bundle
+from serving.manifest import (
+    AbstentionSpec,
+    ArchitectureSpec,
+    ConformalSpec,
+    DrawSpec,
+    InputSpec,
+    Manifest,
+    SimplexSpec,
+    Task,
+    vertex_key,
+)
+from serving.predictor import Predictor
+from serving.proto import grpc_predict_v2_pb2 as pb
+from serving.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from serving.settings import AppConfig
+from serving.simplex import sample_dirichlet
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DOORS = ("native", "rest-json", "rest-binary", "grpc")
+TARGET_NAMES = ("engine", "espro", "kserve")
+KSERVE_UNSUPPORTED = {
+    "native": "KServe has no espro native API (its v1 protocol, `:predict` with `instances`, "
+    "is another contract)"
+}
+MAX_BATCH_SIZE = AppConfig.model_fields["max_batch_size"].default
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+OK_CODES = {"200", "OK"}
+KSERVE_ENGINE = "member-loop"
+
+INPUT_SHAPE = (3, 32, 32)
+CNN = {"channels": [32, 64], "hidden": 128}
+SIMPLEXES, VERTICES, DRAWS = 3, 3, 5
+
+Cell = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- the bundle
+
+
+def reference_bundle(path: Path, seed: int = 0) -> Path:
+    """The reference CNN with 3 simplexes × 5 draws = 15 members, written to ``path``.
+
+    Vertices are independently initialised networks (the architecture's own initialisation),
+    so activations have realistic scales; calibration fields are set, so every answer goes
+    through prediction sets and abstention as a trained bundle's would.
+    """
+    torch.manual_seed(seed)
+    build = lambda: create_model("cnn", input_shape=INPUT_SHAPE, num_outputs=10, **CNN)  # noqa: E731
+    names = [name for name, _ in build().named_parameters()]
+    tensors, simplexes = {}, []
+    for m in range(SIMPLEXES):
+        for j in range(VERTICES):
+            for name, tensor in build().named_parameters():
+                tensors[vertex_key(m, j, name)] = tensor.detach()
+        alphas = sample_dirichlet(VERTICES, DRAWS, torch.Generator().manual_seed(seed + m))
+        draws = tuple(DrawSpec(alpha=a.tolist()) for a in alphas)
+        simplexes.append(SimplexSpec(num_vertices=VERTICES, draw_seed=seed + m, draws=draws))
+    manifest = Manifest(
+        name="cnn-reference",
+        version="1",
+        task=Task.CLASSIFICATION,
+        architecture=ArchitectureSpec(name="cnn", kwargs=CNN),
+        input=InputSpec(shape=INPUT_SHAPE, mean=(0.5,) * 3, std=(0.25,) * 3),
+        num_outputs=10,
+        class_names=tuple(str(k) for k in range(10)),
+        parameter_names=tuple(names),
+        simplexes=tuple(simplexes),
+        temperature=1.2,
+        conformal=ConformalSpec(method="aps", coverage=0.9, threshold=0.8, num_calibration=500),
+        abstention=AbstentionSpec(target_error=0.1, threshold=0.5, calibration_coverage=0.8),
+    )
+    return write_bundle(path, manifest, tensors)
+
+
+# --------------------------------------------------------------------------- the load
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a target's doors listen and the model they serve."""
+
+    http: str
+    grpc: str
+    model: str
+    input_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long a cell lasts: warm-up, then the measured window; a request's time limit."""
+
+    warmup_s: float
+    duration_s: float
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class Load:
+    """One cell's traffic: a door of an endpoint, N closed-loop workers, requests of a size."""
+
+    http: str
+    grpc: str
+    model: str
+    input_shape: tuple[int, ...]
+    door: str
+    concurrency: int
+    images: int
+    warmup_s: float
+    duration_s: float
+    timeout_s: float
+
+
+Answer = tuple[str, bytes]
+"""A status (``"200"``, ``"OK"``, ``"503"``, ``"UNAVAILABLE"``) and the body or details."""
+
+
+def instances(load: Load) -> np.ndarray:
+    """The raw instances every request of ``load`` carries."""
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((load.images, *load.input_shape), dtype=np.float32)
+
+
+def http_request(load: Load, x: np.ndarray) -> tuple[str, bytes, dict[str, str]]:
+    """URL, body and headers of a native or OIP REST request carrying ``x``."""
+    if load.door == "native":
+        body = json.dumps({"inputs": x.tolist()}).encode()
+        url = f"{load.http}/v1/models/{load.model}/predict"
+        return url, body, {"content-type": "application/json"}
+    url = f"{load.http}/v2/models/{load.model}/infer"
+    tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32"}
+    if load.door == "rest-json":
+        body = json.dumps({"inputs": [tensor | {"data": x.ravel().tolist()}]}).encode()
+        return url, body, {"content-type": "application/json"}
+    raw = x.tobytes()
+    header = json.dumps(
+        {
+            "inputs": [tensor | {"parameters": {"binary_data_size": len(raw)}}],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    headers = {
+        "content-type": "application/octet-stream",
+        "inference-header-content-length": str(len(header)),
+    }
+    return url, header + raw, headers
+
+
+def grpc_request(load: Load, x: np.ndarray) -> bytes:
+    """A serialised ``ModelInferRequest`` carrying ``x`` as raw contents."""
+    request = pb.ModelInferRequest(model_name=load.model)
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    return request.SerializeToString()
+
+
+@contextlib.asynccontextmanager
+async def sender(load: Load) -> AsyncIterator[Callable[[], Awaitable[Answer]]]:
+    """A function sending ``load``'s request once, over a connection pool shared by the
+    workers (one HTTP/1.1 connection each, or one gRPC channel)."""
+    x = instances(load)
+    if load.door == "grpc":
+        async with grpc.aio.insecure_channel(load.grpc) as channel:
+            call = channel.unary_unary(MODEL_INFER)  # bytes in, bytes out: no decoding here
+            body = grpc_request(load, x)
+
+            async def send_grpc() -> Answer:
+                try:
+                    return "OK", await call(body, timeout=load.timeout_s)
+                except grpc.aio.AioRpcError as err:
+                    return err.code().name, (err.details() or "").encode()
+
+            yield send_grpc
+        return
+    url, body, headers = http_request(load, x)
+    limits = httpx.Limits(
+        max_connections=load.concurrency, max_keepalive_connections=load.concurrency
+    )
+    async with httpx.AsyncClient(timeout=load.timeout_s, limits=limits) as client:
+
+        async def send_http() -> Answer:
+            response = await client.post(url, content=body, headers=headers)
+            return str(response.status_code), response.content
+
+        yield send_http
+
+
+async def probe(load: Load) -> dict[str, Any]:
+    """Send ``load``'s request once: whether it was answered, and how."""
+    async with sender(load) as send:
+        try:
+            code, body = await send()
+        except Exception as err:  # no answer at all
+            code, body = type(err).__name__, str(err).encode()
+    return {"ok": code in OK_CODES, "code": code, "detail": body[:300].decode(errors="replace")}
+
+
+async def closed_loop(load: Load) -> dict[str, Any]:
+    """Run ``load``: its workers send back to back through warm-up and the window, then await
+    their last answers; the cell's statistics."""
+    async with sender(load) as send:
+        records: list[tuple[float, float, str]] = []
+        started, cpu = time.perf_counter(), time.process_time()
+        end = started + load.warmup_s + load.duration_s
+
+        async def worker() -> None:
+            while (begin := time.perf_counter()) < end:
+                try:
+                    code, _ = await send()
+                except Exception as err:  # no answer: a timeout, a refused connection
+                    code = type(err).__name__
+                records.append((begin, time.perf_counter(), code))
+
+        await asyncio.gather(*(worker() for _ in range(load.concurrency)))
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return summarise(load, records, (end - load.duration_s, end)) | {
+        "loadgen_cpu_s": round(cpu, 3),
+        "loadgen_cpu_percent": round(100 * cpu / wall, 1),
+    }
+
+
+def percentiles_ms(seconds: Sequence[float]) -> tuple[float, float]:
+    """The p50 and p99 of ``seconds``, in milliseconds."""
+    p50, p99 = np.percentile(seconds, [50, 99]) * 1e3
+    return float(p50), float(p99)
+
+
+def summarise(
+    load: Load, records: list[tuple[float, float, str]], window: tuple[float, float]
+) -> dict[str, Any]:
+    """Throughput and latency of the answers that arrived in ``window``; counts of all."""
+    latencies = [
+        finish - begin
+        for begin, finish, code in records
+        if code in OK_CODES and window[0] <= finish <= window[1]
+    ]
+    errors = Counter(code for _, _, code in records if code not in OK_CODES)
+    seconds = window[1] - window[0]
+    p50, p99 = percentiles_ms(latencies) if latencies else (None, None)
+    return {
+        "seconds": round(seconds, 3),
+        "requests": len(latencies),
+        "images": len(latencies) * load.images,
+        "requests_per_s": len(latencies) / seconds,
+        "images_per_s": len(latencies) * load.images / seconds,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "sent": len(records),
+        "ok": len(records) - errors.total(),
+        "errors": dict(errors),
+    }
+
+
+def loadgen_worker() -> None:
+    """The load generator's process: it answers each JSON line on stdin
+    (``{"probe": bool, "load": {...}}``) with one JSON line on stdout."""
+    for line in sys.stdin:
+        message = json.loads(line)
+        load = Load(**message["load"])
+        result = asyncio.run(probe(load) if message["probe"] else closed_loop(load))
+        print(json.dumps(result), flush=True)
+
+
+class LoadGenerator:
+    """The load generator's process (this file with ``--loadgen-worker``) pinned to one core;
+    it runs one load at a time."""
+
+    def __init__(self, core: int) -> None:
+        self.core = core
+        command = [sys.executable, str(Path(__file__).resolve()), "--loadgen-worker"]
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        try:  # pinned at once, before it starts a thread: its threads inherit the core
+            os.sched_setaffinity(self.process.pid, {core})
+        except BaseException:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def __enter__(self) -> LoadGenerator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the process: end of input, then a kill if it does not exit."""
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def _ask(self, load: Load, probe: bool) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps({"probe": probe, "load": asdict(load)}) + "\n")
+        self.process.stdin.flush()
+        limit = 60 + load.warmup_s + load.duration_s + load.timeout_s  # 60 s: its start-up
+        if not select.select([self.process.stdout], [], [], limit)[0]:
+            raise TimeoutError(f"the load generator gave no answer in {limit:.0f} s")
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the load generator exited with {self.process.wait()}")
+        return json.loads(line)
+
+    def probe(self, load: Load) -> dict[str, Any]:
+        """Send one request of ``load``."""
+        return self._ask(load, probe=True)
+
+    def run(self, load: Load) -> dict[str, Any]:
+        """Run one closed-loop cell."""
+        return self._ask(load, probe=False)
+
+
+# --------------------------------------------------------------------------- the cells
+
+
+@dataclass(frozen=True)
+class GridCell:
+    """A concurrency and request size, or why it is not run."""
+
+    concurrency: int
+    images: int
+    skipped: str | None = None
+
+
+def grid(
+    concurrencies: Sequence[int], sizes: Sequence[int], max_inflight_images: int
+) -> list[GridCell]:
+    """Every (concurrency, images per request); too many images in flight are skipped."""
+    cells = []
+    for images in sizes:
+        for concurrency in concurrencies:
+            inflight = concurrency * images
+            reason = (
+                f"{inflight} images in flight exceed --max-inflight-images "
+                f"{max_inflight_images}: one round would outlast the cell on this CPU"
+                if inflight > max_inflight_images
+                else None
+            )
+            cells.append(GridCell(concurrency, images, reason))
+    return cells
+
+
+def label(target: str, engine: str, door: str, cell: GridCell) -> Cell:
+    """The fields that name a cell."""
+    return {
+        "target": target,
+        "engine": engine,
+        "door": door,
+        "concurrency": cell.concurrency,
+        "images_per_request": cell.images,
+    }
+
+
+def engine_capacity(predictor: Predictor, rows: int, timing: Timing) -> dict[str, Any]:
+    """Images/s of ``predictor.predict`` on batches of ``rows`` run back to back (warm-up
+    first; at least 3 timed calls), and the p50/p99 of one call."""
+    shape = predictor.manifest.input.shape
+    x = torch.randn(rows, *shape, generator=torch.Generator().manual_seed(0))
+    warm_until = time.perf_counter() + timing.warmup_s
+    predictor.predict(x)
+    while time.perf_counter() < warm_until:
+        predictor.predict(x)
+    times: list[float] = []
+    end = time.perf_counter() + timing.duration_s
+    while time.perf_counter() < end or len(times) < 3:
+        start = time.perf_counter()
+        predictor.predict(x)
+        times.append(time.perf_counter() - start)
+    p50, p99 = percentiles_ms(times)
+    return {
+        "batch_rows": rows,
+        "calls": len(times),
+        "seconds": round(sum(times), 3),
+        "images": rows * len(times),
+        "images_per_s": rows * len(times) / sum(times),
+        "p50_ms": p50,
+        "p99_ms": p99,
+    }
+
+
+def engine_cells(
+    bundle: Path,
+    engine: str,
+    cells: Sequence[GridCell],
+    timing: Timing,
+    report: Callable[[Cell], None],
+) -> list[Cell]:
+    """The in-process engine at the batch the server would form for every cell (each batch
+    size measured once)."""
+    predictor = Predictor.from_path(bundle, engine=engine)
+    measured: dict[int, dict[str, Any]] = {}
+    results = []
+    for cell in cells:
+        result = label("engine", engine, "in-process", cell)
+        if cell.skipped:
+            result["skipped"] = cell.skipped
+        else:
+            rows = min(cell.concurrency, MAX_BATCH_SIZE) * cell.images
+            if rows not in measured:
+                measured[rows] = engine_capacity(predictor, rows, timing)
+            capacity = measured[rows]
+            result |= capacity | {
+                "requests": capacity["images"] / cell.images,
+                "requests_per_s": capacity["images_per_s"] / cell.images,
+            }
+        report(result)
+        results.append(result)
+    return results
+
+
+def door_cells(
+    loadgen: LoadGenerator,
+    target: str,
+    engine: str,
+    endpoint: Endpoint,
+    doors: Sequence[str],
+    cells: Sequence[GridCell],
+    timing: Timing,
+    report: Callable[[Cell], None],
+    unsupported: dict[str, str] | None = None,
+) -> list[Cell]:
+    """Every cell over every door of one running target. A door that is ``unsupported`` or
+    does not answer a first request has its cells recorded with the reason instead."""
+    results = []
+    for door in doors:
+        why = (unsupported or {}).get(door)
+        if why is None:
+            first = loadgen.probe(make_load(endpoint, door, GridCell(1, 1), timing))
+            why = None if first["ok"] else f"the door answers {first['code']}: {first['detail']}"
+        for cell in cells:
+            result = label(target, engine, door, cell)
+            if cell.skipped or why:
+                result["skipped"] = cell.skipped or why
+            else:
+                result |= loadgen.run(make_load(endpoint, door, cell, timing))
+            report(result)
+            results.append(result)
+    return results
+
+
+def skipped_cells(
+    target: str,
+    engine: str,
+    doors: Sequence[str],
+    cells: Sequence[GridCell],
+    why: str,
+    report: Callable[[Cell], None],
+) -> list[Cell]:
+    """Every cell of a target that cannot run, with the reason."""
+    results = [
+        label(target, engine, door, cell) | {"skipped": cell.skipped or why}
+        for door in doors
+        for cell in cells
+    ]
+    for result in results:
+        report(result)
+    return results
+
+
+def make_load(endpoint: Endpoint, door: str, cell: GridCell, timing: Timing) -> Load:
+    """The traffic of one cell of ``endpoint``'s ``door``."""
+    return Load(
+        **asdict(endpoint),
+        door=door,
+        concurrency=cell.concurrency,
+        images=cell.images,
+        **asdict(timing),
+    )
+
+
+# --------------------------------------------------------------------------- the targets
+
+
+def espro_cells(
+    args: argparse.Namespace,
+    bundle: Path,
+    loadgen: LoadGenerator,
+    cells: Sequence[GridCell],
+    timing: Timing,
+    report: Callable[[Cell], None],
+) -> tuple[list[Cell], dict[str, Any]]:
+    """The espro server on loopback, each engine in turn (a redeploy between them); its
+    cells and the memory of its processes (this driver's included, the load generator's
+    apart)."""
+    from serving.app import launch
+    from serving.settings import LaunchConfig
+
+    def config(engine: str) -> AppConfig:
+        return AppConfig(
+            bundles=[str(bundle)], engine=engine, num_cpus=args.threads, torch_threads=args.threads
+        )
+
+    ports = LaunchConfig(
+        http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port
+    )
+    endpoint = Endpoint(
+        f"http://127.0.0.1:{args.http_port}",
+        f"127.0.0.1:{args.grpc_port}",
+        "cnn-reference",
+        INPUT_SHAPE,
+    )
+    results: list[Cell] = []
+    launch.start(config(args.engines[0]), ports)
+    try:
+        for k, engine in enumerate(args.engines):
+            if k:
+                launch.deploy(config(engine))
+            results += door_cells(
+                loadgen, "espro", engine, endpoint, args.doors, cells, timing, report
+            )
+        info = {
+            "memory": memory(),
+            "loadgen_rss_mib": memory(loadgen.process.pid)["total_rss_mib"],
+        }
+    finally:
+        launch.stop()
+    return results, info
+
+
+@contextlib.contextmanager
+def kserve_peer(args: argparse.Namespace, bundle: Path, log: Path) -> Iterator[int]:
+    """The KServe peer running on loopback, until the block ends; yields its pid."""
+    command = [args.kserve_python, str(HERE / "kserve_peer.py"), str(bundle)]
+    command += ["--http-port", str(args.kserve_http_port)]
+    command += ["--grpc-port", str(args.kserve_grpc_port), "--threads", str(args.threads)]
+    with log.open("w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{args.kserve_http_port}/v2/models/cnn-reference/ready"
+        deadline = time.monotonic() + 180
+        while not _answers(url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the KServe peer did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield process.pid
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def kserve_cells(
+    args: argparse.Namespace,
+    bundle: Path,
+    loadgen: LoadGenerator,
+    cells: Sequence[GridCell],
+    timing: Timing,
+    report: Callable[[Cell], None],
+) -> tuple[list[Cell], dict[str, Any]]:
+    """The KServe peer's cells (skipped with the reason when its venv is missing), the memory
+    of its process, and how far its probabilities are from espro's."""
+    if not Path(args.kserve_python).exists():
+        why = f"no {args.kserve_python}: create it as benchmarks/kserve-requirements.txt says"
+        return skipped_cells("kserve", KSERVE_ENGINE, args.doors, cells, why, report), {}
+    endpoint = Endpoint(
+        f"http://127.0.0.1:{args.kserve_http_port}",
+        f"127.0.0.1:{args.kserve_grpc_port}",
+        "cnn-reference",
+        INPUT_SHAPE,
+    )
+    with kserve_peer(args, bundle, bundle.parent / "kserve.log") as pid:
+        difference = probability_difference(endpoint, bundle, timing)
+        results = door_cells(
+            loadgen,
+            "kserve",
+            KSERVE_ENGINE,
+            endpoint,
+            args.doors,
+            cells,
+            timing,
+            report,
+            unsupported=KSERVE_UNSUPPORTED,
+        )
+        return results, {"memory": memory(pid), "max_probability_difference": difference}
+
+
+def probability_difference(endpoint: Endpoint, bundle: Path, timing: Timing) -> float:
+    """The largest difference between the ``probabilities`` a target answers over gRPC and
+    :class:`Predictor`'s for the same instances: the peer must serve the same members."""
+    load = make_load(endpoint, "grpc", GridCell(1, 4), timing)
+    x = instances(load)
+    with grpc.insecure_channel(endpoint.grpc) as channel:
+        infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        response = infer(pb.ModelInferRequest.FromString(grpc_request(load, x)), timeout=30)
+    names = [output.name for output in response.outputs]
+    raw = response.raw_output_contents[names.index("probabilities")]
+    theirs = np.frombuffer(raw, np.float32).reshape(len(x), -1)
+    ours = Predictor.from_path(bundle).predict(torch.from_numpy(x)).probs.numpy()
+    return float(np.abs(theirs - ours).max())
+
+
+# --------------------------------------------------------------------------- the report
+
+TARGETS = (
+    ("1 image per request, c=32: >= 65% of the in-process engine", 1, 32, "engine", 0.65),
+    ("1 image per request, c=32: >= 1.5x the KServe peer, p99 no worse", 1, 32, "kserve", 1.5),
+    ("16 images per request, c=8: >= 85% of the in-process engine", 16, 8, "engine", 0.85),
+)  # fmt: skip
+"""The issue's targets: text, images per request, concurrency, the baseline, the ratio."""
+
+
+def _ratio(numerator: float, denominator: float | None) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def ratios(cells: Sequence[Cell]) -> list[Cell]:
+    """For every measured espro cell: its images/s over the in-process engine's (same engine,
+    concurrency and request size) and over the KServe peer's (same door), p99s side by side."""
+    measured = [cell for cell in cells if "images_per_s" in cell]
+    engine = {
+        (c["engine"], c["concurrency"], c["images_per_request"]): c
+        for c in measured
+        if c["target"] == "engine"
+    }
+    kserve = {
+        (c["door"], c["concurrency"], c["images_per_request"]): c
+        for c in measured
+        if c["target"] == "kserve"
+    }
+    results = []
+    for c in measured:
+        if c["target"] != "espro":
+            continue
+        base = engine.get((c["engine"], c["concurrency"], c["images_per_request"]), {})
+        peer = kserve.get((c["door"], c["concurrency"], c["images_per_request"]), {})
+        p99, peer_p99 = c["p99_ms"], peer.get("p99_ms")
+        results.append(
+            {key: c[key] for key in ("engine", "door", "concurrency", "images_per_request")}
+            | {
+                "server_images_per_s": c["images_per_s"],
+                "engine_images_per_s": base.get("images_per_s"),
+                "server_over_engine": _ratio(c["images_per_s"], base.get("images_per_s")),
+                "kserve_images_per_s": peer.get("images_per_s"),
+                "server_over_kserve": _ratio(c["images_per_s"], peer.get("images_per_s")),
+                "server_p99_ms": p99,
+                "kserve_p99_ms": peer_p99,
+                "p99_not_worse": None if p99 is None or peer_p99 is None else p99 <= peer_p99,
+            }
+        )
+    return results
+
+
+def targets(rows: Sequence[Cell]) -> list[Cell]:
+    """Each target of the issue, per engine and door where its cells were measured."""
+    results = []
+    for text, images, concurrency, baseline, threshold in TARGETS:
+        for row in rows:
+            if (row["images_per_request"], row["concurrency"]) != (images, concurrency):
+                continue
+            value = row[f"server_over_{baseline}"]
+            met = value is not None and value >= threshold
+            if baseline == "kserve":
+                met = met and bool(row["p99_not_worse"])
+            results.append(
+                {"target": text, "engine": row["engine"], "door": row["door"], "ratio": value}
+                | {"met": met if value is not None else None}
+            )
+    return results
+
+
+def _number(value: float | None, width: int, digits: int = 1) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:{width}.{digits}f}"
+
+
+def cell_row(cell: Cell) -> str:
+    """One printed line per cell."""
+    name = (
+        f"{cell['target']:6} {cell['engine']:11} {cell['door']:11} "
+        f"c={cell['concurrency']:<3} i={cell['images_per_request']:<3}"
+    )
+    if "skipped" in cell:
+        return f"{name} skipped: {cell['skipped'][:90]}"
+    errors = ",".join(f"{k}:{v}" for k, v in cell.get("errors", {}).items()) or "0"
+    cpu = cell.get("loadgen_cpu_percent")
+    return (
+        f"{name} {_number(cell['requests_per_s'], 8)} req/s {_number(cell['images_per_s'], 8)} "
+        f"img/s p50 {_number(cell['p50_ms'], 8)} ms p99 {_number(cell['p99_ms'], 8)} ms "
+        f"errors {errors} loadgen cpu {_number(cpu, 5, 0)}%"
+    )
+
+
+def ratio_table(rows: Sequence[Cell]) -> str:
+    """The ratios as a plain-text table."""
+    lines = [
+        f"{'engine':11} {'door':11} {'c':>3} {'i':>3} {'img/s':>8} {'/engine':>8} "
+        f"{'/kserve':>8} {'p99 ms':>8} {'kserve p99':>10}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['engine']:11} {r['door']:11} {r['concurrency']:>3} {r['images_per_request']:>3} "
+            f"{_number(r['server_images_per_s'], 8)} {_number(r['server_over_engine'], 8, 2)} "
+            f"{_number(r['server_over_kserve'], 8, 2)} {_number(r['server_p99_ms'], 8)} "
+            f"{_number(r['kserve_p99_ms'], 10)}"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every target's cells, then the report."""
+    torch.set_num_threads(args.threads)
+    loadavg_before, started = os.getloadavg(), time.perf_counter()
+    cells = grid(args.concurrency, args.images, args.max_inflight_images)
+    timing = Timing(args.warmup, args.duration, args.timeout)
+    per_target = {
+        "engine": len(args.engines),
+        "espro": len(args.engines) * len(args.doors),
+        "kserve": len(args.doors),
+    }
+    total = len(cells) * sum(per_target[t] for t in args.targets)
+    results: list[Cell] = []
+    processes: dict[str, Any] = {}
+    with (
+        tempfile.TemporaryDirectory(prefix="espro-serving-bench-") as workdir,
+        tqdm(total=total, desc="cells", unit="cell", file=sys.stderr, disable=None) as progress,
+        LoadGenerator(args.loadgen_core) as loadgen,
+    ):
+
+        def report(cell: Cell) -> None:
+            progress.write(cell_row(cell))
+            progress.update()
+
+        bundle = reference_bundle(Path(workdir) / "bundle")
+        if "engine" in args.targets:
+            for engine in args.engines:
+                results += engine_cells(bundle, engine, cells, timing, report)
+        if "espro" in args.targets:
+            espro, processes["espro"] = espro_cells(args, bundle, loadgen, cells, timing, report)
+            results += espro
+        if "kserve" in args.targets:
+            peer, processes["kserve"] = kserve_cells(args, bundle, loadgen, cells, timing, report)
+            results += peer
+    return summary(args, results, processes, loadavg_before, time.perf_counter() - started)
+
+
+def summary(
+    args: argparse.Namespace,
+    cells: list[Cell],
+    processes: dict[str, Any],
+    loadavg_before: tuple[float, float, float],
+    seconds: float,
+) -> dict[str, Any]:
+    """The report: what ran where, every cell, the ratios and the issue's targets."""
+    rows = ratios(cells)
+    return {
+        "command": args.command,
+        "machine": machine(torch.device("cpu")) | {"nproc": len(os.sched_getaffinity(0))},
+        "loadavg_before": loadavg_before,
+        "loadavg_after": os.getloadavg(),
+        "seconds": round(seconds, 1),
+        "settings": {
+            "warmup_s": args.warmup,
+            "duration_s": args.duration,
+            "request_timeout_s": args.timeout,
+            "torch_threads": args.threads,
+            "max_batch_size": MAX_BATCH_SIZE,
+            "max_inflight_images": args.max_inflight_images,
+            "loadgen_core": args.loadgen_core,
+        },
+        "bundle": {
+            "architecture": "cnn",
+            "kwargs": CNN,
+            "input_shape": INPUT_SHAPE,
+            "members": SIMPLEXES * DRAWS,
+        },
+        "cells": cells,
+        "ratios": rows,
+        "targets": targets(rows),
+        "processes": processes,
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny cells: a smoke test")
+    parser.add_argument("--duration", type=float, default=6.0, help="measured seconds per cell")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
+    parser.add_argument("--timeout", type=float, default=60.0, help="one request's limit (s)")
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 128])
+    parser.add_argument("--images", nargs="+", type=int, default=[1, 16], help="per request")
+    parser.add_argument("--max-inflight-images", type=int, default=256)
+    parser.add_argument("--doors", nargs="+", default=list(DOORS), choices=DOORS)
+    parser.add_argument("--engines", nargs="+", default=["reference", "fused"])
+    parser.add_argument("--targets", nargs="+", default=list(TARGET_NAMES), choices=TARGET_NAMES)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (and replica CPUs)")
+    parser.add_argument("--loadgen-core", type=int, default=max(os.sched_getaffinity(0)))
+    parser.add_argument("--http-port", type=int, default=28000)
+    parser.add_argument("--grpc-port", type=int, default=28001)
+    parser.add_argument("--metrics-port", type=int, default=28080)
+    parser.add_argument("--kserve-http-port", type=int, default=28500)
+    parser.add_argument("--kserve-grpc-port", type=int, default=28501)
+    parser.add_argument(
+        "--kserve-python", default=str(HERE.parent / ".venv-kserve" / "bin" / "python")
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "serving-cpu.json")
+    parser.add_argument("--loadgen-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    args.command = " ".join(["benchmarks/serving_load.py", *given])
+    if args.quick:
+        args.duration, args.warmup, args.concurrency, args.images = 1.0, 0.5, [1, 4], [1, 4]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    args = parse_args(argv)
+    if args.loadgen_worker:
+        loadgen_worker()
+        return None
+    report = run(args)
+    print(ratio_table(report["ratios"]))
+    for target in report["targets"]:
+        print(f"{target['engine']:11} {target['door']:11} {target['target']}: {target['met']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

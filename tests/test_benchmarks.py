@@ -1,0 +1,122 @@
+"""The serving benchmark's load generator and report, against the session's server (``server``
+in conftest.py): every door is answered, the counts add up, and the report has its fields.
+
+KServe is not tested here: its peer needs its own virtual environment.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from conftest import INPUT_SHAPE, Server
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+IMAGES = 3
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[ModuleType]:
+    """``benchmarks/serving_load.py``, imported with its folder on ``sys.path`` as when run."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("serving_load")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(scope="module")
+def loadgen(bench: ModuleType) -> Iterator[Any]:
+    with bench.LoadGenerator(max(os.sched_getaffinity(0))) as generator:
+        yield generator
+
+
+@pytest.fixture(scope="module")
+def measured(bench: ModuleType, loadgen: Any, server: Server) -> list[dict[str, Any]]:
+    """One second of load at concurrency 2 over every door of the server, and the in-process
+    engine at the batch the server would form."""
+    endpoint = bench.Endpoint(server.http, server.grpc, "tiny", INPUT_SHAPE)
+    cells = [bench.GridCell(concurrency=2, images=IMAGES)]
+    timing = bench.Timing(warmup_s=0.3, duration_s=1.0, timeout_s=20.0)
+    espro = bench.door_cells(
+        loadgen, "espro", "reference", endpoint, bench.DOORS, cells, timing, lambda _: None
+    )
+    engine = bench.engine_cells(
+        server.bundles["tiny/2"], "reference", cells, timing, lambda _: None
+    )
+    return espro + engine
+
+
+def test_load_generator_runs_pinned_to_one_core(loadgen: Any) -> None:
+    assert os.sched_getaffinity(loadgen.process.pid) == {loadgen.core}
+
+
+def test_every_door_is_answered_and_the_counts_add_up(
+    bench: ModuleType, measured: list[dict[str, Any]]
+) -> None:
+    doors = [cell for cell in measured if cell["target"] == "espro"]
+    assert [cell["door"] for cell in doors] == list(bench.DOORS)
+    for cell in doors:
+        assert cell["errors"] == {}, cell
+        assert cell["requests"] > 0 and cell["sent"] == cell["ok"] + sum(cell["errors"].values())
+        assert cell["requests"] <= cell["ok"]  # answers in the window, of all answers
+        assert cell["images"] == cell["requests"] * IMAGES
+        assert cell["images_per_s"] == pytest.approx(cell["requests_per_s"] * IMAGES)
+        assert 0 < cell["p50_ms"] <= cell["p99_ms"]
+        assert cell["loadgen_cpu_percent"] > 0
+
+
+def test_the_engine_runs_the_batch_the_server_would_form(
+    measured: list[dict[str, Any]],
+) -> None:
+    (engine,) = [cell for cell in measured if cell["target"] == "engine"]
+    assert engine["batch_rows"] == 2 * IMAGES  # two requests of three images
+    assert engine["calls"] >= 3 and engine["images_per_s"] > 0
+    assert engine["p50_ms"] <= engine["p99_ms"]
+
+
+def test_a_door_that_refuses_is_recorded_with_its_reason(
+    bench: ModuleType, loadgen: Any, server: Server
+) -> None:
+    endpoint = bench.Endpoint(server.http, server.grpc, "no-such-model", INPUT_SHAPE)
+    timing = bench.Timing(warmup_s=0.0, duration_s=0.1, timeout_s=20.0)
+    cells = bench.door_cells(
+        loadgen, "espro", "reference", endpoint, bench.DOORS, [bench.GridCell(2, 1)], timing,
+        lambda _: None,
+    )  # fmt: skip
+    reasons = [cell["skipped"] for cell in cells]
+    assert [reason.split(":")[0] for reason in reasons] == [
+        "the door answers 404",
+        "the door answers 404",
+        "the door answers 404",
+        "the door answers NOT_FOUND",
+    ]
+    assert all("no-such-model" in reason for reason in reasons)
+
+
+def test_the_report_has_its_fields_and_ratios(
+    bench: ModuleType, measured: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    args = bench.parse_args(["--quick", "--out", str(tmp_path / "out.json")])
+    report = json.loads(json.dumps(bench.summary(args, measured, {}, os.getloadavg(), 1.0)))
+    assert {"machine", "loadavg_before", "loadavg_after", "settings", "cells", "ratios"} <= set(
+        report
+    )
+    assert {"cpu", "nproc", "torch", "threads"} <= set(report["machine"])
+    for cell in report["cells"]:
+        assert {
+            "target", "door", "concurrency", "images_per_request", "requests", "images_per_s",
+            "p50_ms", "p99_ms",
+        } <= set(cell)  # fmt: skip
+    assert [row["door"] for row in report["ratios"]] == list(bench.DOORS)
+    for row in report["ratios"]:
+        assert row["server_over_engine"] > 0
+        assert row["server_over_kserve"] is None  # no peer measured
