@@ -44,8 +44,10 @@ class AppConfig(Tuning):
     """CPUs reserved per replica."""
     torch_threads: int | None = Field(default=None, ge=1)
     """Intra-op threads per replica (default: the replica's whole CPUs, at least 1)."""
-    max_ongoing_requests: int = Field(default=64, ge=1)
-    """Requests a replica holds at once; at least ``max_batch_size``, or batches stay small."""
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    """Requests a replica holds at once; at least ``max_batch_size``, or batches stay small.
+    Past it Serve's router retries with backoff, which collapsed throughput at 128 concurrent
+    requests with 64 here (docs/performance.md); queued in the replica they cost little."""
     max_queued_requests: int = Field(default=256, ge=1)
     """Requests each proxy queues for the deployment; past it they get 503 with Retry-After."""
     retry_after_s: float = Field(default=1.0, ge=0.0)
@@ -57,9 +59,10 @@ class AppConfig(Tuning):
     auth_token_file: str | None = None
     """A file of bearer tokens (one per line) that every request but health checks must
     present; read by each replica at start and at every reconfiguration. None: no auth."""
-    engine: str = "reference"
-    """How replicas compute member outputs: ``reference``, ``fused``, ``shortcut`` or ``onnx``,
-    with options such as ``fused:bf16,graphs`` (see :mod:`serving.engine`)."""
+    engine: str = "fused"
+    """How replicas compute member outputs: ``fused`` (the same numbers as ``reference`` to
+    1e-7, 2.5x its serving throughput here), ``reference``, ``shortcut`` or ``onnx``, with
+    options such as ``fused:bf16,graphs`` (see :mod:`serving.engine`)."""
 
     @field_validator("engine")
     @classmethod

@@ -532,8 +532,9 @@ def test_killing_a_replica_under_load_answers_every_request(server):
     assert set(predicted) == {("http", "2"), ("rest", "2"), ("grpc", "2")}
 
 
-def test_the_fused_engine_serves_the_same_answers(server):
-    server.redeploy(engine="fused")
+def test_the_reference_engine_serves_the_same_answers(server):
+    assert server.config.engine == "fused"  # the default, used by every other test
+    server.redeploy(engine="reference")
     try:
         body = native(server, "tiny", {"inputs": X.tolist()}).json()
     finally:

@@ -27,6 +27,7 @@ def test_defaults_bind_loopback_and_batch_within_the_replica_limit():
     ("fields", "message"),
     [
         ({"max_batch_size": 64, "max_ongoing_requests": 8}, "at least max_batch_size"),
+        ({"max_batch_size": 300}, "at least max_batch_size"),
         ({"bundles": []}, "at least 1"),
         ({"device": "tpu"}, "cpu"),
         ({"replicas": 0}, "greater than or equal to 1"),
@@ -46,7 +47,7 @@ def test_serve_flags_become_validated_configs():
     app, launch = serve_configs(args)
     assert app.bundles == ["a", "b"] and app.batch_wait_timeout_s == 0.005
     assert app.max_body_bytes == 2 << 20 and launch.http_port == 8100 and launch.grpc_port == 9000
-    bad = build_parser().parse_args(["serve", "a", "--max-batch-size", "100"])
+    bad = build_parser().parse_args(["serve", "a", "--max-batch-size", "300"])
     with pytest.raises(ConfigError, match="max_ongoing_requests"):
         serve_configs(bad)
 

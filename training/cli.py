@@ -393,13 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-cpus", type=float, help="CPUs per replica (default 1)")
     p.add_argument("--max-batch-size", type=int, help="requests per engine run (default 32)")
     p.add_argument("--batch-wait-ms", type=float, help="wait for a batch to fill (default 2)")
-    p.add_argument("--max-ongoing-requests", type=int, help="requests per replica (default 64)")
+    p.add_argument("--max-ongoing-requests", type=int, help="requests per replica (default 256)")
     p.add_argument("--max-queued-requests", type=int, help="queued before 503 (default 256)")
     p.add_argument("--max-fresh-draws", type=int, help="extra draws a request may ask (0)")
     p.add_argument("--max-body-mb", type=float, help="request size limit in MiB (default 64)")
     p.add_argument("--allow-custom-architecture", action="store_true", default=None)
     p.add_argument("--auth-token-file", help="require a bearer token from this file (per line)")
-    p.add_argument("--engine", help="member engine: reference, fused, shortcut, onnx[:bf16,...]")
+    p.add_argument("--engine", help="member engine: fused (default), reference, shortcut, onnx")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser(

@@ -88,7 +88,7 @@ class ModelServer:
         max_body_bytes: int = 64 << 20,
         torch_threads: int | None = None,
         auth_token_file: str | None = None,
-        engine: str = "reference",
+        engine: str = "fused",
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
