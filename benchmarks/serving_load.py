@@ -13,6 +13,9 @@ request size (images per request), three targets get the same load:
   native JSON, OIP REST JSON, OIP REST with the binary tensor extension, and OIP gRPC.
 - ``kserve``: ``benchmarks/kserve_peer.py`` (KServe's ``ModelServer``, one forward pass per
   member per request) in its own virtual environment, over the OIP doors.
+- ``serve-noop``: a Ray Serve application that answers "ok" without a model, on the same Serve
+  after espro's cells, under the one-image HTTP load: what Serve's proxy and replica path alone
+  allow on this machine.
 
 The load generator runs in its own process pinned to one core: N workers, each sending its next
 request when the previous answer arrives, for ``--warmup`` seconds and then ``--duration``
@@ -573,6 +576,7 @@ def espro_cells(
             results += door_cells(
                 loadgen, "espro", engine, endpoint, args.doors, cells, timing, report
             )
+        results += serve_ceiling_cells(endpoint, loadgen, cells, timing, report)
         info = {
             "memory": memory(),
             "loadgen_rss_mib": memory(loadgen.process.pid)["total_rss_mib"],
@@ -580,6 +584,34 @@ def espro_cells(
     finally:
         launch.stop()
     return results, info
+
+
+def serve_ceiling_cells(
+    endpoint: Endpoint,
+    loadgen: LoadGenerator,
+    cells: Sequence[GridCell],
+    timing: Timing,
+    report: Callable[[Cell], None],
+) -> list[Cell]:
+    """Ray Serve's own ceiling on this machine: a second application on the running Serve whose
+    one replica reads each request's body and answers "ok", under the one-image HTTP cells
+    (the ``native`` door's requests), behind the same proxy as espro."""
+    from ray import serve
+
+    @serve.deployment(max_ongoing_requests=256)
+    class NoOp:
+        async def __call__(self, request: Any) -> str:
+            await request.body()
+            return "ok"
+
+    one_image = [cell for cell in cells if cell.images == 1]
+    serve.run(NoOp.bind(), name="noop", route_prefix="/noop")
+    try:
+        noop = Endpoint(f"{endpoint.http}/noop", endpoint.grpc, "noop", endpoint.input_shape)
+        doors = ["native"]
+        return door_cells(loadgen, "serve-noop", "none", noop, doors, one_image, timing, report)
+    finally:
+        serve.delete("noop")
 
 
 @contextlib.contextmanager
@@ -680,7 +712,8 @@ def _ratio(numerator: float, denominator: float | None) -> float | None:
 
 def ratios(cells: Sequence[Cell]) -> list[Cell]:
     """For every measured espro cell: its images/s over the in-process engine's (same engine,
-    concurrency and request size) and over the KServe peer's (same door), p99s side by side."""
+    concurrency and request size) and over the KServe peer's (same door), p99s side by side,
+    and for one-image cells its requests/s over Serve's no-op ceiling (same concurrency)."""
     measured = [cell for cell in cells if "images_per_s" in cell]
     engine = {
         (c["engine"], c["concurrency"], c["images_per_request"]): c
@@ -692,12 +725,14 @@ def ratios(cells: Sequence[Cell]) -> list[Cell]:
         for c in measured
         if c["target"] == "kserve"
     }
+    noop = {c["concurrency"]: c for c in measured if c["target"] == "serve-noop"}
     results = []
     for c in measured:
         if c["target"] != "espro":
             continue
         base = engine.get((c["engine"], c["concurrency"], c["images_per_request"]), {})
         peer = kserve.get((c["door"], c["concurrency"], c["images_per_request"]), {})
+        ceiling = noop.get(c["concurrency"], {}) if c["images_per_request"] == 1 else {}
         p99, peer_p99 = c["p99_ms"], peer.get("p99_ms")
         results.append(
             {key: c[key] for key in ("engine", "door", "concurrency", "images_per_request")}
@@ -710,6 +745,10 @@ def ratios(cells: Sequence[Cell]) -> list[Cell]:
                 "server_p99_ms": p99,
                 "kserve_p99_ms": peer_p99,
                 "p99_not_worse": None if p99 is None or peer_p99 is None else p99 <= peer_p99,
+                "serve_noop_requests_per_s": ceiling.get("requests_per_s"),
+                "server_over_serve_noop": _ratio(
+                    c["requests_per_s"], ceiling.get("requests_per_s")
+                ),
             }
         )
     return results
@@ -758,13 +797,14 @@ def ratio_table(rows: Sequence[Cell]) -> str:
     """The ratios as a plain-text table."""
     lines = [
         f"{'engine':11} {'door':11} {'c':>3} {'i':>3} {'img/s':>8} {'/engine':>8} "
-        f"{'/kserve':>8} {'p99 ms':>8} {'kserve p99':>10}"
+        f"{'/kserve':>8} {'/noop':>6} {'p99 ms':>8} {'kserve p99':>10}"
     ]
     for r in rows:
         lines.append(
             f"{r['engine']:11} {r['door']:11} {r['concurrency']:>3} {r['images_per_request']:>3} "
             f"{_number(r['server_images_per_s'], 8)} {_number(r['server_over_engine'], 8, 2)} "
-            f"{_number(r['server_over_kserve'], 8, 2)} {_number(r['server_p99_ms'], 8)} "
+            f"{_number(r['server_over_kserve'], 8, 2)} "
+            f"{_number(r['server_over_serve_noop'], 6, 2)} {_number(r['server_p99_ms'], 8)} "
             f"{_number(r['kserve_p99_ms'], 10)}"
         )
     return "\n".join(lines)
@@ -785,6 +825,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "kserve": len(args.doors),
     }
     total = len(cells) * sum(per_target[t] for t in args.targets)
+    if "espro" in args.targets:  # and Serve's no-op ceiling, one-image cells
+        total += sum(cell.images == 1 for cell in cells)
     results: list[Cell] = []
     processes: dict[str, Any] = {}
     with (
