@@ -912,6 +912,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--kserve-python", default=str(HERE.parent / ".venv-kserve" / "bin" / "python")
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "serving-cpu.json")
+    parser.add_argument(
+        "--markdown", type=Path, help="print the tables of a report JSON for the docs, and stop"
+    )
     parser.add_argument("--loadgen-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
@@ -921,10 +924,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The report's ratios and targets as the Markdown tables of docs/performance.md."""
+
+    def cell(value: float | None, digits: int) -> str:
+        return "–" if value is None else f"{value:.{digits}f}"
+
+    lines = [
+        "| engine | door | c | images | espro img/s | p99 ms | × engine | × KServe | "
+        "KServe p99 ms | × Serve no-op |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["ratios"]:
+        lines.append(
+            f"| {r['engine']} | {r['door']} | {r['concurrency']} | {r['images_per_request']} | "
+            f"{cell(r['server_images_per_s'], 1)} | {cell(r['server_p99_ms'], 0)} | "
+            f"{cell(r['server_over_engine'], 2)} | {cell(r['server_over_kserve'], 2)} | "
+            f"{cell(r['kserve_p99_ms'], 0)} | {cell(r.get('server_over_serve_noop'), 2)} |"
+        )
+    lines += ["", "| target | engine | door | ratio | met |", "|---|---|---|---:|---|"]
+    for t in report["targets"]:
+        met = {True: "yes", False: "no", None: "–"}[t["met"]]
+        lines.append(
+            f"| {t['target']} | {t['engine']} | {t['door']} | {cell(t['ratio'], 2)} | {met} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
     if args.loadgen_worker:
         loadgen_worker()
+        return None
+    if args.markdown is not None:
+        print(markdown(json.loads(args.markdown.read_text())))
         return None
     report = run(args)
     print(ratio_table(report["ratios"]))

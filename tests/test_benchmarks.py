@@ -120,3 +120,6 @@ def test_the_report_has_its_fields_and_ratios(
     for row in report["ratios"]:
         assert row["server_over_engine"] > 0
         assert row["server_over_kserve"] is None  # no peer measured
+    table = bench.markdown(report)
+    assert table.count("\n| reference |") == len(bench.DOORS)  # one row per measured door
+    assert "| – |" in table  # no KServe ratio without a peer
