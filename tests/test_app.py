@@ -468,6 +468,50 @@ def test_a_corrupt_new_bundle_is_refused_and_the_old_keeps_serving(server, tmp_p
     assert {a.json()["model_version"] for a in answers} == {"2"}
 
 
+def test_a_corrupt_bundle_deployed_past_espro_is_refused_by_the_replica(server, tmp_path):
+    """``serve deploy`` of a config naming a corrupt bundle skips espro's check: the replica
+    refuses that bundle, serves the others (no outage) and counts it in a gauge."""
+    from ray import serve
+
+    from conftest import tiny_bundle
+    from serving.app import build_app
+    from serving.app.launch import APP_NAME
+
+    corrupt = tiny_bundle(seed=7, version="4").write(tmp_path / "tiny-4")
+    weights = corrupt / "vertices.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    answers: list[requests.Response] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            answers.append(native(server, "tiny", {"inputs": X.tolist()}))
+
+    config = server.config.model_copy(update={"bundles": [*server.config.bundles, str(corrupt)]})
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            running = [pool.submit(hammer) for _ in range(2)]
+            time.sleep(0.3)
+            serve.run(build_app(config), name=APP_NAME, route_prefix="/")  # as serve deploy
+            time.sleep(0.3)
+            stop.set()
+            for future in running:
+                future.result()
+        versions = requests.get(f"{server.http}/v1/models", timeout=10).json()["models"]
+        deadline = time.monotonic() + 30
+        while not (refused := scrape(server).get("ray_espro_bundles_refused")) or not any(
+            sample.value == 1 for sample in refused.samples
+        ):
+            assert time.monotonic() < deadline, "the refused bundle never showed in the gauge"
+            time.sleep(1)
+    finally:
+        server.redeploy()
+    assert answers and all(a.status_code == 200 for a in answers), {a.status_code for a in answers}
+    assert {a.json()["model_version"] for a in answers} == {"2"}
+    tiny = next(model for model in versions if model["name"] == "tiny")
+    assert [v["version"] for v in tiny["versions"]] == ["1", "2"]
+
+
 def serve_replicas() -> list[dict]:
     import ray
 

@@ -90,6 +90,10 @@ class ServerMetrics:
             "Instances flagged to abstain (confidence under the calibrated threshold).",
             tag_keys=version,
         )
+        self.bundles_refused = metrics.Gauge(
+            "espro_bundles_refused",
+            "Bundles of the replica's configuration that failed to load; it serves the others.",
+        )
         self.model_info = metrics.Gauge(
             "espro_model_info",
             "1 for each model version a replica serves, with its bundle hash.",
@@ -126,9 +130,11 @@ class ServerMetrics:
         ):
             self.abstentions.inc(count, tags=tags)
 
-    def models(self, served: Iterable[Bundle]) -> None:
-        """Refresh the model-info gauge: 1 for each bundle served. Ray drops a gauge series
-        that is not refreshed for two report intervals, so a replaced bundle's series ends."""
+    def models(self, served: Iterable[Bundle], refused: int) -> None:
+        """Refresh the model-info gauge (1 for each bundle served) and the count of refused
+        bundles. Ray drops a gauge series that is not refreshed for two report intervals, so a
+        replaced bundle's series ends."""
+        self.bundles_refused.set(float(refused))
         for bundle in served:
             manifest = bundle.manifest
             tags = {"model": manifest.name, "version": manifest.version}

@@ -22,7 +22,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from serving import __version__
 from serving.auth import BearerTokens
-from serving.bundle import load_bundle
+from serving.bundle import BundleError, load_bundle
 from serving.oip import INTERNAL_ERROR, InferenceRequest, InferenceResponse, OIPError
 from serving.predictor import Predictor
 from serving.proto import grpc_predict_v2_pb2 as pb
@@ -102,15 +102,21 @@ class ModelServer:
         self.metrics = ServerMetrics()
         self._predictors: dict[str, Predictor] = {}  # by bundle hash, reused across reloads
         self._model_info: asyncio.Task[None] | None = None
+        self._refused = 0  # bundles of the configuration that did not load
 
     # -- configuration -------------------------------------------------------------------
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Load the listed bundles, then swap them in at once; requests in flight finish on
-        the predictors they started with. A bundle that fails to load fails the update."""
+        the predictors they started with.
+
+        A bundle that fails to load (corrupt, missing, unbuildable) is refused and logged, and
+        the replica serves the others, so a bad new version deployed by any path (``serve
+        deploy`` included) leaves the older versions serving; ``ray_espro_bundles_refused``
+        counts them. If none loads, the update fails."""
         tuning = Tuning.model_validate(user_config)
         self.tokens = self._read_tokens()  # again, so that rotated tokens take effect
-        predictors = await asyncio.to_thread(self._load, tuning)
+        predictors, self._refused = await asyncio.to_thread(self._load, tuning)
         self.service.repository = ModelRepository(predictors)
         self._predictors = {p.bundle.digest: p for p in predictors}
         self._engine.set_max_batch_size(tuning.max_batch_size)
@@ -122,26 +128,32 @@ class ModelServer:
 
     async def _refresh_model_info(self) -> None:
         while True:
-            self.metrics.models(p.bundle for p in self._predictors.values())
+            self.metrics.models((p.bundle for p in self._predictors.values()), self._refused)
             await asyncio.sleep(1.0)
 
-    def _load(self, tuning: Tuning) -> list[Predictor]:
-        predictors = []
+    def _load(self, tuning: Tuning) -> tuple[list[Predictor], int]:
+        """The predictors of the bundles that load, and how many were refused."""
+        predictors, refused = [], []
         for path in tuning.bundles:
-            bundle = load_bundle(path)
-            predictor = self._predictors.get(bundle.digest)
-            if predictor is None:
-                predictor = Predictor(
+            try:
+                bundle = load_bundle(path)
+                predictor = self._predictors.get(bundle.digest) or Predictor(
                     bundle,
                     device=self.device,
                     allow_custom_architecture=self.allow_custom_architecture,
                     engine=self.engine,
                 )
+            except (ValueError, OSError) as err:  # BundleError is a ValueError
+                logger.error("refusing bundle %s: %s", path, err)
+                refused.append(f"{path}: {err}")
+                continue
             predictor.max_fresh_draws = (
                 0 if bundle.manifest.buffer_names else tuning.max_fresh_draws
             )
             predictors.append(predictor)
-        return predictors
+        if not predictors:
+            raise BundleError(f"no bundle of the configuration loads: {'; '.join(refused)}")
+        return predictors, len(refused)
 
     # -- the engine ----------------------------------------------------------------------
 
