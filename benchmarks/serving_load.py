@@ -162,16 +162,17 @@ class Timing:
 class Load:
     """One cell's traffic: a door of an endpoint, N closed-loop workers, requests of a size."""
 
-    http: str
-    grpc: str
-    model: str
-    input_shape: tuple[int, ...]
+    endpoint: Endpoint
+    timing: Timing
     door: str
     concurrency: int
     images: int
-    warmup_s: float
-    duration_s: float
-    timeout_s: float
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> Load:
+        """The load :func:`dataclasses.asdict` made ``fields`` of."""
+        endpoint = Endpoint(**fields.pop("endpoint"))
+        return cls(endpoint, Timing(**fields.pop("timing")), **fields)
 
 
 Answer = tuple[str, bytes]
@@ -181,16 +182,16 @@ Answer = tuple[str, bytes]
 def instances(load: Load) -> np.ndarray:
     """The raw instances every request of ``load`` carries."""
     rng = np.random.default_rng(0)
-    return rng.standard_normal((load.images, *load.input_shape), dtype=np.float32)
+    return rng.standard_normal((load.images, *load.endpoint.input_shape), dtype=np.float32)
 
 
 def http_request(load: Load, x: np.ndarray) -> tuple[str, bytes, dict[str, str]]:
     """URL, body and headers of a native or OIP REST request carrying ``x``."""
     if load.door == "native":
         body = json.dumps({"inputs": x.tolist()}).encode()
-        url = f"{load.http}/v1/models/{load.model}/predict"
+        url = f"{load.endpoint.http}/v1/models/{load.endpoint.model}/predict"
         return url, body, {"content-type": "application/json"}
-    url = f"{load.http}/v2/models/{load.model}/infer"
+    url = f"{load.endpoint.http}/v2/models/{load.endpoint.model}/infer"
     tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32"}
     if load.door == "rest-json":
         body = json.dumps({"inputs": [tensor | {"data": x.ravel().tolist()}]}).encode()
@@ -211,7 +212,7 @@ def http_request(load: Load, x: np.ndarray) -> tuple[str, bytes, dict[str, str]]
 
 def grpc_request(load: Load, x: np.ndarray) -> bytes:
     """A serialised ``ModelInferRequest`` carrying ``x`` as raw contents."""
-    request = pb.ModelInferRequest(model_name=load.model)
+    request = pb.ModelInferRequest(model_name=load.endpoint.model)
     request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
     request.raw_input_contents.append(x.tobytes())
     return request.SerializeToString()
@@ -223,13 +224,13 @@ async def sender(load: Load) -> AsyncIterator[Callable[[], Awaitable[Answer]]]:
     workers (one HTTP/1.1 connection each, or one gRPC channel)."""
     x = instances(load)
     if load.door == "grpc":
-        async with grpc.aio.insecure_channel(load.grpc) as channel:
+        async with grpc.aio.insecure_channel(load.endpoint.grpc) as channel:
             call = channel.unary_unary(MODEL_INFER)  # bytes in, bytes out: no decoding here
             body = grpc_request(load, x)
 
             async def send_grpc() -> Answer:
                 try:
-                    return "OK", await call(body, timeout=load.timeout_s)
+                    return "OK", await call(body, timeout=load.timing.timeout_s)
                 except grpc.aio.AioRpcError as err:
                     return err.code().name, (err.details() or "").encode()
 
@@ -239,7 +240,7 @@ async def sender(load: Load) -> AsyncIterator[Callable[[], Awaitable[Answer]]]:
     limits = httpx.Limits(
         max_connections=load.concurrency, max_keepalive_connections=load.concurrency
     )
-    async with httpx.AsyncClient(timeout=load.timeout_s, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=load.timing.timeout_s, limits=limits) as client:
 
         async def send_http() -> Answer:
             response = await client.post(url, content=body, headers=headers)
@@ -264,7 +265,7 @@ async def closed_loop(load: Load) -> dict[str, Any]:
     async with sender(load) as send:
         records: list[tuple[float, float, str]] = []
         started, cpu = time.perf_counter(), time.process_time()
-        end = started + load.warmup_s + load.duration_s
+        end = started + load.timing.warmup_s + load.timing.duration_s
 
         async def worker() -> None:
             while (begin := time.perf_counter()) < end:
@@ -276,7 +277,7 @@ async def closed_loop(load: Load) -> dict[str, Any]:
 
         await asyncio.gather(*(worker() for _ in range(load.concurrency)))
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu
-    return summarise(load, records, (end - load.duration_s, end)) | {
+    return summarise(load, records, (end - load.timing.duration_s, end)) | {
         "loadgen_cpu_s": round(cpu, 3),
         "loadgen_cpu_percent": round(100 * cpu / wall, 1),
     }
@@ -319,7 +320,7 @@ def loadgen_worker() -> None:
     (``{"probe": bool, "load": {...}}``) with one JSON line on stdout."""
     for line in sys.stdin:
         message = json.loads(line)
-        load = Load(**message["load"])
+        load = Load.from_dict(message["load"])
         result = asyncio.run(probe(load) if message["probe"] else closed_loop(load))
         print(json.dumps(result), flush=True)
 
@@ -361,7 +362,8 @@ class LoadGenerator:
         assert self.process.stdin is not None and self.process.stdout is not None
         self.process.stdin.write(json.dumps({"probe": probe, "load": asdict(load)}) + "\n")
         self.process.stdin.flush()
-        limit = 60 + load.warmup_s + load.duration_s + load.timeout_s  # 60 s: its start-up
+        timing = load.timing
+        limit = 60 + timing.warmup_s + timing.duration_s + timing.timeout_s  # 60 s: start-up
         if not select.select([self.process.stdout], [], [], limit)[0]:
             raise TimeoutError(f"the load generator gave no answer in {limit:.0f} s")
         line = self.process.stdout.readline()
@@ -527,13 +529,7 @@ def skipped_cells(
 
 def make_load(endpoint: Endpoint, door: str, cell: GridCell, timing: Timing) -> Load:
     """The traffic of one cell of ``endpoint``'s ``door``."""
-    return Load(
-        **asdict(endpoint),
-        door=door,
-        concurrency=cell.concurrency,
-        images=cell.images,
-        **asdict(timing),
-    )
+    return Load(endpoint, timing, door, cell.concurrency, cell.images)
 
 
 # --------------------------------------------------------------------------- the targets
