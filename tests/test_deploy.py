@@ -435,7 +435,7 @@ def test_compose_stack() -> None:
 def test_dashboard_queries_espro_metrics() -> None:
     source = (ROOT / "serving" / "app" / "metrics.py").read_text()
     metrics = {f"ray_{name}" for name in re.findall(r"\"(espro_[a-z_]+)\"", source)}
-    assert len(metrics) == 12
+    assert len(metrics) == 13
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "espro.json").read_text())
     used = set()
     for panel in dashboard["panels"]:
