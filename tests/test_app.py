@@ -569,10 +569,13 @@ def test_killing_a_replica_under_load_answers_every_request(server):
             stop.set()
             for future in running:
                 future.result()  # a client thread that ran out of retries raises here
+        after = [native(server, "tiny", {"inputs": X.tolist()}).status_code for _ in range(4)]
     finally:
         server.redeploy()
-    assert set(codes) <= {200, 408, 500} and len(codes) - codes.count(200) <= 2, codes
-    assert codes[-4:] == [200] * 4
+    # At most one 500 per plain thread (its request on the killed replica) and one 408 (a
+    # request Serve lost around the kill, answered at the doors' timeout).
+    assert set(codes) <= {200, 408, 500} and len(codes) - codes.count(200) <= 4, codes
+    assert after == [200] * 4  # the replacement serves
     assert set(predicted) == {("http", "2"), ("rest", "2"), ("grpc", "2")}
 
 
