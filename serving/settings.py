@@ -61,8 +61,9 @@ class AppConfig(Tuning):
     present; read by each replica at start and at every reconfiguration. None: no auth."""
     engine: str = "fused"
     """How replicas compute member outputs: ``fused`` (the same numbers as ``reference`` to
-    1e-7, 2.5x its serving throughput here), ``reference``, ``shortcut`` or ``onnx``, with
-    options such as ``fused:bf16,graphs`` (see :mod:`serving.engine`)."""
+    1e-7, up to 1.9x its served throughput in docs/performance.md), ``reference``,
+    ``shortcut`` or ``onnx``, with options such as ``fused:bf16,graphs`` (see
+    :mod:`serving.engine`)."""
 
     @field_validator("engine")
     @classmethod
