@@ -28,7 +28,8 @@ class Tuning(_Config):
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     """The most requests one engine run takes together."""
     batch_wait_timeout_s: float = Field(default=0.002, ge=0.0, le=10.0)
-    """How long the first request of a batch waits for company (0 disables batching)."""
+    """How long a request that finds the engine idle waits for company; requests that queue
+    while the engine runs are batched without waiting (0: never wait)."""
     max_fresh_draws: int = Field(default=0, ge=0, le=1024)
     """Draws per simplex a request may ask for beyond those stored, sampled on the replica.
     Applies to models without BatchNorm (their draws carry no statistics)."""

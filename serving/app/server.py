@@ -3,8 +3,8 @@
 HTTP (native JSON and OIP v2 REST) arrives through FastAPI routes; OIP v2 gRPC arrives through
 Serve's gRPC proxy as calls of the methods named after the RPCs. Every door decodes its
 request into a :class:`~serving.service.Job` on the event loop, the jobs meet in one
-``@serve.batch`` queue, and jobs that share a model and members run through the engine together
-in a worker thread, so decoding goes on while the members compute.
+:class:`~serving.batching.Batcher`, and jobs that share a model and members run through the
+engine together in a worker thread, so decoding goes on while the members compute.
 """
 
 import asyncio
@@ -22,6 +22,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from serving import __version__
 from serving.auth import BearerTokens
+from serving.batching import Batcher
 from serving.bundle import BundleError, load_bundle
 from serving.oip import INTERNAL_ERROR, InferenceRequest, InferenceResponse, OIPError
 from serving.predictor import Predictor
@@ -103,6 +104,7 @@ class ModelServer:
         self._predictors: dict[str, Predictor] = {}  # by bundle hash, reused across reloads
         self._model_info: asyncio.Task[None] | None = None
         self._refused = 0  # bundles of the configuration that did not load
+        self._batcher: Batcher[tuple[Job[Any], float], Any] = Batcher(self._run_jobs)
 
     # -- configuration -------------------------------------------------------------------
 
@@ -119,8 +121,10 @@ class ModelServer:
         predictors, self._refused = await asyncio.to_thread(self._load, tuning)
         self.service.repository = ModelRepository(predictors)
         self._predictors = {p.bundle.digest: p for p in predictors}
-        self._engine.set_max_batch_size(tuning.max_batch_size)
-        self._engine.set_batch_wait_timeout_s(tuning.batch_wait_timeout_s)
+        self._batcher.configure(
+            max_batch_size=tuning.max_batch_size,
+            batch_wait_timeout_s=tuning.batch_wait_timeout_s,
+        )
         if self._model_info is None:
             self._model_info = asyncio.create_task(self._refresh_model_info())
         names = ", ".join(f"{p.manifest.name}:{p.manifest.version}" for p in predictors)
@@ -157,8 +161,7 @@ class ModelServer:
 
     # -- the engine ----------------------------------------------------------------------
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _engine(self, queued: list[tuple[Job[Any], float]]) -> list[Any]:
+    async def _run_jobs(self, queued: list[tuple[Job[Any], float]]) -> list[Any]:
         """Run queued jobs, one engine call per (model, members) group; each job gets its
         slice of the member outputs, or the exception its group raised."""
         started = time.perf_counter()
@@ -192,9 +195,7 @@ class ModelServer:
 
     async def _answer(self, job: Job[R]) -> R:
         """Queue a job for the engine and encode its answer, recording its uncertainty."""
-        outputs = await self._engine((job, time.perf_counter()))
-        if isinstance(outputs, Exception):
-            raise outputs
+        outputs = await self._batcher.submit((job, time.perf_counter()))
         prediction = job.prediction(outputs)
         self.metrics.prediction(job.predictor.manifest, prediction)
         return job.encode(prediction)
