@@ -273,6 +273,22 @@ def test_onnx_graph_equals_the_reference_with_its_pooling(
         torch.testing.assert_close(graph[name], getattr(pooled, name), atol=1e-5, rtol=0)
 
 
+def test_onnx_sessions_use_torchs_thread_count(
+    tmp_path: Path, make_tiny_bundle: MakeBundle
+) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    tiny = make_tiny_bundle(num_vertices=(2,), draws=1)
+    _, onnx = _predictors(tiny, tmp_path / "b", "onnx")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # ONNX Runtime's default would be one thread per core
+        options = onnx.ensemble.session([0]).get_session_options()  # type: ignore[attr-defined]
+    finally:
+        torch.set_num_threads(threads)
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
+
+
 # --- the benchmark ----------------------------------------------------------------------------
 
 

@@ -5,7 +5,10 @@ normalisation, every member's forward pass, and for classification the pooling: 
 ``x`` (raw, ``[B, *input_shape]``) and ``temperature`` (a scalar), outputs
 ``member_outputs`` ``[S, B, ·]``, ``probs``, ``entropy``, ``expected_entropy`` and
 ``mutual_information``. One graph is exported per set of members on first use and cached.
-ONNX Runtime runs on CUDA where the ensemble's device is CUDA, else on the CPU.
+ONNX Runtime runs on CUDA where the ensemble's device is CUDA, else on the CPU with as many
+intra-op threads as torch has (``torch.get_num_threads()`` when the session is made), so a
+replica's ``torch_threads`` bounds every engine alike; ONNX Runtime's own default is a thread
+per core.
 
 Needs ``onnxruntime`` (or ``onnxruntime-gpu``), ``onnx`` and ``onnxscript``, imported lazily.
 """
@@ -94,13 +97,22 @@ class OnnxEnsemble(MemberEnsemble):
         cuda = self.device.type == "cuda"
         return (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]
 
+    def session_options(self) -> Any:
+        """Sessions use torch's intra-op thread count and run their nodes one at a time."""
+        options = self._ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        return options
+
     def session(self, members: Sequence[int]) -> Any:
         """The ONNX Runtime session of these members, exported on first use."""
         key = tuple(members)
         with self._lock:
             if key not in self._sessions:
                 onnx = export_graph(self.model, [self.members[i] for i in key], self.input_spec)
-                self._sessions[key] = self._ort.InferenceSession(onnx, providers=self.providers)
+                self._sessions[key] = self._ort.InferenceSession(
+                    onnx, self.session_options(), providers=self.providers
+                )
             return self._sessions[key]
 
     def run(
