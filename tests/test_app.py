@@ -272,6 +272,46 @@ def test_concurrent_requests_are_batched_and_metrics_parse(server):
     assert {load_bundle(server.bundles[f"tiny/{v}"]).digest for v in "12"} <= digests
 
 
+def engine_runs_and_answers(server, model: str) -> tuple[float, float]:
+    """Engine runs (the batch histogram's count; its ``_sum`` is approximated from bucket
+    bounds) and requests answered for ``model``, over every replica's series."""
+    families = scrape(server)
+    runs = families.get("ray_espro_batch_requests")
+    answered = families.get("ray_espro_requests")
+    return (
+        histogram_total(runs, model=model) if runs else 0.0,
+        sum(s.value for s in answered.samples if s.labels.get("model") == model)
+        if answered
+        else 0.0,
+    )
+
+
+def test_requests_queued_behind_a_running_batch_share_the_next_one(server):
+    """With no batching wait, 16 requests arriving 5 ms apart at the 50 ms ``slow`` model need
+    only a few engine runs: those that queue while one runs form the next batch
+    (tests/test_batching.py checks the batcher's rule itself)."""
+
+    def staggered(i: int) -> int:
+        time.sleep(0.005 * i)
+        return native(server, "slow", {"inputs": [[1, 2, 3, 4]]}).status_code
+
+    server.redeploy(batch_wait_timeout_s=0.0)
+    try:
+        runs_before, answered_before = engine_runs_and_answers(server, "slow")
+        with ThreadPoolExecutor(16) as pool:
+            assert list(pool.map(staggered, range(16))) == [200] * 16
+        # A request is counted after its engine run, so once Ray exports all 16 answers
+        # (every few seconds), their runs are exported too.
+        deadline = time.monotonic() + 30
+        while (now := engine_runs_and_answers(server, "slow"))[1] - answered_before < 16:
+            assert time.monotonic() < deadline, f"metrics never arrived: {now}"
+            time.sleep(1)
+    finally:
+        server.redeploy()
+    runs = now[0] - runs_before
+    assert 1 <= runs <= 6, f"16 requests took {runs:.0f} engine runs"
+
+
 # --------------------------------------------------------------------------- overload, swaps
 
 

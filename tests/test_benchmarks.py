@@ -123,3 +123,24 @@ def test_the_report_has_its_fields_and_ratios(
     table = bench.markdown(report)
     assert table.count("\n| reference |") == len(bench.DOORS)  # one row per measured door
     assert "| – |" in table  # no KServe ratio without a peer
+
+
+def test_the_concurrency_128_target_compares_with_c32_and_needs_every_answer(
+    bench: ModuleType,
+) -> None:
+    def cell(concurrency: int, images_per_s: float, **errors: int) -> dict[str, Any]:
+        return {
+            "target": "espro", "engine": "fused", "door": "grpc", "concurrency": concurrency,
+            "images_per_request": 1, "images_per_s": images_per_s, "requests_per_s": images_per_s,
+            "p99_ms": 100.0, "errors": errors,
+        }  # fmt: skip
+
+    def c128_target(*cells: dict[str, Any]) -> dict[str, Any]:
+        (target,) = [t for t in bench.targets(bench.ratios(cells)) if "c=128" in t["target"]]
+        return target
+
+    met = c128_target(cell(32, 100.0), cell(128, 95.0))
+    assert met["ratio"] == pytest.approx(0.95) and met["met"] is True
+    assert c128_target(cell(32, 100.0), cell(128, 85.0))["met"] is False
+    assert c128_target(cell(32, 100.0), cell(128, 95.0, UNAVAILABLE=1))["met"] is False
+    assert c128_target(cell(128, 95.0))["met"] is None  # no c = 32 cell to compare with
