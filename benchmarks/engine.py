@@ -11,6 +11,7 @@ largest probability error against it. ::
     python benchmarks/engine.py                       # CPU, writes results/engine-cpu.json
     python benchmarks/engine.py --device cuda         # writes results/engine-cuda.json
     python benchmarks/engine.py --quick --out x.json  # a seconds-long smoke test
+    python benchmarks/engine.py --markdown results/engine-cpu.json  # the docs' table
 
 A cell whose smaller-K sibling (same model, engine and batch) took longer than
 ``--max-call-s`` per call is skipped (recorded with ``"skipped"``), and so is ONNX past
@@ -296,6 +297,49 @@ def targets(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The report as the Markdown table of docs/performance.md: per (model, K, batch) the
+    loop's latency, then each engine's speed-up over it with, in brackets, its GFLOP/s as a
+    percentage of the matmul peak of its precision (fp32, or bf16/fp16 where measured)."""
+    peaks = report["matmul_peak_gflops"]
+    cells = report["results"]
+    engines = list(dict.fromkeys(c["engine"] for c in cells if c["engine"] != "reference"))
+    reduced = [e for e in engines if parse_engine(e).precision != "fp32"]
+    by_key = {(c["model"], c["members"], c["batch"], c["engine"]): c for c in cells}
+
+    def percent(cell: dict[str, Any]) -> float:
+        precision = parse_engine(cell["engine"]).precision
+        return 100 * cell["gflops"] / peaks.get(precision, peaks["fp32"])
+
+    def entry(cell: dict[str, Any] | None) -> str:
+        if cell is None or "latency_ms" not in cell:
+            return "skipped"
+        return f"{cell['speedup_vs_reference']:.2f} ({percent(cell):.0f})"
+
+    def worst_error(key: tuple[Any, ...]) -> str:
+        errors = [
+            by_key[(*key, e)]["max_prob_error"]
+            for e in reduced
+            if "latency_ms" in by_key.get((*key, e), {})
+        ]
+        return f"{max(errors):.1e}" if errors else "–"
+
+    header = ["model", "K", "batch", "loop ms (% fp32 peak)"]
+    header += [f"{e} × loop (%)" for e in engines]
+    header += ["reduced-precision error"] if reduced else []
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    keys = dict.fromkeys((c["model"], c["members"], c["batch"]) for c in cells)
+    for key in keys:
+        loop = by_key.get((*key, "reference"))
+        if loop is None or "latency_ms" not in loop:
+            continue
+        row = [str(k) for k in key] + [f"{loop['latency_ms']:.1f} ({percent(loop):.0f})"]
+        row += [entry(by_key.get((*key, e))) for e in engines]
+        row += [worst_error(key)] if reduced else []
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -312,6 +356,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-call-s", type=float, default=2.0)
     parser.add_argument("--onnx-max-members", type=int, default=16, help="export takes long")
     parser.add_argument("--out", type=Path, help="JSON path (default results/engine-DEVICE.json)")
+    parser.add_argument(
+        "--markdown", type=Path, help="print the table of a report JSON for the docs, and stop"
+    )
     args = parser.parse_args(argv)
     args.command = " ".join(
         ["python benchmarks/engine.py", *(sys.argv[1:] if argv is None else argv)]
@@ -330,6 +377,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.markdown is not None:
+        report = json.loads(args.markdown.read_text())
+        print(markdown(report))
+        return report
     if args.threads:
         torch.set_num_threads(args.threads)
     report = run(args)

@@ -188,6 +188,20 @@ def test_vmapped_and_member_by_member_runs_agree(engine: str, max_vmap_batch: in
 
 
 @pytest.mark.parametrize(
+    ("architecture", "kwargs", "expected"),
+    [("mlp", {}, None), ("cnn", {"channels": (4, 5)}, 1)],
+)
+def test_on_the_cpu_only_convolutional_models_leave_vmap_past_one_row(
+    architecture: str, kwargs: dict[str, Any], expected: int | None
+) -> None:
+    build = functools.partial(
+        create_model, architecture, input_shape=(2, 9), num_outputs=3, **kwargs
+    )
+    _, fused = _ensemble(build, (2, 9), "fused")
+    assert fused.max_vmap_batch == expected  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
     ("architecture", "shape"),
     [("mlp", (4,)), ("cnn", (2, 9)), ("cnn", (3, 6, 5))],
 )
@@ -321,6 +335,12 @@ def test_quick_benchmark_writes_sane_json(tmp_path: Path) -> None:
         assert cell["latency_ms"] > 0 and cell["gflops"] > 0 and cell["fraction_of_fp32_peak"] > 0
         tolerance = 2e-3 if parse_engine(cell["engine"]).precision == "bf16" else 1e-5
         assert cell["max_prob_error"] <= tolerance
+    table = benchmark.markdown(report).splitlines()
+    assert table[0].split(" | ")[4:6] == ["fused × loop (%)", "shortcut:bf16 × loop (%)"]
+    rows = [line.strip("| ").split(" | ") for line in table[2:]]
+    assert [row[:3] for row in rows] == [["cnn", "4", "2"], ["mlp", "4", "2"]]
+    fused = next(c for c in cells if (c["model"], c["engine"]) == ("cnn", "fused"))
+    assert rows[0][4].startswith(f"{fused['speedup_vs_reference']:.2f} (")
 
 
 # --- CUDA (skipped without a GPU; benchmarks/gpu_engine.sh runs them) --------------------------

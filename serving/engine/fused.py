@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
+from torch import nn
 from torch.func import functional_call, vmap
 
 from serving.engine.cuda_graphs import CapturedForward, padded_batch
@@ -22,8 +23,12 @@ from serving.ensemble import MemberEnsemble, MemberState
 Prepared = Any
 """What :meth:`FusedEnsemble.prepare` makes of a set of members (stacked states, …)."""
 
-CPU_MAX_VMAP_BATCH = 4
-"""On the CPU, batches above this run member by member (measured: docs/performance.md)."""
+
+def cpu_max_vmap_batch(model: nn.Module) -> int | None:
+    """The largest batch worth vmapping on the CPU (None: any). vmapped convolutions become
+    grouped ones, which oneDNN runs slower than one convolution per member past a single row;
+    batched matmuls beat a member loop at every batch (docs/performance.md)."""
+    return 1 if any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()) else None
 
 
 def map_members(
@@ -58,8 +63,8 @@ class FusedEnsemble(MemberEnsemble):
 
     ``dtype`` is the precision of weights and activations (outputs are always float32).
     Batches of up to ``max_vmap_batch`` rows run vmapped, larger ones one member after another
-    over the same stack (``auto``: 4 on the CPU, where oneDNN's grouped convolutions lose to
-    separate ones at larger batches, see docs/performance.md; unlimited on CUDA).
+    over the same stack (``auto``: see :func:`cpu_max_vmap_batch` on the CPU; unlimited on
+    CUDA).
     ``cuda_graphs`` replays CUDA graphs for batches up to ``max_graph_batch`` rows (padded to
     a power of two); on the CPU it is ignored. At most ``chunk_size`` member-rows (members ×
     batch rows) run at once, which bounds the activations' memory; the ``max_cached`` most
@@ -79,7 +84,8 @@ class FusedEnsemble(MemberEnsemble):
         super().__init__(*args, **kwargs)
         self.dtype = dtype
         if max_vmap_batch == "auto":
-            max_vmap_batch = None if self.device.type == "cuda" else CPU_MAX_VMAP_BATCH
+            cuda = self.device.type == "cuda"
+            max_vmap_batch = None if cuda else cpu_max_vmap_batch(self.model)
         self.max_vmap_batch = max_vmap_batch
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.max_graph_batch = max_graph_batch
