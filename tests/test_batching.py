@@ -29,15 +29,21 @@ def run(test: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(test(), timeout=10))
 
 
+async def occupy(batcher: Batcher, worker: Worker) -> asyncio.Task:
+    """Submit item 0 and return (its task) once the worker runs it, held until released."""
+    worker.release.clear()
+    first = asyncio.create_task(batcher.submit(0))
+    await worker.started.wait()
+    return first
+
+
 def test_requests_that_arrive_while_a_batch_runs_form_one_batch_when_it_ends():
     # Ray Serve's @serve.batch made 10 batches of one here: it forms a batch before the
     # worker is free.
     async def test():
         worker = Worker()
         batcher = Batcher(worker, max_batch_size=32, batch_wait_timeout_s=0.0)
-        worker.release.clear()
-        first = asyncio.create_task(batcher.submit(0))
-        await worker.started.wait()
+        first = await occupy(batcher, worker)
         rest = [asyncio.create_task(batcher.submit(i)) for i in range(1, 11)]
         await asyncio.sleep(0.05)
         worker.release.set()
@@ -51,9 +57,7 @@ def test_batches_are_bounded_and_keep_the_order_of_arrival():
     async def test():
         worker = Worker()
         batcher = Batcher(worker, max_batch_size=4)
-        worker.release.clear()
-        first = asyncio.create_task(batcher.submit(0))
-        await worker.started.wait()
+        first = await occupy(batcher, worker)
         rest = [asyncio.create_task(batcher.submit(i)) for i in range(1, 10)]
         await asyncio.sleep(0)
         worker.release.set()
@@ -132,9 +136,7 @@ def test_a_caller_cancelled_while_queued_is_left_out():
     async def test():
         worker = Worker()
         batcher = Batcher(worker, max_batch_size=8)
-        worker.release.clear()
-        first = asyncio.create_task(batcher.submit(0))
-        await worker.started.wait()
+        first = await occupy(batcher, worker)
         gone = asyncio.create_task(batcher.submit(1))
         kept = asyncio.create_task(batcher.submit(2))
         await asyncio.sleep(0)
