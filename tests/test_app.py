@@ -427,6 +427,31 @@ def test_espro_serve_starts_answers_and_drains_on_sigterm(server, tmp_path):
     assert "draining" in log.read_text()
 
 
+def test_espro_serve_stopped_while_it_deploys_still_exits_cleanly(server, tmp_path):
+    """SIGTERM once Serve is up but before the application is ready: Ray's own SIGTERM
+    handlers ended the process mid-deploy (it aborted, exit -6); now the deploy finishes,
+    then everything drains and stops."""
+    command = [sys.executable, "-m", "training.cli", "serve", str(server.bundles["tiny/1"])]
+    command += ["--ray-cpus", "1", "--http-port", "18200", "--grpc-port", "19200"]
+    command += ["--metrics-port", "18280"]
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "Started Serve" not in log.read_text():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert "Ctrl-C stops it" not in log.read_text()  # still deploying
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "draining" in log.read_text()
+
+
 def test_espro_serve_refuses_a_missing_bundle_before_starting_ray(tmp_path):
     command = [sys.executable, "-m", "training.cli", "serve", str(tmp_path / "nothing")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)

@@ -28,9 +28,16 @@ def check_bundles(config: AppConfig) -> AppConfig:
     return config.model_copy(update={"bundles": bundles})
 
 
-def start(app: AppConfig, launch: LaunchConfig) -> None:
+def start(
+    app: AppConfig, launch: LaunchConfig, stop_requested: threading.Event | None = None
+) -> None:
     """Verify the bundles, start or join Ray, start Serve's doors, and deploy ``app``;
-    returns once it is ready."""
+    returns once it is ready.
+
+    ``stop_requested``, if given, is set by SIGINT and SIGTERM once Ray is up, replacing the
+    handlers ``ray.init`` installs, which end the process at once: ``espro serve`` aborted
+    (exit -6) when stopped while its application was being deployed. A signal while Ray
+    itself starts (a second or two) still ends it at once."""
     app = check_bundles(app)
     # The proxy refuses larger gRPC messages with RESOURCE_EXHAUSTED before they reach us.
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(app.max_body_bytes))
@@ -41,6 +48,9 @@ def start(app: AppConfig, launch: LaunchConfig) -> None:
         _metrics_export_port=launch.metrics_port,
         log_to_driver=False,
     )
+    if stop_requested is not None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop_requested.set())
     serve.start(
         http_options={
             "host": launch.host,
@@ -80,7 +90,8 @@ def stop() -> None:
 
 def serve_until_stopped(app: AppConfig, launch: LaunchConfig) -> None:
     """``espro serve``: deploy, print where the doors are, and drain on SIGINT or SIGTERM."""
-    start(app, launch)
+    stopped = threading.Event()
+    start(app, launch, stopped)
     host = launch.host
     print(f"espro is serving {len(app.bundles)} bundle(s):")
     print(f"  HTTP     http://{host}:{launch.http_port}  (native /v1, OIP /v2, docs /docs)")
@@ -88,9 +99,6 @@ def serve_until_stopped(app: AppConfig, launch: LaunchConfig) -> None:
     if launch.address is None:
         print(f"  metrics  http://127.0.0.1:{launch.metrics_port}/metrics")
     print("Ctrl-C stops it.", flush=True)
-    stopped = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopped.set())
     stopped.wait()
     print("draining and stopping...", flush=True)
     stop()
