@@ -17,3 +17,10 @@ def test_importing_does_not_import_ray(module):
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_command_line_starts_without_scikit_learn():
+    """``espro serve`` imports the CLI; scikit-learn takes seconds to import and only the
+    data builders need it."""
+    code = "import sys, training.cli\nassert 'sklearn' not in sys.modules\n"
+    subprocess.run([sys.executable, "-c", code], check=True)

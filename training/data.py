@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from serving.manifest import Task
 
+# scikit-learn, like torchvision, takes seconds to import: only the functions that use it do,
+# so that `espro serve`, which reads this module's config types, starts without it.
 if TYPE_CHECKING:  # torchvision takes seconds to import: only the CIFAR builders do
     from torchvision.datasets import CIFAR10
 
@@ -188,6 +188,8 @@ def load_dataset(config: DataConfig) -> Dataset:
 
 def _carve(split: Split, task: Task, config: DataConfig) -> tuple[Split, Split, Split]:
     """Split ``split`` into train, val and calibration; stratified for classification."""
+    from sklearn.model_selection import train_test_split  # seconds to import (see the top)
+
     held_out = config.val_fraction + config.calibration_fraction
     labels = split.y.numpy() if task is Task.CLASSIFICATION else None
     train_index, held_index = train_test_split(
@@ -235,6 +237,9 @@ def _generated(
 @register_dataset
 def digits(config: DataConfig) -> RawDataset:
     """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes); a fixed 20% test split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     bunch = load_digits()
     x_train, x_test, y_train, y_test = train_test_split(
         bunch.images[:, None],
