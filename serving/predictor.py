@@ -181,6 +181,12 @@ class Predictor:
                     have.append(self.ensemble.add(mix_vertices(vertices, alpha), origin))
             return have[:count]
 
+    def warm_up(self) -> None:
+        """Run the default members once on an all-zero instance, so that what the engine
+        makes per set of members (stacked states, an ONNX graph, CUDA graphs) is made now
+        rather than on the first request."""
+        self.outputs(torch.zeros(1, *self.manifest.input.shape))
+
     def outputs(self, x: torch.Tensor, draws: int | None = None) -> torch.Tensor:
         """Member outputs ``[S, B, ·]`` on the CPU for a raw batch ``[B, *input_shape]``."""
         return self.ensemble.outputs(x, self.member_indices(draws)).cpu()

@@ -182,6 +182,18 @@ def slow_linear(*, input_shape: Sequence[int], num_outputs: int) -> nn.Module:
     return SlowLinear(input_shape[0], num_outputs)
 
 
+class BrokenLinear(nn.Linear):
+    """A linear layer whose forward fails: a bundle that loads but cannot run."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("this layer cannot run")
+
+
+def broken_linear(*, input_shape: Sequence[int], num_outputs: int) -> nn.Module:
+    """A ``module:callable`` architecture with the shapes of :func:`slow_linear` that fails."""
+    return BrokenLinear(input_shape[0], num_outputs)
+
+
 # --------------------------------------------------------------------------- a real server
 
 LOOPBACK_ONLY = (

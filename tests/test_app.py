@@ -533,18 +533,23 @@ def test_a_corrupt_new_bundle_is_refused_and_the_old_keeps_serving(server, tmp_p
     assert {a.json()["model_version"] for a in answers} == {"2"}
 
 
-def test_a_corrupt_bundle_deployed_past_espro_is_refused_by_the_replica(server, tmp_path):
-    """``serve deploy`` of a config naming a corrupt bundle skips espro's check: the replica
-    refuses that bundle, serves the others (no outage) and counts it in a gauge."""
+def test_bad_bundles_deployed_past_espro_are_refused_by_the_replica(server, tmp_path):
+    """``serve deploy`` of a config naming a corrupt bundle and one whose network fails to run
+    skips espro's check: the replica refuses both (the second at its warm-up), serves the
+    others (no outage) and counts them in a gauge."""
     from ray import serve
 
     from conftest import tiny_bundle
     from serving.app import build_app
     from serving.app.launch import APP_NAME
+    from serving.manifest import ArchitectureSpec
 
     corrupt = tiny_bundle(seed=7, version="4").write(tmp_path / "tiny-4")
     weights = corrupt / "vertices.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    broken = tiny_bundle(
+        slow=True, name="broken", architecture=ArchitectureSpec(name="conftest:broken_linear")
+    ).write(tmp_path / "broken")
     answers: list[requests.Response] = []
     stop = threading.Event()
 
@@ -552,7 +557,8 @@ def test_a_corrupt_bundle_deployed_past_espro_is_refused_by_the_replica(server, 
         while not stop.is_set():
             answers.append(native(server, "tiny", {"inputs": X.tolist()}))
 
-    config = server.config.model_copy(update={"bundles": [*server.config.bundles, str(corrupt)]})
+    bad = [str(corrupt), str(broken)]
+    config = server.config.model_copy(update={"bundles": [*server.config.bundles, *bad]})
     try:
         with ThreadPoolExecutor(2) as pool:
             running = [pool.submit(hammer) for _ in range(2)]
@@ -565,9 +571,9 @@ def test_a_corrupt_bundle_deployed_past_espro_is_refused_by_the_replica(server, 
         versions = requests.get(f"{server.http}/v1/models", timeout=10).json()["models"]
         deadline = time.monotonic() + 30
         while not (refused := scrape(server).get("ray_espro_bundles_refused")) or not any(
-            sample.value == 1 for sample in refused.samples
+            sample.value == 2 for sample in refused.samples
         ):
-            assert time.monotonic() < deadline, "the refused bundle never showed in the gauge"
+            assert time.monotonic() < deadline, "the refused bundles never showed in the gauge"
             time.sleep(1)
     finally:
         server.redeploy()
@@ -575,6 +581,7 @@ def test_a_corrupt_bundle_deployed_past_espro_is_refused_by_the_replica(server, 
     assert {a.json()["model_version"] for a in answers} == {"2"}
     tiny = next(model for model in versions if model["name"] == "tiny")
     assert [v["version"] for v in tiny["versions"]] == ["1", "2"]
+    assert "broken" not in {model["name"] for model in versions}
 
 
 def serve_replicas() -> list[dict]:

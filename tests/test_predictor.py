@@ -105,6 +105,27 @@ def test_prediction_equals_hand_computation(
     torch.testing.assert_close(prediction.confidence, confidence, atol=1e-6, rtol=0)
 
 
+def test_warm_up_prepares_the_default_members_before_the_first_request(
+    tmp_path: Path, make_tiny_bundle: MakeBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from serving.engine.fused import FusedEnsemble
+
+    tiny = make_tiny_bundle()
+    predictor = Predictor(_load(tiny, tmp_path / "b"), engine="fused")
+    stacked: list[tuple[int, ...]] = []
+    stack = FusedEnsemble.stack
+
+    def counting(self: FusedEnsemble, members: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        stacked.append(tuple(members))
+        return stack(self, members)
+
+    monkeypatch.setattr(FusedEnsemble, "stack", counting)
+    predictor.warm_up()
+    assert stacked == [tuple(predictor.member_indices())]
+    predictor.predict(_inputs())
+    assert len(stacked) == 1  # the first request found the members stacked
+
+
 def test_members_are_not_returned_unless_asked(tiny_bundle_dir: Path) -> None:
     assert Predictor.from_path(tiny_bundle_dir).predict(_inputs()).member_probs is None
 

@@ -141,13 +141,16 @@ class ModelServer:
         for path in tuning.bundles:
             try:
                 bundle = load_bundle(path)
-                predictor = self._predictors.get(bundle.digest) or Predictor(
-                    bundle,
-                    device=self.device,
-                    allow_custom_architecture=self.allow_custom_architecture,
-                    engine=self.engine,
-                )
-            except (ValueError, OSError) as err:  # BundleError is a ValueError
+                predictor = self._predictors.get(bundle.digest)
+                if predictor is None:
+                    predictor = Predictor(
+                        bundle,
+                        device=self.device,
+                        allow_custom_architecture=self.allow_custom_architecture,
+                        engine=self.engine,
+                    )
+                    predictor.warm_up()  # an ONNX export takes seconds: not on a request
+            except (ValueError, OSError, RuntimeError) as err:  # BundleError is a ValueError
                 logger.error("refusing bundle %s: %s", path, err)
                 refused.append(f"{path}: {err}")
                 continue
