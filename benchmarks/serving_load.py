@@ -55,28 +55,15 @@ import grpc
 import httpx
 import numpy as np
 import torch
+from bundles import simplex_bundle
 from engine import machine
 from soak import memory
 from tqdm import tqdm
 
-from serving.architectures import create_model
-from serving.bundle import write_bundle
-from serving.manifest import (
-    AbstentionSpec,
-    ArchitectureSpec,
-    ConformalSpec,
-    DrawSpec,
-    InputSpec,
-    Manifest,
-    SimplexSpec,
-    Task,
-    vertex_key,
-)
 from serving.predictor import Predictor
 from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from serving.settings import AppConfig
-from serving.simplex import sample_dirichlet
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -102,38 +89,19 @@ Cell = dict[str, Any]
 
 
 def reference_bundle(path: Path, seed: int = 0) -> Path:
-    """The reference CNN with 3 simplexes × 5 draws = 15 members, written to ``path``.
-
-    Vertices are independently initialised networks (the architecture's own initialisation),
-    so activations have realistic scales; calibration fields are set, so every answer goes
-    through prediction sets and abstention as a trained bundle's would.
-    """
-    torch.manual_seed(seed)
-    build = lambda: create_model("cnn", input_shape=INPUT_SHAPE, num_outputs=10, **CNN)  # noqa: E731
-    names = [name for name, _ in build().named_parameters()]
-    tensors, simplexes = {}, []
-    for m in range(SIMPLEXES):
-        for j in range(VERTICES):
-            for name, tensor in build().named_parameters():
-                tensors[vertex_key(m, j, name)] = tensor.detach()
-        alphas = sample_dirichlet(VERTICES, DRAWS, torch.Generator().manual_seed(seed + m))
-        draws = tuple(DrawSpec(alpha=a.tolist()) for a in alphas)
-        simplexes.append(SimplexSpec(num_vertices=VERTICES, draw_seed=seed + m, draws=draws))
-    manifest = Manifest(
+    """The reference CNN with 3 simplexes × 5 draws = 15 members, written to ``path``."""
+    return simplex_bundle(
+        path,
         name="cnn-reference",
-        version="1",
-        task=Task.CLASSIFICATION,
-        architecture=ArchitectureSpec(name="cnn", kwargs=CNN),
-        input=InputSpec(shape=INPUT_SHAPE, mean=(0.5,) * 3, std=(0.25,) * 3),
+        architecture="cnn",
+        kwargs=CNN,
+        input_shape=INPUT_SHAPE,
         num_outputs=10,
-        class_names=tuple(str(k) for k in range(10)),
-        parameter_names=tuple(names),
-        simplexes=tuple(simplexes),
-        temperature=1.2,
-        conformal=ConformalSpec(method="aps", coverage=0.9, threshold=0.8, num_calibration=500),
-        abstention=AbstentionSpec(target_error=0.1, threshold=0.5, calibration_coverage=0.8),
+        simplexes=SIMPLEXES,
+        vertices=VERTICES,
+        draws=DRAWS,
+        seed=seed,
     )
-    return write_bundle(path, manifest, tensors)
 
 
 # --------------------------------------------------------------------------- the load

@@ -34,59 +34,28 @@ from typing import Any
 import grpc
 import httpx
 import numpy as np
-import torch
+from bundles import simplex_bundle
 
-from serving.architectures import create_model
-from serving.bundle import write_bundle
-from serving.manifest import (
-    AbstentionSpec,
-    ArchitectureSpec,
-    ConformalSpec,
-    DrawSpec,
-    InputSpec,
-    Manifest,
-    SimplexSpec,
-    Task,
-    vertex_key,
-)
 from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from serving.simplex import sample_dirichlet
 
 WIDTH = 4
 
 
 def random_bundle(path: Path, seed: int = 0) -> Path:
     """A 3-class MLP bundle for inputs of shape (4,): two random 2-simplexes, 3 draws each."""
-    gen = torch.Generator().manual_seed(seed)
-    architecture = ArchitectureSpec(name="mlp", kwargs={"hidden": [16]})
-    model = create_model("mlp", input_shape=(WIDTH,), num_outputs=3, hidden=[16])
-    params = dict(model.named_parameters())
-    tensors, simplexes = {}, []
-    for m in range(2):
-        for j in range(3):
-            for name, p in params.items():
-                tensors[vertex_key(m, j, name)] = torch.randn(p.shape, generator=gen)
-        alphas = sample_dirichlet(3, 3, torch.Generator().manual_seed(seed + m))
-        draws = tuple(DrawSpec(alpha=a.tolist()) for a in alphas)
-        simplexes.append(SimplexSpec(num_vertices=3, draw_seed=seed + m, draws=draws))
-    manifest = Manifest(
+    return simplex_bundle(
+        path,
         name="soak",
-        version="1",
-        task=Task.CLASSIFICATION,
-        architecture=architecture,
-        input=InputSpec(shape=(WIDTH,), mean=(0.0,) * WIDTH, std=(1.0,) * WIDTH),
+        architecture="mlp",
+        kwargs={"hidden": [16]},
+        input_shape=(WIDTH,),
         num_outputs=3,
-        class_names=("a", "b", "c"),
-        parameter_names=tuple(params),
-        buffer_names=(),
-        batchnorm_buffer_names=(),
-        simplexes=tuple(simplexes),
-        temperature=1.2,
-        conformal=ConformalSpec(method="aps", coverage=0.9, threshold=0.8, num_calibration=100),
-        abstention=AbstentionSpec(target_error=0.1, threshold=0.5, calibration_coverage=0.8),
+        simplexes=2,
+        vertices=3,
+        draws=3,
+        seed=seed,
     )
-    return write_bundle(path, manifest, tensors)
 
 
 # --------------------------------------------------------------------------- the traffic
