@@ -70,3 +70,24 @@ def test_lambda_search_and_diagnostics_run_on_cuda(tmp_path):
     training = load_bundle(path).manifest.training
     assert training["lambda"] in (0.01, 0.1, 1.0)
     assert len(training["diagnostics"]) == 2
+
+
+@cuda
+@pytest.mark.parametrize("engine", ["fused:graphs", "shortcut:fp16,graphs"])
+def test_predictor_on_cuda_with_graphs_matches_the_cpu_reference(
+    tmp_path, make_tiny_bundle, engine
+):
+    tiny = make_tiny_bundle(num_vertices=(2, 3), draws=4)
+    bundle = load_bundle(tiny.write(tmp_path / "bundle"))
+    on_cpu = Predictor(bundle)
+    on_gpu = Predictor(bundle, device="cuda", engine=engine)
+    on_gpu.warm_up()
+    tolerance = 2e-3 if "fp16" in engine else 1e-5
+    for batch in (1, 5, 64, 100, 5):  # graphs for 1, 8 and 64 rows; 100 rows run eagerly
+        x = torch.randn(batch, 4, generator=torch.Generator().manual_seed(batch))
+        for draws in (None, 2):
+            expected, got = on_cpu.predict(x, draws=draws), on_gpu.predict(x, draws=draws)
+            for name in ("probs", "entropy", "mutual_information"):
+                torch.testing.assert_close(
+                    getattr(got, name).cpu(), getattr(expected, name), atol=tolerance, rtol=0
+                )

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -303,6 +304,17 @@ def test_onnx_sessions_use_torchs_thread_count(
     assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
 
 
+def test_onnx_on_cuda_without_a_cuda_provider_is_refused_not_run_on_the_cpu() -> None:
+    from serving.engine.onnx import check_providers
+
+    with pytest.raises(
+        RuntimeError, match=r"needs onnxruntime-gpu; .* offers CPUExecutionProvider"
+    ):
+        check_providers(torch.device("cuda"), ["CPUExecutionProvider"])
+    check_providers(torch.device("cuda"), ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    check_providers(torch.device("cpu"), ["CPUExecutionProvider"])
+
+
 # --- the benchmark ----------------------------------------------------------------------------
 
 
@@ -369,13 +381,42 @@ def test_cuda_engines_equal_the_cpu_reference(engine: str, tolerance: float) -> 
     build = functools.partial(create_model, "cnn", input_shape=shape, num_outputs=5)
     reference, other = _ensemble(build, shape, engine, device="cuda")
     assert other.device.type == "cuda"
-    for batch in (1, 3, 64, 65):  # graphs: padded to 1, 4, 64; 65 runs eagerly
+    cases = [(batch, members) for batch in (1, 3, 64, 65) for members in (None, [5, 0, 2, 7])]
+    # graphs: padded to 1, 4, 64 (65 runs eagerly) and captured in this order; replaying them
+    # in the reverse order checks that graphs sharing a memory pool do not clobber each other.
+    for batch, members in cases + cases[::-1]:
         x = _inputs(shape, batch=batch, seed=batch)
-        for members in (None, [5, 0, 2, 7]):
-            error = (
-                _probs(other.outputs(x, members)) - _probs(reference.outputs(x, members))
-            ).abs()
-            assert error.max() <= tolerance, (batch, members)
+        error = (_probs(other.outputs(x, members)) - _probs(reference.outputs(x, members))).abs()
+        assert error.max() <= tolerance, (batch, members)
+
+
+@CUDA
+def test_graphs_are_captured_while_another_thread_synchronises_on_cuda() -> None:
+    shape = (3, 8, 8)
+    build = functools.partial(create_model, "cnn", input_shape=shape, num_outputs=5)
+    reference, graphs = _ensemble(build, shape, "fused:graphs", device="cuda")
+    stop, failures = threading.Event(), []
+
+    def serve_another_bundle() -> None:  # a replica answering while a new bundle warms up
+        a = torch.randn(256, 256, device="cuda")
+        try:
+            while not stop.is_set():
+                a = (a @ a).tanh()
+                a.sum().item()  # a synchronising call, as a request's answer makes
+        except Exception as error:  # reported below
+            failures.append(error)
+
+    thread = threading.Thread(target=serve_another_bundle)
+    thread.start()
+    try:
+        for batch in (1, 2, 4, 8, 16, 32, 64):  # each captures a new graph
+            x = _inputs(shape, batch=batch, seed=batch)
+            error = (_probs(graphs.outputs(x)) - _probs(reference.outputs(x))).abs()
+            assert error.max() <= 1e-5, batch
+    finally:
+        stop.set()
+        thread.join()
+    assert not failures, failures
 
 
 def test_importing_the_engines_imports_neither_ray_nor_onnxruntime() -> None:

@@ -14,10 +14,19 @@ class CapturedForward:
     """``forward`` replayed from a CUDA graph over a static input of ``batch`` rows.
 
     ``forward`` must read only tensors that outlive the graph (the caller keeps them) and treat
-    rows independently (eval mode), so that a shorter batch may be padded.
+    rows independently (eval mode), so that a shorter batch may be padded. Graphs given the same
+    ``pool`` (``torch.cuda.graph_pool_handle()``) share their temporaries' memory: safe as long
+    as they never replay at once, since each call copies its output out before returning.
     """
 
-    def __init__(self, forward: Forward, example: torch.Tensor, batch: int, warmup: int = 3):
+    def __init__(
+        self,
+        forward: Forward,
+        example: torch.Tensor,
+        batch: int,
+        warmup: int = 3,
+        pool: tuple[int, int] | None = None,
+    ):
         self.input = example.new_zeros(batch, *example.shape[1:])
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -26,7 +35,9 @@ class CapturedForward:
                 forward(self.input)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: other threads may go on using CUDA meanwhile (a replica warms a new
+        # bundle up while it serves the old one); "global" would fail their synchronising calls.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.output = forward(self.input)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -66,7 +66,8 @@ class FusedEnsemble(MemberEnsemble):
     over the same stack (``auto``: see :func:`cpu_max_vmap_batch` on the CPU; unlimited on
     CUDA).
     ``cuda_graphs`` replays CUDA graphs for batches up to ``max_graph_batch`` rows (padded to
-    a power of two); on the CPU it is ignored. At most ``chunk_size`` member-rows (members ×
+    a power of two; the graphs of one member set share a memory pool); on the CPU it is
+    ignored. At most ``chunk_size`` member-rows (members ×
     batch rows) run at once, which bounds the activations' memory; the ``max_cached`` most
     recent member sets keep their stacked states.
     """
@@ -92,6 +93,7 @@ class FusedEnsemble(MemberEnsemble):
         self.max_cached = max_cached
         self._prepared: OrderedDict[tuple[int, ...], Prepared] = OrderedDict()
         self._graphs: dict[tuple[tuple[int, ...], int], CapturedForward] = {}
+        self._pools: dict[tuple[int, ...], Any] = {}
         self._lock = threading.Lock()
 
     def _member_forward(self, state: MemberState, x: torch.Tensor) -> torch.Tensor:
@@ -133,11 +135,15 @@ class FusedEnsemble(MemberEnsemble):
                 while len(self._prepared) >= self.max_cached:
                     evicted, _ = self._prepared.popitem(last=False)
                     self._graphs = {k: g for k, g in self._graphs.items() if k[0] != evicted}
+                    self._pools.pop(evicted, None)
             self._prepared[members] = prepared  # most recently used last
             if batch is not None:  # a graph's static input and output are shared: replay locked
                 graph = self._graphs.get((members, batch))
                 if graph is None:
-                    graph = CapturedForward(lambda inp: self.run(prepared, inp), x, batch)
+                    pool = self._pools.setdefault(members, torch.cuda.graph_pool_handle())
+                    graph = CapturedForward(
+                        lambda inp: self.run(prepared, inp), x, batch, pool=pool
+                    )
                     self._graphs[members, batch] = graph
                 return graph(x)
         return self.run(prepared, x)

@@ -80,6 +80,19 @@ def export_graph(
     return program.model_proto.SerializeToString()
 
 
+def check_providers(device: torch.device, available: Sequence[str]) -> None:
+    """Refuse a CUDA device when ONNX Runtime cannot run on one, rather than fall back quietly.
+
+    ONNX Runtime only warns when a session asks for a provider it lacks, and then runs on the
+    CPU: an ensemble placed on CUDA would be served from the CPU without anybody noticing.
+    """
+    if device.type == "cuda" and "CUDAExecutionProvider" not in available:
+        raise RuntimeError(
+            "the onnx engine on a CUDA device needs onnxruntime-gpu; this onnxruntime offers "
+            f"{', '.join(available)}. Install onnxruntime-gpu, or pick a torch engine."
+        )
+
+
 class OnnxEnsemble(MemberEnsemble):
     """Answers through ONNX Runtime sessions, one per set of members (see the module)."""
 
@@ -88,6 +101,7 @@ class OnnxEnsemble(MemberEnsemble):
         import onnxruntime
 
         self._ort = onnxruntime
+        check_providers(self.device, onnxruntime.get_available_providers())
         self._sessions: dict[tuple[int, ...], Any] = {}
         self._lock = threading.Lock()
 
