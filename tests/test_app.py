@@ -652,7 +652,7 @@ def test_killing_a_replica_under_load_answers_every_request(server):
 
 
 def test_the_reference_engine_serves_the_same_answers(server):
-    assert server.config.engine == "fused"  # the default, used by every other test
+    assert server.config.engine == "fused:graphs"  # the default, used by every other test
     server.redeploy(engine="reference")
     try:
         body = native(server, "tiny", {"inputs": X.tolist()}).json()

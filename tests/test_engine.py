@@ -125,7 +125,7 @@ def test_engine_strings_parse() -> None:
 
 
 def test_app_config_validates_the_engine() -> None:
-    assert AppConfig(bundles=["b"]).engine == "fused"
+    assert AppConfig(bundles=["b"]).engine == "fused:graphs"
     assert AppConfig(bundles=["b"], engine="fused:bf16").engine == "fused:bf16"
     with pytest.raises(ValueError, match="engine"):
         AppConfig(bundles=["b"], engine="fused:int8")

@@ -89,7 +89,7 @@ class ModelServer:
         max_body_bytes: int = 64 << 20,
         torch_threads: int | None = None,
         auth_token_file: str | None = None,
-        engine: str = "fused",
+        engine: str = "fused:graphs",
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
