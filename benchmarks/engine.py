@@ -55,6 +55,7 @@ CUDA_ENGINES = (
     "shortcut",
     "fused:graphs",
     "fused:bf16",
+    "fused:bf16,graphs",
     "fused:fp16",
     "fused:fp16,graphs",
     "shortcut:fp16,graphs",
@@ -81,6 +82,23 @@ def time_call(
         if len(times) >= 3 * repeats:
             break
     return times
+
+
+def reset_memory_peak(device: torch.device) -> int:
+    """Start a CUDA memory peak over; the bytes allocated now (0 on the CPU)."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def memory_peak(device: torch.device, before: int) -> dict[str, float]:
+    """On CUDA, the most memory allocated since :func:`reset_memory_peak` beyond ``before``,
+    in MiB: what a cell's first call and repeats added at their peak (stacked states, graphs,
+    activations); nothing on the CPU."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_memory_mib": (torch.cuda.max_memory_allocated(device) - before) / 2**20}
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, size: int, min_seconds: float) -> float:
@@ -144,10 +162,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     input_shape = tuple(args.input_shape)
     load_before = os.getloadavg()
-    peak_size = args.peak_size or (4096 if device.type == "cuda" else 1024)
+    peak_size = args.peak_size or (8192 if device.type == "cuda" else 1024)
+    bf16_size = peak_size if device.type == "cuda" else peak_size // 2
     peaks = {
         "fp32": matmul_peak(torch.float32, device, peak_size, args.min_seconds),
-        "bf16": matmul_peak(torch.bfloat16, device, peak_size // 2, args.min_seconds),
+        "bf16": matmul_peak(torch.bfloat16, device, bf16_size, args.min_seconds),
     }
     if device.type == "cuda":
         peaks["fp16"] = matmul_peak(torch.float16, device, peak_size, args.min_seconds)
@@ -175,6 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     ):
                         results.append(cell | {"skipped": "too slow for this run's bounds"})
                         continue
+                    memory_before = reset_memory_peak(device)
                     start = time.perf_counter()  # the first call warms up: stacking, export, ...
                     probs = engine.outputs(x).float().softmax(-1).cpu()
                     first_call = time.perf_counter() - start
@@ -210,6 +230,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             "error_against": reference[0] if reference else None,
                             "shortcut_applied": _shortcut_applied(engine, k),
                         }
+                        | memory_peak(device, memory_before)
                     )
                     print(_row(results[-1]), file=sys.stderr, flush=True)
             del engines
@@ -241,6 +262,7 @@ def _row(cell: dict[str, Any]) -> str:
         f"{cell['model']:4} {cell['engine']:22} K={cell['members']:<3} B={cell['batch']:<3} "
         f"{cell['latency_ms']:9.2f} ms {cell['gflops']:8.2f} GFLOP/s "
         f"x{cell['speedup_vs_reference'] or math.nan:.2f} err {cell['max_prob_error']:.1e}"
+        + (f" {cell['peak_memory_mib']:8.1f} MiB" if "peak_memory_mib" in cell else "")
     )
 
 
@@ -340,6 +362,20 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def onnx_runs_on(device: torch.device) -> bool:
+    """Whether the installed ONNX Runtime runs the ``onnx`` engine on ``device``; says why not."""
+    try:
+        import onnxruntime
+    except ImportError:
+        print("onnxruntime is not installed: the onnx engine is left out", file=sys.stderr)
+        return False
+    providers = onnxruntime.get_available_providers()
+    if device.type == "cuda" and "CUDAExecutionProvider" not in providers:
+        print(f"onnxruntime offers only {providers}: the onnx engine is left out", file=sys.stderr)
+        return False
+    return True
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -352,7 +388,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-seconds", type=float, default=0.5, help="per peak; half per cell")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--peak-size", type=int, help="matmul side (default 1024 CPU, 4096 GPU)")
+    parser.add_argument("--peak-size", type=int, help="matmul side (default 1024 CPU, 8192 GPU)")
     parser.add_argument("--max-call-s", type=float, default=2.0)
     parser.add_argument("--onnx-max-members", type=int, default=16, help="export takes long")
     parser.add_argument("--out", type=Path, help="JSON path (default results/engine-DEVICE.json)")
@@ -365,7 +401,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     if args.engines is None:
         engines = CUDA_ENGINES if args.device.startswith("cuda") else CPU_ENGINES
-        args.engines = [e for e in engines if not (args.quick and e.startswith("onnx"))]
+        onnx = not args.quick and onnx_runs_on(torch.device(args.device))
+        args.engines = [e for e in engines if onnx or not e.startswith("onnx")]
     args.engines = ["reference", *(e for e in args.engines if e != "reference")]
     if args.quick:
         args.members, args.batches, args.input_shape = [4], [2], [3, 8, 8]
