@@ -355,6 +355,22 @@ def test_quick_benchmark_writes_sane_json(tmp_path: Path) -> None:
     assert rows[0][4].startswith(f"{fused['speedup_vs_reference']:.2f} (")
 
 
+def test_profile_of_a_cell_accounts_for_its_operators(tmp_path: Path) -> None:
+    out = tmp_path / "profile.json"
+    command = [sys.executable, str(BENCHMARK.with_name("profile_engine.py")), "--calls", "2"]
+    command += ["--members", "2", "--batch", "2", "--input-shape", "3", "8", "8", "--top", "3"]
+    subprocess.run([*command, "--out", str(out)], check=True, capture_output=True)
+    report = json.loads(out.read_text())
+    assert report["cell"] == {"device": "cpu", "model": "cnn", "members": 2, "batch": 2, "calls": 2}
+    assert [e["engine"] for e in report["engines"]] == ["reference", "fused"]
+    for engine in report["engines"]:
+        assert engine["wall_ms_per_call"] > 0 and engine["op_ms_per_call"] > 0
+        shares = [row["share"] for row in engine["top"]]
+        assert len(shares) == 3 and shares == sorted(shares, reverse=True) and sum(shares) <= 1
+    reference_ops = [row["name"] for row in report["engines"][0]["top"]]
+    assert any("conv" in name for name in reference_ops), reference_ops
+
+
 # --- CUDA (skipped without a GPU; benchmarks/gpu_engine.sh runs them) --------------------------
 
 
