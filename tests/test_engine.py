@@ -114,10 +114,12 @@ def test_engine_strings_parse() -> None:
     assert parse_engine("reference") == EngineSpec("reference")
     assert parse_engine("fused:bf16,graphs") == EngineSpec("fused", "bf16", cuda_graphs=True)
     assert str(parse_engine("shortcut:graphs,fp16")) == "shortcut:fp16,graphs"
+    assert parse_engine("fused:compile,graphs") == EngineSpec("fused", "fp32", True, True)
+    assert str(parse_engine("fused:compile,bf16,graphs")) == "fused:bf16,graphs,compile"
     for bad, message in [
         ("turbo", "unknown engine 'turbo'"),
         ("reference:bf16", "engine 'reference' has no option 'bf16'"),
-        ("fused:int8", "fused takes bf16, fp16, graphs"),
+        ("fused:int8", "fused takes bf16, compile, fp16, graphs"),
         ("fused:bf16,fp16", "more than one precision"),
     ]:
         with pytest.raises(ValueError, match=message):
@@ -355,6 +357,17 @@ def test_quick_benchmark_writes_sane_json(tmp_path: Path) -> None:
     assert rows[0][4].startswith(f"{fused['speedup_vs_reference']:.2f} (")
 
 
+def test_graphs_and_compile_are_ignored_on_the_cpu() -> None:
+    shape = (3, 8, 8)
+    build = functools.partial(create_model, "cnn", input_shape=shape, num_outputs=5)
+    reference, engine = _ensemble(build, shape, "fused:graphs,compile")
+    assert not engine.cuda_graphs and not engine.torch_compile  # type: ignore[attr-defined]
+    assert engine._run == engine.run  # type: ignore[attr-defined]  # nothing was compiled
+    x = _inputs(shape, batch=3, seed=0)
+    error = (_probs(engine.outputs(x)) - _probs(reference.outputs(x))).abs()
+    assert error.max() <= 1e-5
+
+
 def test_profile_of_a_cell_accounts_for_its_operators(tmp_path: Path) -> None:
     out = tmp_path / "profile.json"
     command = [sys.executable, str(BENCHMARK.with_name("profile_engine.py")), "--calls", "2"]
@@ -383,6 +396,9 @@ def test_profile_of_a_cell_accounts_for_its_operators(tmp_path: Path) -> None:
         ("fused:graphs", 1e-5),
         ("shortcut:graphs", 1e-5),
         ("fused:fp16,graphs", 2e-3),
+        ("fused:compile", 1e-5),
+        ("fused:graphs,compile", 1e-5),
+        ("shortcut:graphs,compile", 1e-5),
         ("fused:bf16", 2e-3),
         ("shortcut:fp16", 2e-3),
         ("onnx", 1e-5),
@@ -407,10 +423,11 @@ def test_cuda_engines_equal_the_cpu_reference(engine: str, tolerance: float) -> 
 
 
 @CUDA
-def test_graphs_are_captured_while_another_thread_synchronises_on_cuda() -> None:
+@pytest.mark.parametrize("engine", ["fused:graphs", "fused:graphs,compile"])
+def test_graphs_are_captured_while_another_thread_synchronises_on_cuda(engine: str) -> None:
     shape = (3, 8, 8)
     build = functools.partial(create_model, "cnn", input_shape=shape, num_outputs=5)
-    reference, graphs = _ensemble(build, shape, "fused:graphs", device="cuda")
+    reference, graphs = _ensemble(build, shape, engine, device="cuda")
     stop, failures = threading.Event(), []
 
     def serve_another_bundle() -> None:  # a replica answering while a new bundle warms up

@@ -12,8 +12,9 @@ alike. The string is ``NAME[:OPTION,...]``:
 ============  =================================================================================
 
 Options of ``fused`` and ``shortcut``: ``bf16`` or ``fp16`` (weights and activations in that
-precision, outputs in float32) and ``graphs`` (CUDA graphs for batches up to 64; ignored on the
-CPU). Example: ``fused:bf16,graphs``.
+precision, outputs in float32), ``graphs`` (CUDA graphs for batches up to 64) and ``compile``
+(the stacked forward compiled by ``torch.compile``); the last two apply on CUDA only and are
+ignored on the CPU. Example: ``fused:bf16,graphs``.
 
 This module imports neither torch nor ONNX Runtime: settings validate strings with it.
 """
@@ -28,7 +29,10 @@ if TYPE_CHECKING:
 
 ENGINES = ("reference", "fused", "shortcut", "onnx")
 PRECISIONS = ("fp32", "bf16", "fp16")
-_OPTIONS = {"fused": {"bf16", "fp16", "graphs"}, "shortcut": {"bf16", "fp16", "graphs"}}
+_OPTIONS = {
+    "fused": {"bf16", "fp16", "graphs", "compile"},
+    "shortcut": {"bf16", "fp16", "graphs", "compile"},
+}
 
 
 @dataclass(frozen=True)
@@ -38,10 +42,12 @@ class EngineSpec:
     name: str
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     cuda_graphs: bool = False
+    torch_compile: bool = False
 
     def __str__(self) -> str:
         options = [self.precision] if self.precision != "fp32" else []
         options += ["graphs"] if self.cuda_graphs else []
+        options += ["compile"] if self.torch_compile else []
         return f"{self.name}:{','.join(options)}" if options else self.name
 
 
@@ -60,7 +66,7 @@ def parse_engine(spec: str) -> EngineSpec:
     if len(precisions) > 1:
         raise ValueError(f"engine {spec!r} names more than one precision")
     precision = precisions[0] if precisions else "fp32"
-    return EngineSpec(name, precision, "graphs" in options)  # type: ignore[arg-type]
+    return EngineSpec(name, precision, "graphs" in options, "compile" in options)  # type: ignore[arg-type]
 
 
 def create_engine(spec: str | EngineSpec, *args: Any, **kwargs: Any) -> MemberEnsemble:
@@ -81,4 +87,6 @@ def create_engine(spec: str | EngineSpec, *args: Any, **kwargs: Any) -> MemberEn
 
     engine = FusedEnsemble if spec.name == "fused" else ShortcutEnsemble
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.precision]
-    return engine(*args, dtype=dtype, cuda_graphs=spec.cuda_graphs, **kwargs)
+    return engine(
+        *args, dtype=dtype, cuda_graphs=spec.cuda_graphs, torch_compile=spec.torch_compile, **kwargs
+    )

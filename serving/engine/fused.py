@@ -66,10 +66,12 @@ class FusedEnsemble(MemberEnsemble):
     over the same stack (``auto``: see :func:`cpu_max_vmap_batch` on the CPU; unlimited on
     CUDA).
     ``cuda_graphs`` replays CUDA graphs for batches up to ``max_graph_batch`` rows (padded to
-    a power of two; the graphs of one member set share a memory pool); on the CPU it is
-    ignored. At most ``chunk_size`` member-rows (members ×
-    batch rows) run at once, which bounds the activations' memory; the ``max_cached`` most
-    recent member sets keep their stacked states.
+    a power of two; the graphs of one member set share a memory pool), and ``torch_compile``
+    compiles :meth:`run` with ``torch.compile`` (inductor fuses the pointwise work around the
+    convolutions; compiled per shape on first use, seconds each, and run eagerly once PyTorch's
+    recompilation limit for :meth:`run` is reached); on the CPU both are ignored. At most
+    ``chunk_size`` member-rows (members × batch rows) run at once, which bounds the
+    activations' memory; the ``max_cached`` most recent member sets keep their stacked states.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class FusedEnsemble(MemberEnsemble):
         *args: Any,
         dtype: torch.dtype = torch.float32,
         cuda_graphs: bool = False,
+        torch_compile: bool = False,
         max_graph_batch: int = 64,
         max_cached: int = 8,
         max_vmap_batch: int | Literal["auto"] | None = "auto",
@@ -89,6 +92,8 @@ class FusedEnsemble(MemberEnsemble):
             max_vmap_batch = None if cuda else cpu_max_vmap_batch(self.model)
         self.max_vmap_batch = max_vmap_batch
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.torch_compile = torch_compile and self.device.type == "cuda"
+        self._run = torch.compile(self.run) if self.torch_compile else self.run
         self.max_graph_batch = max_graph_batch
         self.max_cached = max_cached
         self._prepared: OrderedDict[tuple[int, ...], Prepared] = OrderedDict()
@@ -142,8 +147,8 @@ class FusedEnsemble(MemberEnsemble):
                 if graph is None:
                     pool = self._pools.setdefault(members, torch.cuda.graph_pool_handle())
                     graph = CapturedForward(
-                        lambda inp: self.run(prepared, inp), x, batch, pool=pool
+                        lambda inp: self._run(prepared, inp), x, batch, pool=pool
                     )
                     self._graphs[members, batch] = graph
                 return graph(x)
-        return self.run(prepared, x)
+        return self._run(prepared, x)
