@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -194,6 +194,21 @@ class Job(Generic[R]):
         return self.finish(self.member_outputs(self.inputs))
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def float32_array(values: Any) -> np.ndarray:
+    """``values`` as a C-contiguous float32 array; a number past float32's range is a 400, not
+    an infinity that would be refused as if the client had sent one."""
+    with np.errstate(over="raise"):
+        try:
+            return np.ascontiguousarray(values, dtype=np.float32)
+        except FloatingPointError:
+            raise OIPError(
+                400, f"inputs must lie within float32's range (±{FLOAT32_MAX:.4g})"
+            ) from None
+
+
 class InferenceService:
     """Answers the three doors from one :class:`ModelRepository`.
 
@@ -220,7 +235,7 @@ class InferenceService:
         """Validate raw instances and options; input problems become 400s that name them."""
         if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
             raise OIPError(400, f"inputs must be real numbers, got {x.dtype}")
-        tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        tensor = torch.from_numpy(float32_array(x))
         try:
             inputs = predictor.ensemble.check_inputs(tensor)
             members = tuple(predictor.member_indices(options.draws))
@@ -240,7 +255,7 @@ class InferenceService:
         except RecursionError:
             raise OIPError(400, "the body is not valid JSON: nested too deeply") from None
         try:
-            x = np.asarray(request.inputs, dtype=np.float32)
+            x = float32_array(request.inputs)
         except (TypeError, ValueError, OverflowError, RecursionError):
             raise OIPError(400, "inputs must be a rectangular array of numbers") from None
 

@@ -124,6 +124,28 @@ def test_requested_outputs_only(service):
         (lambda s: s.native("tiny", b'{"inputs": [], "draws": 1}'), 422, "inputs"),
         (lambda s: s.native("tiny", b'{"inputs": [[1, 2, 3, 4]], "draws": 9}'), 400, "draws"),
         (lambda s: s.native("tiny", b'{"inputs": [[NaN, 2, 3, 4]]}'), 400, "NaN"),
+        (lambda s: s.native("tiny", b'{"inputs": [[1e39, 2, 3, 4]]}'), 400, "float32's range"),
+        (
+            lambda s: s.rest_infer(
+                "tiny",
+                None,
+                json.dumps(
+                    {
+                        "inputs": [
+                            {
+                                "name": "input",
+                                "shape": [1, 4],
+                                "datatype": "FP64",
+                                "data": [1, 2, 3, -1e300],
+                            }
+                        ]
+                    }
+                ).encode(),
+                None,
+            ),
+            400,
+            "float32's range",
+        ),
         (lambda s: s.rest_infer("tiny", "7", b'{"inputs": []}', None), 404, "no version '7'"),
         (
             lambda s: s.rest_infer(
