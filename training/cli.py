@@ -399,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, help="request size limit in MiB (default 64)")
     p.add_argument("--allow-custom-architecture", action="store_true", default=None)
     p.add_argument("--auth-token-file", help="require a bearer token from this file (per line)")
-    p.add_argument("--engine", help="member engine: fused:graphs (default), reference, shortcut, onnx")
+    p.add_argument(
+        "--engine", help="member engine: fused:graphs (default), reference, shortcut, onnx"
+    )
     p.set_defaults(func=_serve)
 
     p = sub.add_parser(
