@@ -369,9 +369,12 @@ def onnx_runs_on(device: torch.device) -> bool:
     except ImportError:
         print("onnxruntime is not installed: the onnx engine is left out", file=sys.stderr)
         return False
-    providers = onnxruntime.get_available_providers()
-    if device.type == "cuda" and "CUDAExecutionProvider" not in providers:
-        print(f"onnxruntime offers only {providers}: the onnx engine is left out", file=sys.stderr)
+    from serving.engine.onnx import check_providers
+
+    try:
+        check_providers(device, onnxruntime.get_available_providers())
+    except RuntimeError as error:
+        print(f"{error} The onnx engine is left out.", file=sys.stderr)
         return False
     return True
 
