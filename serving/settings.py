@@ -67,6 +67,13 @@ class AppConfig(Tuning):
     :mod:`serving.engine`). The default's ``graphs`` replays CUDA graphs on GPU replicas
     (1.3-5.7x eager ``fused`` on an H100) and is ignored on CPU ones."""
 
+    direct_grpc_port: int | None = Field(default=None, ge=1, le=65535)
+    """A port where each replica also serves the OIP gRPC service itself, past Serve's proxy
+    (:mod:`serving.app.direct`): more one-image requests per second on the same cores, but
+    outside Serve's routing, queue bound and autoscaling. None: only Serve's doors."""
+    direct_grpc_host: str = "127.0.0.1"
+    """The address the direct door binds (``0.0.0.0`` or ``::`` for every interface)."""
+
     @field_validator("engine")
     @classmethod
     def _known_engine(cls, value: str) -> str:

@@ -212,6 +212,8 @@ class Server:
 
     http: str
     grpc: str
+    direct: str
+    """The replica's own gRPC door, past Serve's proxy."""
     metrics: str
     bundles: dict[str, Path]
     config: Any  # serving.settings.AppConfig (imported lazily: Ray only where needed)
@@ -249,8 +251,9 @@ def server(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
     """The espro app on the session's Ray, for the whole session.
 
     It serves ``tiny`` versions 1 and 2, ``tiny-bn`` (BatchNorm) and ``slow`` (50 ms per
-    member), with 2 fresh draws allowed and a 1 MiB body limit; the doors answer a request
-    still waiting after 20 s with 408 / ``DEADLINE_EXCEEDED``.
+    member), with 2 fresh draws allowed and a 1 MiB body limit; Serve's doors answer a request
+    still waiting after 20 s with 408 / ``DEADLINE_EXCEEDED``. The replica also serves gRPC on
+    its direct door.
     """
     from serving.app import launch
     from serving.settings import AppConfig, LaunchConfig
@@ -268,6 +271,7 @@ def server(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
         allow_custom_architecture=True,
         max_body_bytes=1 << 20,
         torch_threads=1,
+        direct_grpc_port=19050,
     )
     ports = LaunchConfig(http_port=18000, grpc_port=19000, request_timeout_s=20)
     launch.start(config, ports)
@@ -275,6 +279,7 @@ def server(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield Server(
             http="http://127.0.0.1:18000",
             grpc="127.0.0.1:19000",
+            direct="127.0.0.1:19050",
             metrics="http://127.0.0.1:18080/metrics",
             bundles=bundles,
             config=config,

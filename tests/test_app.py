@@ -2,7 +2,8 @@
 
 Every test talks to the session's one real server (``server`` in conftest) with real clients:
 ``requests`` for native JSON, and ``tritonclient`` over HTTP and gRPC for the Open Inference
-Protocol.
+Protocol. gRPC goes through Serve's proxy (``grpc``) or the replica's direct door
+(``direct``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,8 +50,11 @@ def triton_http(server):
     return thttp.InferenceServerClient(server.http.removeprefix("http://"), network_timeout=30)
 
 
-def triton_grpc(server):
-    return tgrpc.InferenceServerClient(server.grpc)
+GRPC_DOORS = ("grpc", "direct")
+
+
+def triton_grpc(server, door: str = "grpc"):
+    return tgrpc.InferenceServerClient(getattr(server, door))
 
 
 def http_infer(server, x=X, binary=True, model="tiny", version="", **parameters):
@@ -60,9 +65,9 @@ def http_infer(server, x=X, binary=True, model="tiny", version="", **parameters)
     )
 
 
-def grpc_infer(server, x=X, model="tiny", version="", **parameters):
+def grpc_infer(server, x=X, model="tiny", version="", door="grpc", **parameters):
     inputs = [tgrpc.InferInput(INPUT, list(x.shape), "FP32").set_data_from_numpy(x)]
-    return triton_grpc(server).infer(
+    return triton_grpc(server, door).infer(
         model, inputs, model_version=version, parameters=parameters or None
     )
 
@@ -88,11 +93,12 @@ def test_every_door_answers_as_offline_predict(server):
     for binary in (True, False):
         result = http_infer(server, binary=binary)
         np.testing.assert_allclose(result.as_numpy("probabilities"), expected.probs, atol=1e-5)
-    result = grpc_infer(server)
-    np.testing.assert_allclose(result.as_numpy("probabilities"), expected.probs, atol=1e-5)
-    np.testing.assert_allclose(result.as_numpy("entropy"), expected.entropy, atol=1e-5)
-    np.testing.assert_array_equal(result.as_numpy("prediction_set"), expected.prediction_sets)
-    assert result.get_response().model_version == "2"
+    for door in GRPC_DOORS:
+        result = grpc_infer(server, door=door)
+        np.testing.assert_allclose(result.as_numpy("probabilities"), expected.probs, atol=1e-5)
+        np.testing.assert_allclose(result.as_numpy("entropy"), expected.entropy, atol=1e-5)
+        np.testing.assert_array_equal(result.as_numpy("prediction_set"), expected.prediction_sets)
+        assert result.get_response().model_version == "2"
 
 
 def test_versions_draws_and_members(server):
@@ -122,16 +128,17 @@ def test_fresh_draws_for_models_without_batchnorm(server):
 
 
 def test_tritonclient_health_and_metadata(server):
-    for client in (triton_http(server), triton_grpc(server)):
+    for client in (triton_http(server), triton_grpc(server), triton_grpc(server, "direct")):
         assert client.is_server_live() and client.is_server_ready()
         assert client.is_model_ready("tiny") and client.is_model_ready("tiny", "1")
         assert not client.is_model_ready("tiny", "9")
     metadata = triton_http(server).get_model_metadata("tiny")
     assert metadata["versions"] == ["1", "2"]
     assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}]
-    grpc_metadata = triton_grpc(server).get_model_metadata("tiny-bn")
-    assert [o.name for o in grpc_metadata.outputs][:2] == ["probabilities", "label"]
-    assert triton_grpc(server).get_server_metadata().extensions == ["binary_tensor_data"]
+    for door in GRPC_DOORS:
+        grpc_metadata = triton_grpc(server, door).get_model_metadata("tiny-bn")
+        assert [o.name for o in grpc_metadata.outputs][:2] == ["probabilities", "label"]
+        assert triton_grpc(server, door).get_server_metadata().extensions == ["binary_tensor_data"]
     assert triton_http(server).get_server_metadata()["name"] == "espro"
     models = requests.get(f"{server.http}/v1/models", timeout=10).json()["models"]
     assert {m["name"] for m in models} == {"tiny", "tiny-bn", "slow"}
@@ -184,26 +191,29 @@ def test_a_body_over_the_limit_is_413_and_the_server_stays_up(server):
     huge = np.zeros((80_000, 4), np.float32)  # about 1.8 MB as JSON, over the 1 MiB limit
     response = native(server, "tiny", {"inputs": huge.tolist()})
     assert response.status_code == 413 and "limit" in response.json()["error"]
-    with pytest.raises(InferenceServerException, match=r"RESOURCE_EXHAUSTED|limit"):
-        grpc_infer(server, x=np.zeros((80_000, 4), np.float32))
+    for door in GRPC_DOORS:
+        with pytest.raises(InferenceServerException) as info:
+            grpc_infer(server, x=np.zeros((80_000, 4), np.float32), door=door)
+        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
     assert native(server, "tiny", {"inputs": X.tolist()}).status_code == 200
 
 
 @pytest.mark.parametrize(
-    ("call", "code", "message"),
+    ("fields", "code", "message"),
     [
-        (lambda s: grpc_infer(s, x=np.ones((2, 3), np.float32)), "INVALID_ARGUMENT", "shape"),
-        (lambda s: grpc_infer(s, x=np.full((1, 4), np.inf, np.float32)), "INVALID_ARGUMENT", "inf"),
-        (lambda s: grpc_infer(s, draws=50), "INVALID_ARGUMENT", "draws"),
-        (lambda s: grpc_infer(s, model="nope"), "NOT_FOUND", "unknown model"),
-        (lambda s: grpc_infer(s, model="Ünïcode"), "NOT_FOUND", "unknown model"),
-        (lambda s: grpc_infer(s, version="9"), "NOT_FOUND", "no version '9'"),
-        (lambda s: grpc_infer(s, x=np.zeros((0, 4), np.float32)), "INVALID_ARGUMENT", "empty"),
+        ({"x": np.ones((2, 3), np.float32)}, "INVALID_ARGUMENT", "shape"),
+        ({"x": np.full((1, 4), np.inf, np.float32)}, "INVALID_ARGUMENT", "inf"),
+        ({"draws": 50}, "INVALID_ARGUMENT", "draws"),
+        ({"model": "nope"}, "NOT_FOUND", "unknown model"),
+        ({"model": "Ünïcode"}, "NOT_FOUND", "unknown model"),
+        ({"version": "9"}, "NOT_FOUND", "no version '9'"),
+        ({"x": np.zeros((0, 4), np.float32)}, "INVALID_ARGUMENT", "empty"),
     ],
 )
-def test_grpc_refusals_carry_their_code(server, call, code, message):
+@pytest.mark.parametrize("door", GRPC_DOORS)
+def test_grpc_refusals_carry_their_code(server, door, fields, code, message):
     with pytest.raises(InferenceServerException) as info:
-        call(server)
+        grpc_infer(server, door=door, **fields)
     assert info.value.status() == f"StatusCode.{code}"
     assert message in info.value.message()
 
@@ -270,6 +280,38 @@ def test_concurrent_requests_are_batched_and_metrics_parse(server):
     info = families["ray_espro_model_info"]
     digests = {s.labels["bundle_sha256"] for s in info.samples if s.labels["model"] == "tiny"}
     assert {load_bundle(server.bundles[f"tiny/{v}"]).digest for v in "12"} <= digests
+
+
+def listening_hosts(port: int) -> set[str]:
+    """The addresses TCP sockets listen on at ``port``, from /proc: IPv4 ones (IPv4-mapped
+    IPv6 included, as gRPC binds them) dotted, other IPv6 ones as the kernel's hex."""
+    hosts = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                address = address.removeprefix("0000000000000000FFFF0000")
+                ipv4 = len(address) == 8
+                hosts.add(".".join(map(str, bytes.fromhex(address)[::-1])) if ipv4 else address)
+    return hosts
+
+
+def test_the_direct_door_listens_on_loopback_and_counts_its_calls(server):
+    assert listening_hosts(int(server.direct.rsplit(":", 1)[1])) == {"127.0.0.1"}
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: grpc_infer(server, door="direct"), range(8)))
+    assert all(a.as_numpy("probabilities").shape == (5, 3) for a in answers)
+    deadline = time.monotonic() + 30
+    while True:
+        answered = scrape(server).get("ray_espro_requests")
+        samples = answered.samples if answered else []
+        direct = [s for s in samples if s.labels.get("door") == "grpc-direct"]
+        if sum(s.value for s in direct if s.labels["status"] == "200") >= 8:
+            break
+        assert time.monotonic() < deadline, f"no grpc-direct requests counted: {samples}"
+        time.sleep(1)
+    assert {s.labels["model"] for s in direct} <= {"tiny", "unknown"}
 
 
 def engine_runs_and_answers(server, model: str) -> tuple[float, float]:
@@ -484,14 +526,16 @@ def test_bearer_tokens_guard_http_and_grpc_but_not_health(server, tmp_path):
 
         client = triton_grpc(server)
         assert client.is_server_live()  # health stays open for probes
-        with pytest.raises(InferenceServerException) as info:
-            grpc_infer(server)
-        assert info.value.status() == "StatusCode.UNAUTHENTICATED"
+        for door in GRPC_DOORS:
+            with pytest.raises(InferenceServerException) as info:
+                grpc_infer(server, door=door)
+            assert info.value.status() == "StatusCode.UNAUTHENTICATED"
         inputs = [tgrpc.InferInput(INPUT, list(X.shape), "FP32").set_data_from_numpy(X)]
         result = client.infer("tiny", inputs, headers={"authorization": f"Bearer {token}"})
         assert result.as_numpy("probabilities").shape == (5, 3)
 
-        for url, transport in ((server.http, "http"), (server.http, "rest"), (server.grpc, "grpc")):
+        doors = [(server.http, "http"), (server.http, "rest"), (server.grpc, "grpc")]
+        for url, transport in [*doors, (server.direct, "grpc")]:
             with Client(url, transport=transport, token=token) as espro:
                 assert espro.predict("tiny", X).probabilities.shape == (5, 3)
             wrong = Client(url, transport=transport, token="nope")
@@ -598,13 +642,14 @@ def test_killing_a_replica_under_load_answers_every_request(server):
     """Serve replaces a killed replica. Plain HTTP callers get an answer to every request: the
     few in flight on the dead replica get 500 from Serve's proxy (or, if one is lost in Serve,
     408 at the doors' timeout). espro_client callers on every transport retry those and their
-    own timeouts, and every prediction succeeds."""
+    own timeouts, and every prediction succeeds. Both replicas share the direct door's port,
+    and the survivor answers its callers once the other is gone."""
     import ray
     from espro_client import Client, Retry
 
     server.redeploy(replicas=2, num_cpus=0.5)
     codes: list[int] = []
-    predicted: list[tuple[str, str]] = []
+    predicted: list[tuple[str, str, str]] = []
     stop = threading.Event()
 
     def plain() -> None:
@@ -615,7 +660,7 @@ def test_killing_a_replica_under_load_answers_every_request(server):
         retry = Retry(attempts=6, backoff=0.1)
         with Client(url, transport=transport, timeout=5, retry=retry) as client:
             while not stop.is_set():
-                predicted.append((transport, client.predict("tiny", X).model_version))
+                predicted.append((url, transport, client.predict("tiny", X).model_version))
 
     try:
         deadline = time.monotonic() + 60
@@ -623,13 +668,14 @@ def test_killing_a_replica_under_load_answers_every_request(server):
             assert time.monotonic() < deadline, replicas
             time.sleep(0.5)
         victim = replicas[0]
-        with ThreadPoolExecutor(5) as pool:
+        with ThreadPoolExecutor(6) as pool:
             running = [pool.submit(plain) for _ in range(2)] + [
                 pool.submit(with_client, url, transport)
                 for url, transport in (
                     (server.http, "http"),
                     (server.http, "rest"),
                     (server.grpc, "grpc"),
+                    (server.direct, "grpc"),
                 )
             ]
             time.sleep(0.5)
@@ -648,15 +694,22 @@ def test_killing_a_replica_under_load_answers_every_request(server):
     # request Serve lost around the kill, answered at the doors' timeout).
     assert set(codes) <= {200, 408, 500} and len(codes) - codes.count(200) <= 4, codes
     assert after == [200] * 4  # the replacement serves
-    assert set(predicted) == {("http", "2"), ("rest", "2"), ("grpc", "2")}
+    assert set(predicted) == {
+        (server.http, "http", "2"),
+        (server.http, "rest", "2"),
+        (server.grpc, "grpc", "2"),
+        (server.direct, "grpc", "2"),
+    }
 
 
 def test_the_reference_engine_serves_the_same_answers(server):
     assert server.config.engine == "fused:graphs"  # the default, used by every other test
-    server.redeploy(engine="reference")
+    server.redeploy(engine="reference")  # a new replica replaces the old one
     try:
         body = native(server, "tiny", {"inputs": X.tolist()}).json()
+        direct = grpc_infer(server, door="direct").as_numpy("probabilities")
     finally:
         server.redeploy()
     probs = [r["probabilities"] for r in body["predictions"]]
     np.testing.assert_allclose(probs, offline(server, "tiny/2").probs, atol=1e-5)
+    np.testing.assert_allclose(direct, offline(server, "tiny/2").probs, atol=1e-5)

@@ -227,6 +227,8 @@ SERVE_APP_FLAGS = {
     "allow_custom_architecture": "allow_custom_architecture",
     "auth_token_file": "auth_token_file",
     "engine": "engine",
+    "direct_grpc_port": "direct_grpc_port",
+    "direct_grpc_host": "host",
 }
 SERVE_LAUNCH_FLAGS = (
     "address",
@@ -382,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address the doors bind to (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--grpc-port", type=int, help="gRPC port (default 9000)")
+    p.add_argument(
+        "--direct-grpc-port",
+        type=int,
+        help="also serve gRPC from each replica on this port, past Serve's proxy (default off)",
+    )
     p.add_argument("--metrics-port", type=int, help="Prometheus port of a local Ray (8080)")
     p.add_argument("--address", help="join this Ray cluster instead of starting one")
     p.add_argument(

@@ -47,6 +47,9 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         auth_token_file=config.auth_token_file,
         engine=config.engine,
         torch_threads=config.torch_threads or max(1, int(config.num_cpus)),
+        direct_grpc_host=config.direct_grpc_host,
+        direct_grpc_port=config.direct_grpc_port,
+        max_direct_rpcs=config.max_ongoing_requests,
     )
 
 

@@ -96,6 +96,9 @@ def serve_until_stopped(app: AppConfig, launch: LaunchConfig) -> None:
     print(f"espro is serving {len(app.bundles)} bundle(s):")
     print(f"  HTTP     http://{host}:{launch.http_port}  (native /v1, OIP /v2, docs /docs)")
     print(f"  gRPC     {host}:{launch.grpc_port}  (inference.GRPCInferenceService)")
+    if app.direct_grpc_port is not None:
+        direct = f"{app.direct_grpc_host}:{app.direct_grpc_port}"
+        print(f"  gRPC     {direct}  (the same, from each replica past Serve's proxy)")
     if launch.address is None:
         print(f"  metrics  http://127.0.0.1:{launch.metrics_port}/metrics")
     print("Ctrl-C stops it.", flush=True)

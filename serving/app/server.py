@@ -1,19 +1,23 @@
 """The Ray Serve deployment: one ingress that owns the models, batches, and answers all doors.
 
 HTTP (native JSON and OIP v2 REST) arrives through FastAPI routes; OIP v2 gRPC arrives through
-Serve's gRPC proxy as calls of the methods named after the RPCs. Every door decodes its
+Serve's gRPC proxy as calls of the methods named after the RPCs, and, where configured, through
+the replica's own direct gRPC door (:mod:`serving.app.direct`) as calls of the same methods.
+Every door decodes its
 request into a :class:`~serving.service.Job` on the event loop, the jobs meet in one
 :class:`~serving.batching.Batcher`, and jobs that share a model and members run through the
 engine together in a worker thread, so decoding goes on while the members compute.
 """
 
 import asyncio
+import functools
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import grpc
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -31,11 +35,14 @@ from serving.service import InferenceService, Job, ModelRepository, model_metada
 from serving.settings import Tuning
 from serving.wire import PredictRequest, PredictResponse
 
+from .direct import RPCS, start_direct_door
 from .metrics import ServerMetrics
 from .openapi import json_answer, json_body
 
 logger = logging.getLogger("ray.serve")
 R = TypeVar("R")
+DRAIN_S = 10.0
+"""How long a stopping replica's direct door lets its calls in flight finish."""
 
 api = FastAPI(
     title="espro",
@@ -54,12 +61,16 @@ def _error(err: OIPError) -> Response:
     )
 
 
-def _grpc_error(context: RayServegRPCContext, err: OIPError) -> None:
+GrpcContext = RayServegRPCContext | grpc.aio.ServicerContext
+"""Serve's proxy hands the replica its own context; the direct door, gRPC's."""
+
+
+def _grpc_error(context: GrpcContext, err: OIPError) -> None:
     context.set_code(err.grpc_code)
     context.set_details(err.message)
 
 
-def _grpc_authorization(context: RayServegRPCContext) -> str | None:
+def _grpc_authorization(context: GrpcContext) -> str | None:
     return dict(context.invocation_metadata()).get("authorization")
 
 
@@ -90,6 +101,9 @@ class ModelServer:
         torch_threads: int | None = None,
         auth_token_file: str | None = None,
         engine: str = "fused:graphs",
+        direct_grpc_host: str = "127.0.0.1",
+        direct_grpc_port: int | None = None,
+        max_direct_rpcs: int = 256,
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -98,6 +112,8 @@ class ModelServer:
         self.max_body_bytes = max_body_bytes
         self.auth_token_file = auth_token_file
         self.engine = engine
+        self.direct_grpc = (direct_grpc_host, direct_grpc_port, max_direct_rpcs)
+        self._direct: grpc.aio.Server | None = None
         self.tokens = self._read_tokens()
         self.service = InferenceService(ModelRepository(), server_version=__version__)
         self.metrics = ServerMetrics()
@@ -127,8 +143,26 @@ class ModelServer:
         )
         if self._model_info is None:
             self._model_info = asyncio.create_task(self._refresh_model_info())
+        host, port, max_rpcs = self.direct_grpc
+        if port is not None and self._direct is None:
+            methods = {name: getattr(self, name) for name in RPCS}
+            methods["ModelInfer"] = functools.partial(self._grpc_infer, door="grpc-direct")
+            self._direct = await start_direct_door(
+                methods,
+                host=host,
+                port=port,
+                max_message_bytes=self.max_body_bytes,
+                max_concurrent_rpcs=max_rpcs,
+            )
         names = ", ".join(f"{p.manifest.name}:{p.manifest.version}" for p in predictors)
         logger.info("serving %s on %s", names, self.device)
+
+    async def __del__(self) -> None:
+        """Serve calls this as the replica stops: the direct door takes no new calls and
+        finishes those in flight."""
+        if self._direct is not None:
+            await self._direct.stop(DRAIN_S)
+            self._direct = None
 
     async def _refresh_model_info(self) -> None:
         while True:
@@ -240,7 +274,7 @@ class ModelServer:
         except OIPError as err:
             return _error(err)
 
-    def _grpc_denied(self, context: RayServegRPCContext) -> bool:
+    def _grpc_denied(self, context: GrpcContext) -> bool:
         """Refuse a gRPC call without a valid token (UNAUTHENTICATED); True if refused."""
         try:
             self.tokens.check(_grpc_authorization(context))
@@ -364,14 +398,18 @@ class ModelServer:
 
     # -- Open Inference Protocol v2, gRPC (methods named after the RPCs) -------------------
 
-    async def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, grpc_context: GrpcContext
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, grpc_context: GrpcContext
+    ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=bool(self.service.repository.names()))
 
     async def ModelReady(
-        self, request: pb.ModelReadyRequest, grpc_context: RayServegRPCContext
+        self, request: pb.ModelReadyRequest, grpc_context: GrpcContext
     ) -> pb.ModelReadyResponse:
         if self._grpc_denied(grpc_context):
             return pb.ModelReadyResponse()
@@ -382,14 +420,14 @@ class ModelServer:
         return pb.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, grpc_context: RayServegRPCContext
+        self, request: pb.ServerMetadataRequest, grpc_context: GrpcContext
     ) -> pb.ServerMetadataResponse:
         if self._grpc_denied(grpc_context):
             return pb.ServerMetadataResponse()
         return self.service.server_metadata().to_grpc()
 
     async def ModelMetadata(
-        self, request: pb.ModelMetadataRequest, grpc_context: RayServegRPCContext
+        self, request: pb.ModelMetadataRequest, grpc_context: GrpcContext
     ) -> pb.ModelMetadataResponse:
         if self._grpc_denied(grpc_context):
             return pb.ModelMetadataResponse()
@@ -400,8 +438,14 @@ class ModelServer:
             return pb.ModelMetadataResponse()
 
     async def ModelInfer(
-        self, request: pb.ModelInferRequest, grpc_context: RayServegRPCContext
+        self, request: pb.ModelInferRequest, grpc_context: GrpcContext
     ) -> pb.ModelInferResponse:
+        return await self._grpc_infer(request, grpc_context, door="grpc")
+
+    async def _grpc_infer(
+        self, request: pb.ModelInferRequest, grpc_context: GrpcContext, *, door: str
+    ) -> pb.ModelInferResponse:
+        """Answer an inference call from Serve's proxy or the direct door (``door``)."""
         start = time.perf_counter()
         response, status = pb.ModelInferResponse(), 200
         try:
@@ -415,9 +459,9 @@ class ModelServer:
             status = err.status
             _grpc_error(grpc_context, err)
         except Exception:
-            logger.exception("grpc request for model %r failed", request.model_name)
+            logger.exception("%s request for model %r failed", door, request.model_name)
             status = 500
             _grpc_error(grpc_context, OIPError(500, INTERNAL_ERROR))
         model = self._model_tag(request.model_name)
-        self.metrics.request("grpc", model, status, time.perf_counter() - start)
+        self.metrics.request(door, model, status, time.perf_counter() - start)
         return response

@@ -1,0 +1,152 @@
+"""The direct gRPC door on its own: a grpc.aio server on loopback answering with given methods."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from serving.app.direct import RPCS, DirectServicer, start_direct_door
+from serving.proto import grpc_predict_v2_pb2 as pb
+from serving.proto.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Replica:
+    """Methods like the replica's: ``ModelInfer`` names the door that answered, refuses an
+    unknown model with NOT_FOUND, and waits ``delay`` seconds."""
+
+    def __init__(self, name: str, delay: float = 0.0) -> None:
+        self.name, self.delay = name, delay
+
+    def methods(self) -> dict[str, Callable[[Any, Any], Awaitable[Any]]]:
+        async def live(request: Any, context: Any) -> pb.ServerLiveResponse:
+            return pb.ServerLiveResponse(live=True)
+
+        async def infer(request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+            await asyncio.sleep(self.delay)
+            if request.model_name != "m":
+                context.set_code(grpc.StatusCode.NOT_FOUND)
+                context.set_details(f"unknown model {request.model_name!r}")
+                return pb.ModelInferResponse()
+            return pb.ModelInferResponse(model_name="m", id=self.name)
+
+        return {name: live for name in RPCS} | {"ModelInfer": infer}
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(test(), timeout=30))
+
+
+async def start(replica: Replica, port: int, **limits: int) -> grpc.aio.Server:
+    options = {"max_message_bytes": 1 << 20, "max_concurrent_rpcs": 16} | limits
+    return await start_direct_door(replica.methods(), host="127.0.0.1", port=port, **options)
+
+
+def test_the_door_answers_with_the_methods_and_their_status_codes():
+    async def test() -> None:
+        port = free_port()
+        server = await start(Replica("a"), port)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = GRPCInferenceServiceStub(channel)
+                assert (await stub.ServerLive(pb.ServerLiveRequest())).live
+                answer = await stub.ModelInfer(pb.ModelInferRequest(model_name="m"))
+                assert answer.id == "a"
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.ModelInfer(pb.ModelInferRequest(model_name="x"))
+                assert info.value.code() == grpc.StatusCode.NOT_FOUND
+                assert "unknown model 'x'" in info.value.details()
+                large = pb.ModelInferRequest(model_name="m", raw_input_contents=[bytes(2 << 20)])
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.ModelInfer(large)
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            await server.stop(None)
+
+    run(test)
+
+
+def test_calls_past_the_concurrency_bound_are_refused_not_queued():
+    async def test() -> None:
+        port = free_port()
+        server = await start(Replica("a", delay=0.5), port, max_concurrent_rpcs=2)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = GRPCInferenceServiceStub(channel)
+                calls = [stub.ModelInfer(pb.ModelInferRequest(model_name="m")) for _ in range(4)]
+                answers = await asyncio.gather(*calls, return_exceptions=True)
+            refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+            assert sum(isinstance(a, pb.ModelInferResponse) for a in answers) == 2
+            assert [a.code() for a in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+        finally:
+            await server.stop(None)
+
+    run(test)
+
+
+def test_replicas_share_the_port_and_a_stopped_one_leaves_it_to_the_other():
+    async def test() -> None:
+        port = free_port()
+        first, second = await start(Replica("a"), port), await start(Replica("b"), port)
+        try:
+            seen = set()
+            for _ in range(40):  # new connections are spread over both
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    stub = GRPCInferenceServiceStub(channel)
+                    seen.add((await stub.ModelInfer(pb.ModelInferRequest(model_name="m"))).id)
+            assert seen == {"a", "b"}
+            await first.stop(1.0)
+            for _ in range(10):
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    stub = GRPCInferenceServiceStub(channel)
+                    answer = await stub.ModelInfer(pb.ModelInferRequest(model_name="m"))
+                    assert answer.id == "b"
+        finally:
+            await first.stop(None)
+            await second.stop(None)
+
+    run(test)
+
+
+def test_a_stopping_door_finishes_the_calls_in_flight():
+    async def test() -> None:
+        port = free_port()
+        server = await start(Replica("a", delay=0.5), port)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = GRPCInferenceServiceStub(channel)
+            call = asyncio.ensure_future(stub.ModelInfer(pb.ModelInferRequest(model_name="m")))
+            await asyncio.sleep(0.2)
+            await server.stop(5.0)
+            assert (await call).id == "a"
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ModelInfer(pb.ModelInferRequest(model_name="m"), timeout=2)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    run(test)
+
+
+def test_a_port_held_by_another_program_is_a_clear_error():
+    async def test() -> None:
+        with socket.socket() as holder:  # bound without SO_REUSEPORT, so it is not shared
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            port = holder.getsockname()[1]
+            with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+                await start(Replica("a"), port)
+
+    run(test)
+
+
+def test_every_rpc_needs_a_method():
+    with pytest.raises(ValueError, match="ModelInfer"):
+        DirectServicer({name: None for name in RPCS if name != "ModelInfer"})
