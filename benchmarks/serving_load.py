@@ -10,7 +10,8 @@ request size (images per request), three targets get the same load:
   (``max_batch_size`` counts requests, as the server's batcher does), with the replicas' torch
   threads. Its images/s is the capacity the server's doors and batching can at best deliver.
 - ``espro``: the server (``serving.app.launch.start``) with each ``--engines`` back end, over
-  native JSON, OIP REST JSON, OIP REST with the binary tensor extension, and OIP gRPC.
+  native JSON, OIP REST JSON, OIP REST with the binary tensor extension, OIP gRPC through
+  Serve's proxy, and OIP gRPC through the replica's direct door (``grpc-direct``).
 - ``kserve``: ``benchmarks/kserve_peer.py`` (KServe's ``ModelServer``, one forward pass per
   member per request) in its own virtual environment, over the OIP doors.
 - ``serve-noop``: a Ray Serve application that answers "ok" without a model, on the same Serve
@@ -67,12 +68,17 @@ from serving.settings import AppConfig
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-DOORS = ("native", "rest-json", "rest-binary", "grpc")
+DOORS = ("native", "rest-json", "rest-binary", "grpc", "grpc-direct")
+GRPC_DOORS = ("grpc", "grpc-direct")
 TARGET_NAMES = ("engine", "espro", "kserve")
 KSERVE_UNSUPPORTED = {
     "native": "KServe has no espro native API (its v1 protocol, `:predict` with `instances`, "
-    "is another contract)"
+    "is another contract)",
+    "grpc-direct": "KServe's gRPC server runs in its model's process already: its grpc cells "
+    "are the peer of both espro gRPC doors",
 }
+PEER_DOOR = {"grpc-direct": "grpc"}
+"""The KServe door an espro door is compared with, where their names differ."""
 MAX_BATCH_SIZE = AppConfig.model_fields["max_batch_size"].default
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 OK_CODES = {"200", "OK"}
@@ -115,6 +121,8 @@ class Endpoint:
     grpc: str
     model: str
     input_shape: tuple[int, ...]
+    direct: str | None = None
+    """espro's direct gRPC door (``grpc-direct``)."""
 
 
 @dataclass(frozen=True)
@@ -191,8 +199,9 @@ async def sender(load: Load) -> AsyncIterator[Callable[[], Awaitable[Answer]]]:
     """A function sending ``load``'s request once, over a connection pool shared by the
     workers (one HTTP/1.1 connection each, or one gRPC channel)."""
     x = instances(load)
-    if load.door == "grpc":
-        async with grpc.aio.insecure_channel(load.endpoint.grpc) as channel:
+    if load.door in GRPC_DOORS:
+        address = load.endpoint.grpc if load.door == "grpc" else load.endpoint.direct
+        async with grpc.aio.insecure_channel(address) as channel:
             call = channel.unary_unary(MODEL_INFER)  # bytes in, bytes out: no decoding here
             body = grpc_request(load, x)
 
@@ -519,7 +528,11 @@ def espro_cells(
 
     def config(engine: str) -> AppConfig:
         return AppConfig(
-            bundles=[str(bundle)], engine=engine, num_cpus=args.threads, torch_threads=args.threads
+            bundles=[str(bundle)],
+            engine=engine,
+            num_cpus=args.threads,
+            torch_threads=args.threads,
+            direct_grpc_port=args.direct_grpc_port,
         )
 
     ports = LaunchConfig(
@@ -530,6 +543,7 @@ def espro_cells(
         f"127.0.0.1:{args.grpc_port}",
         "cnn-reference",
         INPUT_SHAPE,
+        direct=f"127.0.0.1:{args.direct_grpc_port}",
     )
     results: list[Cell] = []
     launch.start(config(args.engines[0]), ports)
@@ -677,7 +691,8 @@ def _ratio(numerator: float, denominator: float | None) -> float | None:
 
 def ratios(cells: Sequence[Cell]) -> list[Cell]:
     """For every measured espro cell: its images/s over the in-process engine's (same engine,
-    concurrency and request size), over the KServe peer's (same door) and over its own at
+    concurrency and request size), over the KServe peer's (same door; its gRPC for
+    ``grpc-direct``) and over its own at
     c = 32 (same engine, door and size), p99s side by side, and for one-image cells its
     requests/s over Serve's no-op ceiling (same concurrency)."""
     measured = [cell for cell in cells if "images_per_s" in cell]
@@ -686,10 +701,12 @@ def ratios(cells: Sequence[Cell]) -> list[Cell]:
         for c in measured
         if c["target"] == "engine"
     }
-    kserve = {
-        (c["door"], c["concurrency"], c["images_per_request"]): c
+    kserve = {  # keyed by espro's door
+        (door, c["concurrency"], c["images_per_request"]): c
         for c in measured
         if c["target"] == "kserve"
+        for door in DOORS
+        if PEER_DOOR.get(door, door) == c["door"]
     }
     noop = {c["concurrency"]: c for c in measured if c["target"] == "serve-noop"}
     at_32 = {
@@ -881,6 +898,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loadgen-core", type=int, default=max(os.sched_getaffinity(0)))
     parser.add_argument("--http-port", type=int, default=28000)
     parser.add_argument("--grpc-port", type=int, default=28001)
+    parser.add_argument("--direct-grpc-port", type=int, default=28002)
     parser.add_argument("--metrics-port", type=int, default=28080)
     parser.add_argument("--kserve-http-port", type=int, default=28500)
     parser.add_argument("--kserve-grpc-port", type=int, default=28501)

@@ -43,7 +43,7 @@ def loadgen(bench: ModuleType) -> Iterator[Any]:
 def measured(bench: ModuleType, loadgen: Any, server: Server) -> list[dict[str, Any]]:
     """One second of load at concurrency 2 over every door of the server, and the in-process
     engine at the batch the server would form."""
-    endpoint = bench.Endpoint(server.http, server.grpc, "tiny", INPUT_SHAPE)
+    endpoint = bench.Endpoint(server.http, server.grpc, "tiny", INPUT_SHAPE, server.direct)
     cells = [bench.GridCell(concurrency=2, images=IMAGES)]
     timing = bench.Timing(warmup_s=0.3, duration_s=1.0, timeout_s=20.0)
     espro = bench.door_cells(
@@ -86,7 +86,7 @@ def test_the_engine_runs_the_batch_the_server_would_form(
 def test_a_door_that_refuses_is_recorded_with_its_reason(
     bench: ModuleType, loadgen: Any, server: Server
 ) -> None:
-    endpoint = bench.Endpoint(server.http, server.grpc, "no-such-model", INPUT_SHAPE)
+    endpoint = bench.Endpoint(server.http, server.grpc, "no-such-model", INPUT_SHAPE, server.direct)
     timing = bench.Timing(warmup_s=0.0, duration_s=0.1, timeout_s=20.0)
     cells = bench.door_cells(
         loadgen, "espro", "reference", endpoint, bench.DOORS, [bench.GridCell(2, 1)], timing,
@@ -97,6 +97,7 @@ def test_a_door_that_refuses_is_recorded_with_its_reason(
         "the door answers 404",
         "the door answers 404",
         "the door answers 404",
+        "the door answers NOT_FOUND",
         "the door answers NOT_FOUND",
     ]
     assert all("no-such-model" in reason for reason in reasons)
@@ -144,3 +145,25 @@ def test_the_concurrency_128_target_compares_with_c32_and_needs_every_answer(
     assert c128_target(cell(32, 100.0), cell(128, 85.0))["met"] is False
     assert c128_target(cell(32, 100.0), cell(128, 95.0, UNAVAILABLE=1))["met"] is False
     assert c128_target(cell(128, 95.0))["met"] is None  # no c = 32 cell to compare with
+
+
+def test_both_grpc_doors_are_compared_with_the_peers_grpc(bench: ModuleType) -> None:
+    def cell(target: str, door: str, images_per_s: float) -> dict[str, Any]:
+        return {
+            "target": target, "engine": "fused", "door": door, "concurrency": 32,
+            "images_per_request": 1, "images_per_s": images_per_s, "requests_per_s": images_per_s,
+            "p99_ms": 100.0, "errors": {},
+        }  # fmt: skip
+
+    rows = bench.ratios(
+        [
+            cell("espro", "grpc", 100.0),
+            cell("espro", "grpc-direct", 200.0),
+            cell("espro", "rest-json", 60.0),
+            cell("kserve", "grpc", 50.0),
+        ]
+    )
+    over_kserve = {row["door"]: row["server_over_kserve"] for row in rows}
+    assert over_kserve == {"grpc": pytest.approx(2.0), "grpc-direct": pytest.approx(4.0)} | {
+        "rest-json": None
+    }
