@@ -9,7 +9,9 @@ information. Entropies are in nats, with ``0 · log 0 = 0``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -188,3 +190,30 @@ def regress(
         member_means=means if return_members else None,
         member_variances=variances if return_members else None,
     )
+
+
+P = TypeVar("P", ClassificationPrediction, RegressionPrediction)
+
+
+def split_batch(prediction: P, sizes: Sequence[int], keep_members: Sequence[bool]) -> list[P]:
+    """The predictions of consecutive parts of ``sizes`` instances of a batch's ``prediction``,
+    each with its member outputs (``member_*``, ``[S, B, ...]``) only where ``keep_members``
+    says so. Pooling is per instance, so each equals the prediction of its part alone."""
+    if len(sizes) != len(keep_members):
+        raise ValueError(f"Expected one keep_members flag per part, got {len(keep_members)}.")
+    parts: dict[str, Sequence[Tensor | None]] = {}
+    for field in fields(prediction):
+        value = getattr(prediction, field.name)
+        members = field.name.startswith("member_")
+        split = None if value is None else value.split(list(sizes), dim=1 if members else 0)
+        parts[field.name] = [None] * len(sizes) if split is None else split
+    return [
+        replace(
+            prediction,
+            **{
+                name: None if name.startswith("member_") and not keep else values[i]
+                for name, values in parts.items()
+            },
+        )
+        for i, keep in enumerate(keep_members)
+    ]

@@ -35,7 +35,7 @@ from serving.oip import (
     request_options,
     select_outputs,
 )
-from serving.predictive import RegressionPrediction
+from serving.predictive import RegressionPrediction, split_batch
 from serving.predictor import Prediction, Predictor, calibrated_prediction
 from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.wire import PredictRequest, predict_response
@@ -160,8 +160,8 @@ class Job(Generic[R]):
     """A decoded, validated request: the members to run on which inputs, and how to answer.
 
     :meth:`run` answers it alone; a batcher may instead concatenate the inputs of jobs that
-    share a predictor and members, run the engine once, and hand each job its slice of
-    :meth:`member_outputs` through :meth:`finish`.
+    share a predictor and members, run :meth:`member_outputs` once, pool them with
+    :meth:`predictions`, and :attr:`encode` each job's prediction.
     """
 
     predictor: Predictor
@@ -185,13 +185,19 @@ class Job(Generic[R]):
         manifest = self.predictor.manifest
         return calibrated_prediction(manifest, outputs, return_members=self.return_members)
 
-    def finish(self, outputs: torch.Tensor) -> R:
-        """The encoded answer from this job's member outputs."""
-        return self.encode(self.prediction(outputs))
+    @staticmethod
+    def predictions(jobs: Sequence[Job[Any]], outputs: torch.Tensor) -> list[Prediction]:
+        """Each job's prediction from the member outputs of their concatenated inputs (jobs
+        sharing a :attr:`batch_key`): pooled once for the batch, then split, which costs one
+        pass of the pooling's many small operations instead of one per job."""
+        manifest = jobs[0].predictor.manifest
+        keep = [job.return_members for job in jobs]
+        whole = calibrated_prediction(manifest, outputs, return_members=any(keep))
+        return split_batch(whole, [len(job.inputs) for job in jobs], keep)
 
     def run(self) -> R:
         """Answer the job on its own."""
-        return self.finish(self.member_outputs(self.inputs))
+        return self.encode(self.prediction(self.member_outputs(self.inputs)))
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)

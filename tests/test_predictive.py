@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -20,6 +21,7 @@ from serving.predictive import (
     mutual_information,
     pool,
     regress,
+    split_batch,
 )
 
 
@@ -172,3 +174,37 @@ def test_gaussian_parameters_keeps_variance_positive():
 def test_argument_checks(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize(
+    ("predict", "outputs"),
+    [
+        (
+            lambda x, members: classify(
+                x,
+                temperature=1.5,
+                conformal_method="aps",
+                conformal_threshold=0.8,
+                abstain_below=0.5,
+                return_members=members,
+            ),
+            torch.randn(5, 6, 3, generator=torch.Generator().manual_seed(0)),
+        ),
+        (
+            lambda x, members: regress(x, variance_scale=2.0, return_members=members),
+            torch.randn(5, 6, 2, generator=torch.Generator().manual_seed(1)),
+        ),
+    ],
+)
+def test_a_split_batch_equals_each_part_predicted_alone(predict, outputs):
+    sizes, keep = [1, 3, 2], [True, False, True]
+    parts = split_batch(predict(outputs, True), sizes, keep)
+    for part, chunk, members in zip(parts, outputs.split(sizes, dim=1), keep, strict=True):
+        alone = predict(chunk, members)
+        for field in dataclasses.fields(alone):
+            ours, theirs = getattr(part, field.name), getattr(alone, field.name)
+            assert (ours is None) == (theirs is None), field.name
+            if theirs is not None:
+                torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="one keep_members flag per part"):
+        split_batch(predict(outputs, False), sizes, [True])

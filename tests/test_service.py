@@ -21,6 +21,7 @@ from serving.service import (
     CLASSIFICATION_OUTPUTS,
     INPUT,
     InferenceService,
+    Job,
     ModelRepository,
     model_metadata,
 )
@@ -185,13 +186,18 @@ def test_metadata_describes_inputs_outputs_and_versions(service):
 
 def test_jobs_batched_together_answer_as_alone(service):
     """What the server's batcher does: concatenate jobs that share a key, run the engine once,
-    and hand each job its slice of the member outputs."""
-    bodies = [json.dumps({"inputs": X[i : i + n].tolist()}) for i, n in [(0, 1), (1, 3), (4, 2)]]
+    pool once, and hand each job its part; only the job that asked gets member outputs."""
+    parts = [(0, 1, False), (1, 3, True), (4, 2, False)]
+    bodies = [
+        json.dumps({"inputs": X[i : i + n].tolist(), "return_members": members})
+        for i, n, members in parts
+    ]
     jobs = [service.native_job("tiny", body) for body in bodies]
     assert len({job.batch_key for job in jobs}) == 1
     outputs = jobs[0].member_outputs(torch.cat([job.inputs for job in jobs]))
-    parts = outputs.split([len(job.inputs) for job in jobs], dim=1)
-    for job, part in zip(jobs, parts, strict=True):
-        assert job.finish(part) == job.run()
+    predictions = Job.predictions(jobs, outputs)
+    for job, prediction in zip(jobs, predictions, strict=True):
+        assert job.encode(prediction) == job.run()
+    assert [p.member_probs is not None for p in predictions] == [False, True, False]
     other = service.native_job("tiny", json.dumps({"inputs": X.tolist(), "draws": 1}))
     assert other.batch_key != jobs[0].batch_key  # other members: another engine run

@@ -200,7 +200,7 @@ class ModelServer:
 
     async def _run_jobs(self, queued: list[tuple[Job[Any], float]]) -> list[Any]:
         """Run queued jobs, one engine call per (model, members) group; each job gets its
-        slice of the member outputs, or the exception its group raised."""
+        prediction, or the exception its group raised."""
         started = time.perf_counter()
         groups: dict[Any, list[int]] = defaultdict(list)
         for i, (job, enqueued) in enumerate(queued):
@@ -225,15 +225,13 @@ class ModelServer:
                 len(jobs),
                 time.perf_counter() - begin,
             )
-            parts = outputs.split([len(job.inputs) for job in jobs], dim=1)
-            for i, part in zip(indices, parts, strict=True):
-                results[i] = part
+            for i, prediction in zip(indices, Job.predictions(jobs, outputs), strict=True):
+                results[i] = prediction
         return results
 
     async def _answer(self, job: Job[R]) -> R:
         """Queue a job for the engine and encode its answer, recording its uncertainty."""
-        outputs = await self._batcher.submit((job, time.perf_counter()))
-        prediction = job.prediction(outputs)
+        prediction = await self._batcher.submit((job, time.perf_counter()))
         self.metrics.prediction(job.predictor.manifest, prediction)
         return job.encode(prediction)
 
