@@ -88,6 +88,7 @@ def test_calls_past_the_concurrency_bound_are_refused_not_queued():
             refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
             assert sum(isinstance(a, pb.ModelInferResponse) for a in answers) == 2
             assert [a.code() for a in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+            assert all("backpressure" in a.details() for a in refused)  # clients retry these
         finally:
             await server.stop(None)
 
@@ -149,4 +150,4 @@ def test_a_port_held_by_another_program_is_a_clear_error():
 
 def test_every_rpc_needs_a_method():
     with pytest.raises(ValueError, match="ModelInfer"):
-        DirectServicer({name: None for name in RPCS if name != "ModelInfer"})
+        DirectServicer({name: None for name in RPCS if name != "ModelInfer"}, 1)

@@ -7,8 +7,9 @@ that hands each call to the same methods Serve's gRPC proxy calls, so its answer
 batching and metrics are the same; only the hops are gone.
 
 What it gives up: Serve neither routes nor counts these requests (its autoscaling and queue
-bounds do not see them; the door refuses calls past ``max_concurrent_rpcs`` with
-``RESOURCE_EXHAUSTED``), and clients balance across replicas by connection. Replicas on one
+bounds do not see them; the door refuses calls past its own bound with ``RESOURCE_EXHAUSTED``
+and details naming backpressure, as Serve's proxy does past a full queue), and clients balance
+across replicas by connection. Replicas on one
 node share the port (``SO_REUSEPORT``), so the kernel spreads new connections over them and a
 replica that starts while an old one drains binds it too.
 """
@@ -35,21 +36,34 @@ Method = Callable[[Any, Any], Awaitable[Any]]
 
 
 def _delegate(name: str) -> Callable[[DirectServicer, Any, Any], Awaitable[Any]]:
-    async def call(self: DirectServicer, request: Any, context: Any) -> Any:
-        return await self.methods[name](request, context)
+    async def call(self: DirectServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if self.in_flight >= self.max_in_flight:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request dropped due to backpressure: the replica holds {self.in_flight} "
+                "direct calls, its bound; retry",
+            )
+        self.in_flight += 1
+        try:
+            return await self.methods[name](request, context)
+        finally:
+            self.in_flight -= 1
 
     call.__name__ = name
     return call
 
 
 class DirectServicer(GRPCInferenceServiceServicer):
-    """The OIP gRPC service answered by ``methods[rpc](request, context)`` for each RPC."""
+    """The OIP gRPC service answered by ``methods[rpc](request, context)`` for each RPC,
+    at most ``max_in_flight`` calls at once."""
 
-    def __init__(self, methods: dict[str, Method]) -> None:
+    def __init__(self, methods: dict[str, Method], max_in_flight: int) -> None:
         missing = set(RPCS) - set(methods)
         if missing:
             raise ValueError(f"no method for the RPCs {sorted(missing)}")
         self.methods = methods
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
 
     ServerLive = _delegate("ServerLive")
     ServerReady = _delegate("ServerReady")
@@ -70,14 +84,13 @@ async def start_direct_door(
     """Start a gRPC server on ``host:port`` answering the OIP service with ``methods``, on the
     running event loop; a port that cannot be bound is a clear ``OSError``."""
     server = grpc.aio.server(
-        maximum_concurrent_rpcs=max_concurrent_rpcs,
         options=[
             ("grpc.so_reuseport", 1),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", -1),
         ],
     )
-    add_GRPCInferenceServiceServicer_to_server(DirectServicer(methods), server)
+    add_GRPCInferenceServiceServicer_to_server(DirectServicer(methods, max_concurrent_rpcs), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)
