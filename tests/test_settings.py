@@ -19,6 +19,7 @@ def test_defaults_bind_loopback_and_batch_within_the_replica_limit():
     launch = LaunchConfig()
     assert launch.host == "127.0.0.1" and launch.address is None
     app = AppConfig(bundles=["b"])
+    assert app.direct_grpc_port is None and app.direct_grpc_host == "127.0.0.1"
     assert app.max_ongoing_requests >= app.max_batch_size
     assert app.tuning() == Tuning(bundles=["b"])
 
@@ -33,6 +34,8 @@ def test_defaults_bind_loopback_and_batch_within_the_replica_limit():
         ({"replicas": 0}, "greater than or equal to 1"),
         ({"batch_wait_timeout_s": -1}, "greater than or equal to 0"),
         ({"max_batch": 3}, "Extra inputs"),
+        ({"direct_grpc_port": 0}, "greater than or equal to 1"),
+        ({"direct_grpc_port": 70000}, "less than or equal to 65535"),
     ],
 )
 def test_bad_app_configs_are_refused(fields, message):
@@ -47,6 +50,10 @@ def test_serve_flags_become_validated_configs():
     app, launch = serve_configs(args)
     assert app.bundles == ["a", "b"] and app.batch_wait_timeout_s == 0.005
     assert app.max_body_bytes == 2 << 20 and launch.http_port == 8100 and launch.grpc_port == 9000
+    assert app.direct_grpc_port is None
+    direct = ["serve", "a", "--direct-grpc-port", "9100", "--host", "0.0.0.0"]
+    app, launch = serve_configs(build_parser().parse_args(direct))
+    assert (app.direct_grpc_host, app.direct_grpc_port, launch.host) == ("0.0.0.0", 9100, "0.0.0.0")
     bad = build_parser().parse_args(["serve", "a", "--max-batch-size", "300"])
     with pytest.raises(ConfigError, match="max_ongoing_requests"):
         serve_configs(bad)
@@ -69,6 +76,10 @@ def test_the_committed_serve_config_is_a_valid_app(tiny_bundle_dir):
     assert deployment._deployment_config.user_config == args.tuning().model_dump()
     assert deployment._deployment_config.max_queued_requests == args.max_queued_requests
     assert deployment.ray_actor_options["num_gpus"] == 0
+    assert deployment.init_kwargs["direct_grpc_port"] is None
+    direct = build_app(args.model_copy(update={"direct_grpc_port": 9100}))._bound_deployment
+    assert direct.init_kwargs["direct_grpc_port"] == 9100
+    assert direct.init_kwargs["max_direct_rpcs"] == args.max_ongoing_requests
 
 
 def test_cuda_replicas_ask_ray_for_a_gpu():
