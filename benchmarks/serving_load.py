@@ -31,7 +31,7 @@ loopback-only network namespace::
     unshare --net sh -c 'ip link set lo up; exec .venv/bin/python benchmarks/serving_load.py'
 
 ``--quick`` runs tiny cells (about 2 minutes); the default grid (6 s windows, both engines,
-the KServe peer) about 13-14 minutes on 2 cores.
+the KServe peer) about 14 minutes on 2 cores.
 """
 
 from __future__ import annotations
