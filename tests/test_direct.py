@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -19,6 +20,10 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+PORT = free_port()
+ADDRESS = f"127.0.0.1:{PORT}"
 
 
 class Replica:
@@ -52,85 +57,80 @@ async def start(replica: Replica, port: int, **limits: int) -> grpc.aio.Server:
     return await start_direct_door(replica.methods(), host="127.0.0.1", port=port, **options)
 
 
+@contextlib.asynccontextmanager
+async def doors(*replicas: Replica, **limits: int) -> AsyncIterator[list[grpc.aio.Server]]:
+    """A door for each of ``replicas``, all on one free port (``PORT``), stopped at the end."""
+    servers = [await start(replica, PORT, **limits) for replica in replicas]
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            await server.stop(None)
+
+
+def infer(channel: grpc.aio.Channel, model: str = "m", **options: Any) -> Awaitable[Any]:
+    request = pb.ModelInferRequest(model_name=model)
+    return GRPCInferenceServiceStub(channel).ModelInfer(request, **options)
+
+
+async def infer_on_a_new_connection(model: str = "m") -> pb.ModelInferResponse:
+    async with grpc.aio.insecure_channel(ADDRESS) as channel:
+        return await infer(channel, model)
+
+
 def test_the_door_answers_with_the_methods_and_their_status_codes():
     async def test() -> None:
-        port = free_port()
-        server = await start(Replica("a"), port)
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = GRPCInferenceServiceStub(channel)
-                assert (await stub.ServerLive(pb.ServerLiveRequest())).live
-                answer = await stub.ModelInfer(pb.ModelInferRequest(model_name="m"))
-                assert answer.id == "a"
-                with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await stub.ModelInfer(pb.ModelInferRequest(model_name="x"))
-                assert info.value.code() == grpc.StatusCode.NOT_FOUND
-                assert "unknown model 'x'" in info.value.details()
-                large = pb.ModelInferRequest(model_name="m", raw_input_contents=[bytes(2 << 20)])
-                with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await stub.ModelInfer(large)
-                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        finally:
-            await server.stop(None)
+        async with doors(Replica("a")), grpc.aio.insecure_channel(ADDRESS) as channel:
+            stub = GRPCInferenceServiceStub(channel)
+            assert (await stub.ServerLive(pb.ServerLiveRequest())).live
+            assert (await infer(channel)).id == "a"
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await infer(channel, "x")
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "unknown model 'x'" in info.value.details()
+            large = pb.ModelInferRequest(model_name="m", raw_input_contents=[bytes(2 << 20)])
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ModelInfer(large)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
     run(test)
 
 
 def test_calls_past_the_concurrency_bound_are_refused_not_queued():
     async def test() -> None:
-        port = free_port()
-        server = await start(Replica("a", delay=0.5), port, max_concurrent_rpcs=2)
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = GRPCInferenceServiceStub(channel)
-                calls = [stub.ModelInfer(pb.ModelInferRequest(model_name="m")) for _ in range(4)]
-                answers = await asyncio.gather(*calls, return_exceptions=True)
-            refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
-            assert sum(isinstance(a, pb.ModelInferResponse) for a in answers) == 2
-            assert [a.code() for a in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
-            assert all("backpressure" in a.details() for a in refused)  # clients retry these
-        finally:
-            await server.stop(None)
+        bound = doors(Replica("a", delay=0.5), max_concurrent_rpcs=2)
+        async with bound, grpc.aio.insecure_channel(ADDRESS) as channel:
+            calls = [infer(channel) for _ in range(4)]
+            answers = await asyncio.gather(*calls, return_exceptions=True)
+        refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+        assert sum(isinstance(a, pb.ModelInferResponse) for a in answers) == 2
+        assert [a.code() for a in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+        assert all("backpressure" in a.details() for a in refused)  # clients retry these
 
     run(test)
 
 
 def test_replicas_share_the_port_and_a_stopped_one_leaves_it_to_the_other():
     async def test() -> None:
-        port = free_port()
-        first, second = await start(Replica("a"), port), await start(Replica("b"), port)
-        try:
-            seen = set()
-            for _ in range(40):  # new connections are spread over both
-                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                    stub = GRPCInferenceServiceStub(channel)
-                    seen.add((await stub.ModelInfer(pb.ModelInferRequest(model_name="m"))).id)
-            assert seen == {"a", "b"}
+        async with doors(Replica("a"), Replica("b")) as (first, _):
+            # New connections are spread over both.
+            assert {(await infer_on_a_new_connection()).id for _ in range(40)} == {"a", "b"}
             await first.stop(1.0)
-            for _ in range(10):
-                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                    stub = GRPCInferenceServiceStub(channel)
-                    answer = await stub.ModelInfer(pb.ModelInferRequest(model_name="m"))
-                    assert answer.id == "b"
-        finally:
-            await first.stop(None)
-            await second.stop(None)
+            assert {(await infer_on_a_new_connection()).id for _ in range(10)} == {"b"}
 
     run(test)
 
 
 def test_a_stopping_door_finishes_the_calls_in_flight():
     async def test() -> None:
-        port = free_port()
-        server = await start(Replica("a", delay=0.5), port)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = GRPCInferenceServiceStub(channel)
-            call = asyncio.ensure_future(stub.ModelInfer(pb.ModelInferRequest(model_name="m")))
+        slow = doors(Replica("a", delay=0.5))
+        async with slow as (server,), grpc.aio.insecure_channel(ADDRESS) as channel:
+            call = asyncio.ensure_future(infer(channel))
             await asyncio.sleep(0.2)
             await server.stop(5.0)
             assert (await call).id == "a"
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.ModelInfer(pb.ModelInferRequest(model_name="m"), timeout=2)
+                await infer(channel, timeout=2)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
     run(test)
