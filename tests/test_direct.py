@@ -53,7 +53,7 @@ def run(test: Callable[[], Awaitable[None]]) -> None:
 
 
 async def start(replica: Replica, port: int, **limits: int) -> grpc.aio.Server:
-    options = {"max_message_bytes": 1 << 20, "max_concurrent_rpcs": 16} | limits
+    options = {"max_message_bytes": 1 << 20, "max_in_flight": 16} | limits
     return await start_direct_door(replica.methods(), host="127.0.0.1", port=port, **options)
 
 
@@ -98,7 +98,7 @@ def test_the_door_answers_with_the_methods_and_their_status_codes():
 
 def test_calls_past_the_concurrency_bound_are_refused_not_queued():
     async def test() -> None:
-        bound = doors(Replica("a", delay=0.5), max_concurrent_rpcs=2)
+        bound = doors(Replica("a", delay=0.5), max_in_flight=2)
         async with bound, grpc.aio.insecure_channel(ADDRESS) as channel:
             calls = [infer(channel) for _ in range(4)]
             answers = await asyncio.gather(*calls, return_exceptions=True)

@@ -3,10 +3,10 @@
 HTTP (native JSON and OIP v2 REST) arrives through FastAPI routes; OIP v2 gRPC arrives through
 Serve's gRPC proxy as calls of the methods named after the RPCs, and, where configured, through
 the replica's own direct gRPC door (:mod:`serving.app.direct`) as calls of the same methods.
-Every door decodes its
-request into a :class:`~serving.service.Job` on the event loop, the jobs meet in one
-:class:`~serving.batching.Batcher`, and jobs that share a model and members run through the
-engine together in a worker thread, so decoding goes on while the members compute.
+Every door decodes its request into a :class:`~serving.service.Job` on the event loop, the
+jobs meet in one :class:`~serving.batching.Batcher`, and jobs that share a model and members
+run through the engine together in a worker thread, so decoding goes on while the members
+compute.
 """
 
 import asyncio
@@ -152,7 +152,7 @@ class ModelServer:
                 host=host,
                 port=port,
                 max_message_bytes=self.max_body_bytes,
-                max_concurrent_rpcs=max_rpcs,
+                max_in_flight=max_rpcs,
             )
         names = ", ".join(f"{p.manifest.name}:{p.manifest.version}" for p in predictors)
         logger.info("serving %s on %s", names, self.device)
