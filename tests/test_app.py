@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -492,6 +493,24 @@ def test_espro_serve_stopped_while_it_deploys_still_exits_cleanly(server, tmp_pa
         if process.poll() is None:
             process.kill()
     assert "draining" in log.read_text()
+
+
+def test_espro_serve_names_why_its_replicas_did_not_start(server):
+    """A direct-door port another program holds: the replicas cannot start, and ``espro
+    serve`` says why in one line and exits, instead of a traceback of Serve's."""
+    with socket.socket() as holder:  # no SO_REUSEPORT: the port is not shared
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        command = [sys.executable, "-m", "training.cli", "serve", str(server.bundles["tiny/1"])]
+        command += ["--ray-cpus", "1", "--http-port", "18300", "--grpc-port", "19300"]
+        command += ["--metrics-port", "18380", "--direct-grpc-port", str(port)]
+        command += ["--allow-custom-architecture"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 1, result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert f"cannot listen on 127.0.0.1:{port}" in error
+    assert "Traceback" not in result.stderr
 
 
 def test_espro_serve_refuses_a_missing_bundle_before_starting_ray(tmp_path):

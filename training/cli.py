@@ -274,7 +274,11 @@ def _launcher() -> Any:
 def _serve(args: argparse.Namespace) -> int:
     app, launch = serve_configs(args)
     launcher = _launcher()
-    launcher.serve_until_stopped(app, launch)
+    try:
+        launcher.serve_until_stopped(app, launch)
+    except launcher.DeployError as err:
+        print(f"error: espro did not start: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

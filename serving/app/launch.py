@@ -19,6 +19,10 @@ from . import GRPC_SERVICER, build_app
 APP_NAME = "espro"
 
 
+class DeployError(RuntimeError):
+    """The application did not start; the message is what its replicas raised."""
+
+
 def check_bundles(config: AppConfig) -> AppConfig:
     """Verify every bundle here before deploying, and make their paths absolute, so that a
     wrong path or a corrupt bundle is a clear error now rather than a failing replica later."""
@@ -37,10 +41,14 @@ def start(
     ``stop_requested``, if given, is set by SIGINT and SIGTERM once Ray is up, replacing the
     handlers ``ray.init`` installs, which end the process at once: ``espro serve`` aborted
     (exit -6) when stopped while its application was being deployed. A signal while Ray
-    itself starts (a second or two) still ends it at once."""
+    itself starts (a second or two) still ends it at once.
+
+    Replicas that fail to start are a :class:`DeployError` naming what they raised; Serve and
+    a Ray started here are shut down first."""
     app = check_bundles(app)
     # The proxy refuses larger gRPC messages with RESOURCE_EXHAUSTED before they reach us.
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(app.max_body_bytes))
+    ray_started_here = launch.address is None and not ray.is_initialized()
     connect(
         launch.address,
         num_cpus=launch.num_cpus,
@@ -63,18 +71,37 @@ def start(
             "request_timeout_s": launch.request_timeout_s,
         },
     )
-    _run(app)
+    try:
+        _run(app)
+    except DeployError:
+        if ray_started_here:  # nothing of this failed start stays behind
+            serve.shutdown()
+            ray.shutdown()
+        raise
 
 
 def deploy(app: AppConfig) -> None:
     """Update the running application to ``app``. Its bundles are verified here first, so a
     missing or corrupt one is refused while the running version keeps serving; then Serve
-    starts replicas with the new config and drains and stops the old ones (docs/serving.md)."""
+    starts replicas with the new config and drains and stops the old ones (docs/serving.md).
+    Replicas that fail to start are a :class:`DeployError`."""
     _run(check_bundles(app))
 
 
 def _run(app: AppConfig) -> None:
-    serve.run(build_app(app), name=APP_NAME, route_prefix="/")
+    try:
+        serve.run(build_app(app), name=APP_NAME, route_prefix="/")
+    except RuntimeError as err:  # Serve's own message names no cause
+        raise DeployError(_replica_errors() or str(err)) from None
+
+
+def _replica_errors() -> str:
+    """The exception each failed deployment's replicas raised: the last line of the
+    traceback Serve keeps in the deployment's status message."""
+    application = serve.status().applications.get(APP_NAME)
+    deployments = application.deployments.values() if application else []
+    lines = [d.message.strip().splitlines()[-1] for d in deployments if d.message.strip()]
+    return "; ".join(lines)
 
 
 def stop() -> None:
