@@ -533,6 +533,7 @@ def espro_cells(
             num_cpus=args.threads,
             torch_threads=args.threads,
             direct_grpc_port=args.direct_grpc_port,
+            batch_wait_timeout_s=args.batch_wait_ms / 1000,
         )
 
     ports = LaunchConfig(
@@ -866,6 +867,7 @@ def summary(
             "request_timeout_s": args.timeout,
             "torch_threads": args.threads,
             "max_batch_size": MAX_BATCH_SIZE,
+            "batch_wait_ms": args.batch_wait_ms,
             "max_inflight_images": args.max_inflight_images,
             "loadgen_core": args.loadgen_core,
         },
@@ -895,6 +897,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engines", nargs="+", default=["reference", "fused"])
     parser.add_argument("--targets", nargs="+", default=list(TARGET_NAMES), choices=TARGET_NAMES)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (and replica CPUs)")
+    parser.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=AppConfig.model_fields["batch_wait_timeout_s"].default * 1000,
+        help="the server's batch_wait_timeout_s, in ms (default: the server's)",
+    )
     parser.add_argument("--loadgen-core", type=int, default=max(os.sched_getaffinity(0)))
     parser.add_argument("--http-port", type=int, default=28000)
     parser.add_argument("--grpc-port", type=int, default=28001)
