@@ -180,11 +180,6 @@ class Job(Generic[R]):
         """The engine: member outputs ``[S, B, ·]`` on the CPU."""
         return self.predictor.ensemble.outputs(inputs, self.members).cpu()
 
-    def prediction(self, outputs: torch.Tensor) -> Prediction:
-        """The calibrated prediction from this job's member outputs."""
-        manifest = self.predictor.manifest
-        return calibrated_prediction(manifest, outputs, return_members=self.return_members)
-
     @staticmethod
     def predictions(jobs: Sequence[Job[Any]], outputs: torch.Tensor) -> list[Prediction]:
         """Each job's prediction from the member outputs of their concatenated inputs (jobs
@@ -197,7 +192,8 @@ class Job(Generic[R]):
 
     def run(self) -> R:
         """Answer the job on its own."""
-        return self.encode(self.prediction(self.member_outputs(self.inputs)))
+        (prediction,) = Job.predictions([self], self.member_outputs(self.inputs))
+        return self.encode(prediction)
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
