@@ -9,7 +9,7 @@ request size (images per request), three targets get the same load:
   the batch the server would form: ``min(concurrency, max_batch_size)`` requests of that size
   (``max_batch_size`` counts requests, as the server's batcher does), with the replicas' torch
   threads. Its images/s is the capacity the server's doors and batching can at best deliver.
-- ``espro``: the server (``serving.app.launch.start``) with each ``--engines`` back end, over
+- ``espro``: the server (``serving.launch.start``) with each ``--engines`` back end, over
   native JSON, OIP REST JSON, OIP REST with the binary tensor extension, OIP gRPC through
   Serve's proxy, and OIP gRPC through the replica's direct door (``grpc-direct``).
 - ``kserve``: ``benchmarks/kserve_peer.py`` (KServe's ``ModelServer``, one forward pass per
@@ -523,7 +523,7 @@ def espro_cells(
     """The espro server on loopback, each engine in turn (a redeploy between them); its
     cells and the memory of its processes (this driver's included, the load generator's
     apart)."""
-    from serving.app import launch
+    from serving import launch
     from serving.settings import LaunchConfig
 
     def config(engine: str) -> AppConfig:

@@ -231,7 +231,7 @@ def memory(root: int | None = None) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from serving.app import launch
+    from serving import launch
     from serving.settings import AppConfig, LaunchConfig
 
     workdir = Path(tempfile.mkdtemp(prefix="espro-soak-"))

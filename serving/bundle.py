@@ -15,11 +15,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load, save_file
 
 from serving.manifest import (
     MANIFEST_FILE,
@@ -31,6 +30,9 @@ from serving.manifest import (
     draw_buffer_key,
     vertex_key,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_MANIFEST_BYTES = 64 * 2**20
 MAX_FILE_BYTES = 16 * 2**30
@@ -97,6 +99,8 @@ def write_bundle(
     The tensor names must be exactly ``manifest.tensor_keys()``; ``manifest.files`` is filled
     in here. An existing bundle is replaced only with ``overwrite=True``.
     """
+    from safetensors.torch import save_file  # torch: imported where tensors are written
+
     path = Path(path)
     try:  # model_copy(update=...) skips validation: check what is about to be written
         manifest = Manifest.model_validate(manifest.model_dump())
@@ -179,6 +183,8 @@ def load_bundle(path: str | Path, *, max_file_bytes: int = MAX_FILE_BYTES) -> Bu
 
     A file the manifest lists that is larger than ``max_file_bytes`` is refused before it is
     read (files are read whole, to hash the very bytes that are parsed)."""
+    from safetensors.torch import load  # torch: imported where tensors are read
+
     root = Path(path)
     manifest, digest = read_manifest(root)
     if TENSORS_FILE not in manifest.files:

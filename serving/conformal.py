@@ -12,24 +12,12 @@ because this module sits at the bottom of the import graph (``serving.predictive
 from __future__ import annotations
 
 import math
-from enum import StrEnum
 from fractions import Fraction
 
 import torch
 from torch import Tensor
 
-
-class ConformalMethod(StrEnum):
-    """How a class is scored against an instance; a lower score means a better fit."""
-
-    APS = "aps"
-    """Adaptive prediction sets, deterministic: the score of a class is the total probability
-    of the classes ranked above it (randomised APS with ``u = 0``). The top class scores 0, so
-    a set is never empty, and sets grow in rank order. Equal probabilities are ranked by class
-    index (the lower index first)."""
-    LAC = "lac"
-    """Least ambiguous classifier: one minus the class's probability. Smallest sets on average;
-    a set is empty when no class is probable enough (an instance unlike the calibration data)."""
+from serving.manifest import ConformalMethod
 
 
 def check_floating(x: Tensor, name: str, *, ndim: int | None = None) -> None:

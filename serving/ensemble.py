@@ -14,13 +14,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from serving.manifest import InputSpec
+from serving.manifest import InputError, InputSpec
 
 MemberState = Mapping[str, torch.Tensor]
-
-
-class InputError(ValueError):
-    """Inputs that do not match the bundle's input spec; the message says what was expected."""
 
 
 @dataclass(frozen=True)

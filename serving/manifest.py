@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import math
 from enum import StrEnum
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -25,7 +24,8 @@ from pydantic import (
     model_validator,
 )
 
-from serving.conformal import ConformalMethod
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = 1
 """Bumped whenever a reader of the previous version would misread a new bundle."""
@@ -41,6 +41,19 @@ class Task(StrEnum):
     """Logits over classes; members are pooled in probability space."""
     REGRESSION = "regression"
     """A Gaussian per member (mean and raw scale); members form a mixture."""
+
+
+class ConformalMethod(StrEnum):
+    """How a class is scored against an instance; a lower score means a better fit."""
+
+    APS = "aps"
+    """Adaptive prediction sets, deterministic: the score of a class is the total probability
+    of the classes ranked above it (randomised APS with ``u = 0``). The top class scores 0, so
+    a set is never empty, and sets grow in rank order. Equal probabilities are ranked by class
+    index (the lower index first)."""
+    LAC = "lac"
+    """Least ambiguous classifier: one minus the class's probability. Smallest sets on average;
+    a set is empty when no class is probable enough (an instance unlike the calibration data)."""
 
 
 def vertex_key(simplex: int, vertex: int, name: str) -> str:
@@ -76,6 +89,10 @@ class ArchitectureSpec(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+class InputError(ValueError):
+    """Inputs that do not match the bundle's input spec; the message says what was expected."""
+
+
 class InputSpec(_Strict):
     """Shape, dtype and normalisation of one instance, as a client sends it.
 
@@ -106,8 +123,8 @@ class InputSpec(_Strict):
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise a batch ``[B, *shape]`` of raw inputs."""
         view = (-1,) + (1,) * (len(self.shape) - 1)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(view)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(view)
+        mean = x.new_tensor(self.mean).view(view)
+        std = x.new_tensor(self.std).view(view)
         return (x - mean) / std
 
 

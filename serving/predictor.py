@@ -13,8 +13,8 @@ import torch
 from serving.architectures import create_model
 from serving.bundle import Bundle, load_bundle
 from serving.engine import create_engine
-from serving.ensemble import InputError, Origin
-from serving.manifest import Manifest, Task
+from serving.ensemble import Origin
+from serving.manifest import InputError, Manifest, Task
 from serving.predictive import (
     ClassificationPrediction,
     RegressionPrediction,

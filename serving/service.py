@@ -19,8 +19,7 @@ import torch
 from pydantic import ValidationError
 
 from serving import __version__
-from serving.ensemble import InputError
-from serving.manifest import Manifest, Task, describe_validation_error
+from serving.manifest import InputError, Manifest, Task, describe_validation_error
 from serving.oip import (
     ModelMetadata,
     OIPError,

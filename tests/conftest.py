@@ -220,7 +220,7 @@ class Server:
 
     def redeploy(self, **changes: Any) -> None:
         """Update the running app in place with ``changes`` to its config."""
-        from serving.app.launch import deploy
+        from serving.launch import deploy
 
         deploy(self.config.model_copy(update=changes))
 
@@ -255,7 +255,7 @@ def server(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
     still waiting after 20 s with 408 / ``DEADLINE_EXCEEDED``. The replica also serves gRPC on
     its direct door.
     """
-    from serving.app import launch
+    from serving import launch
     from serving.settings import AppConfig, LaunchConfig
 
     root = tmp_path_factory.mktemp("served")

@@ -9,6 +9,7 @@ Protocol. gRPC goes through Serve's proxy (``grpc``) or the replica's direct doo
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from serving.bundle import load_bundle
+from serving.manifest import TENSORS_FILE
 from serving.predictor import Predictor
 from serving.service import INPUT
 
@@ -520,6 +522,22 @@ def test_espro_serve_refuses_a_missing_bundle_before_starting_ray(tmp_path):
     assert "error:" in result.stderr and "nothing" in result.stderr
 
 
+def test_espro_serve_refuses_corrupt_weights_found_while_ray_starts(server, tmp_path):
+    """The weights are verified in a thread while Ray starts: a corrupt bundle is still one
+    clear line and exit code 2."""
+    bundle = shutil.copytree(server.bundles["tiny/1"], tmp_path / "tiny")
+    weights = bundle / TENSORS_FILE
+    weights.write_bytes(weights.read_bytes()[:-1] + b"!")
+    command = [sys.executable, "-m", "training.cli", "serve", str(bundle), "--ray-cpus", "1"]
+    command += ["--http-port", "18400", "--grpc-port", "19400", "--metrics-port", "18480"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert f"sha256 mismatch for {TENSORS_FILE}" in error
+    assert "Started a local Ray instance" in result.stderr  # found after Ray started
+    assert "Traceback" not in result.stderr
+
+
 # --------------------------------------------------------------------------- access
 
 
@@ -604,7 +622,7 @@ def test_bad_bundles_deployed_past_espro_are_refused_by_the_replica(server, tmp_
 
     from conftest import tiny_bundle
     from serving.app import build_app
-    from serving.app.launch import APP_NAME
+    from serving.launch import APP_NAME
     from serving.manifest import ArchitectureSpec
 
     corrupt = tiny_bundle(seed=7, version="4").write(tmp_path / "tiny-4")

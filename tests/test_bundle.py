@@ -109,7 +109,7 @@ def test_failed_write_leaves_nothing_behind(
     def broken_save_file(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(bundle_module, "save_file", broken_save_file)
+    monkeypatch.setattr("safetensors.torch.save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
         make_tiny_bundle().write(tmp_path / "bundle")
     assert list(tmp_path.iterdir()) == []

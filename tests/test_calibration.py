@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from serving.conformal import ConformalMethod, prediction_sets
+from serving.conformal import prediction_sets
+from serving.manifest import ConformalMethod
 from serving.predictive import member_probabilities, pool
 from training.calibration import (
     calibrate_abstention,

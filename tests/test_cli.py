@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from serving.bundle import load_bundle
-from serving.ensemble import InputError
+from serving.manifest import InputError
 from serving.predictor import Predictor
 from test_pipeline import TINY
 from training.cli import main, read_inputs

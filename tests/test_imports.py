@@ -24,3 +24,10 @@ def test_the_command_line_starts_without_scikit_learn():
     data builders need it."""
     code = "import sys, training.cli\nassert 'sklearn' not in sys.modules\n"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_espro_serve_starts_ray_before_it_imports_torch():
+    """``serving.launch.start`` imports torch in a thread while Ray starts; that saves seconds
+    only if neither the command line nor the launcher has imported it already."""
+    code = "import sys, training.cli, serving.launch\nassert 'torch' not in sys.modules\n"
+    subprocess.run([sys.executable, "-c", code], check=True)

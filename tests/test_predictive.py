@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from serving.conformal import ConformalMethod, prediction_sets
+from serving.conformal import prediction_sets
+from serving.manifest import ConformalMethod
 from serving.predictive import (
     MIN_VARIANCE,
     classify,

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from serving.bundle import Bundle, load_bundle
-from serving.ensemble import InputError
 from serving.manifest import (
     AbstentionSpec,
     ArchitectureSpec,
     ConformalSpec,
+    InputError,
     InputSpec,
     buffer_key,
     draw_buffer_key,

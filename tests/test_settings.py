@@ -62,7 +62,8 @@ def test_serve_flags_become_validated_configs():
 def test_the_committed_serve_config_is_a_valid_app(tiny_bundle_dir):
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.app import GRPC_SERVICER, build_app
+    from serving.app import build_app
+    from serving.launch import GRPC_SERVICER
 
     config = yaml.safe_load(SERVE_YAML.read_text())
     ServeDeploySchema.model_validate(config)

@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from training.exceptions import CheckpointError
+
 RUN_FILE = "run.json"
 
 
@@ -28,10 +30,6 @@ class SavedVertex:
     buffers: dict[str, torch.Tensor]
     seconds: float
     final_loss: float
-
-
-class CheckpointError(ValueError):
-    """A work directory that belongs to another configuration."""
 
 
 class Checkpoints:

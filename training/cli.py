@@ -1,6 +1,7 @@
 """The ``espro`` command line: train, evaluate, predict, serve, demo, configs.
 
-Ray is imported only by ``serve`` and ``demo``, when they run.
+Each command imports what it needs when it runs: Ray only for ``serve`` and ``demo``, and
+torch not before ``serve`` has started Ray, so that the two load at the same time.
 """
 
 from __future__ import annotations
@@ -12,30 +13,19 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from pydantic import ValidationError
 
 from serving.bundle import BundleError, load_bundle
-from serving.ensemble import InputError
-from serving.manifest import Task, describe_validation_error
-from serving.predictor import Predictor
-from serving.wire import predict_response
-from training.checkpoint import CheckpointError
-from training.config import (
-    ConfigError,
-    TrainConfig,
-    builtin_configs,
-    load_config,
-    parse_config,
-    resolve_device,
-)
-from training.data import DataError, load_dataset
-from training.diagnostics import SimplexDiagnostics, diagnostics_table
-from training.evaluation import evaluate, results_table, shift_table
-from training.pipeline import train
+from serving.manifest import InputError, Task, describe_validation_error
+from training.exceptions import CheckpointError, ConfigError, DataError
+
+if TYPE_CHECKING:
+    import torch
+
+    from training.config import TrainConfig
 
 log = logging.getLogger("espro")
 
@@ -45,6 +35,7 @@ DEMO_CONFIG = "mnist1d-demo"
 def _ray_runner(config: TrainConfig, address: str | None) -> Any:
     """Ray tasks for the simplexes, one GPU each when training on CUDA."""
     from serving.cluster import connect
+    from training.config import resolve_device
     from training.distributed import RayRunner
 
     connect(address)
@@ -52,6 +43,9 @@ def _ray_runner(config: TrainConfig, address: str | None) -> Any:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from training.config import load_config, parse_config
+    from training.pipeline import train
+
     config = load_config(args.config)
     default_name = f"{config.name}-{config.version}"
     data = config.model_dump(mode="json", by_alias=True)
@@ -80,6 +74,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def print_training_summary(path: Path, results: dict[str, Any]) -> None:
     """The λ search, the simplex diagnostics and the comparison of a freshly trained bundle."""
+    from training.diagnostics import SimplexDiagnostics, diagnostics_table
+
     manifest = load_bundle(path).manifest
     print(f"\nbundle written to {path}\n")
     search = manifest.training.get("lambda_search")
@@ -102,6 +98,10 @@ def print_training_summary(path: Path, results: dict[str, Any]) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from training.config import parse_config, resolve_device
+    from training.data import load_dataset
+    from training.evaluation import evaluate
+
     bundle = load_bundle(args.bundle)
     config = parse_config(bundle.manifest.training.get("config"), f"{args.bundle} training config")
     severities = args.severities or config.evaluation.noise_severities
@@ -120,6 +120,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _print_tables(runs: list[dict[str, Any]], task: Task) -> None:
+    from training.evaluation import results_table, shift_table
+
     print(results_table(runs, task))
     print("\nGaussian noise (calibrated):\n")
     print(shift_table(runs, task))
@@ -137,6 +139,8 @@ def _report(args: argparse.Namespace) -> int:
 
 def read_inputs(path: str | Path) -> torch.Tensor:
     """Inputs from a ``.npy`` file (no pickle) or a JSON list / ``{"inputs": [...]}``."""
+    import torch
+
     path = Path(path)
     try:
         if path.suffix == ".npy":
@@ -190,6 +194,10 @@ def print_predictions(
     allow_custom_architecture: bool = False,
 ) -> None:
     """Predict offline from a bundle and print a table or the native JSON response."""
+    from serving.predictor import Predictor
+    from serving.wire import predict_response
+    from training.config import resolve_device
+
     predictor = Predictor.from_path(
         bundle, device=resolve_device(device), allow_custom_architecture=allow_custom_architecture
     )
@@ -262,9 +270,9 @@ def serve_configs(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _launcher() -> Any:
-    """``serving.app.launch``, or a clear error where Ray Serve is not installed."""
+    """``serving.launch``, or a clear error where Ray Serve is not installed."""
     try:
-        from serving.app import launch
+        from serving import launch
     except ImportError as err:
         message = f"serving needs the serving extra, pip install 'espro[serving]': {err}"
         raise ConfigError(message) from None
@@ -283,6 +291,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from training.config import load_config
+    from training.data import load_dataset
+    from training.pipeline import train
+
     output = Path(args.output)
     config = load_config(DEMO_CONFIG)
     path, results = train(config, output / "bundle", workdir=output / "work", overwrite=True)
@@ -301,6 +313,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _configs(args: argparse.Namespace) -> int:
+    from training.config import builtin_configs
+
     configs = builtin_configs()
     if args.name:
         if args.name not in configs:

@@ -17,16 +17,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from serving.architectures import ARCHITECTURES
-from serving.conformal import ConformalMethod
-from serving.manifest import describe_validation_error
+from serving.manifest import ConformalMethod, describe_validation_error
 from training.data import DataConfig
+from training.exceptions import ConfigError
 from training.spro import OptimSettings
 
 BUILTIN_CONFIGS = "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be read or validated; the message names the field."""
 
 
 class _Section(BaseModel):

@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from serving.manifest import Task
+from training.exceptions import DataError
 
 # scikit-learn, like torchvision, takes seconds to import: only the functions that use it do,
 # so that `espro serve`, which reads this module's config types, starts without it.
@@ -49,10 +50,6 @@ _TEST_FRACTION = 0.2
 _MIN_STD = 1e-6
 _TARGET_DTYPE = {Task.CLASSIFICATION: torch.int64, Task.REGRESSION: torch.float32}
 _REGRESSION_CLUSTERS = ((-7.2, -4.8), (-1.2, 1.2), (4.8, 7.2))
-
-
-class DataError(ValueError):
-    """A data set that cannot be read as configured; the message says what to set."""
 
 
 @dataclass(frozen=True, eq=False)

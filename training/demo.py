@@ -46,7 +46,7 @@ def query_grpc(target: str, model: str, inputs: np.ndarray) -> np.ndarray:
 
 def serve_and_query(bundle: Path, inputs: np.ndarray, where: LaunchConfig | None = None) -> None:
     """Start the server on ``bundle``, print its answers to ``inputs``, and stop it."""
-    from serving.app import launch
+    from serving import launch
 
     where = where or LaunchConfig()
     print(f"\nespro serve {bundle}")

@@ -1,4 +1,4 @@
-"""The Ray Serve application: the only part of espro that imports Ray.
+"""The Ray Serve application: the deployment that answers every door, and its builder.
 
 ``build_app`` is the application builder that ``espro serve`` and Serve config files
 (``import_path: serving.app:build_app``) deploy; its ``args`` are an
@@ -15,9 +15,6 @@ from ray.serve import Application
 from serving.settings import AppConfig
 
 from .server import ModelServer
-
-GRPC_SERVICER = "serving.proto.grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
-"""What Serve's gRPC proxy registers (``grpc_options.grpc_servicer_functions``)."""
 
 
 def resolve_device(device: str) -> str:
@@ -53,4 +50,4 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     )
 
 
-__all__ = ["GRPC_SERVICER", "ModelServer", "build_app", "resolve_device"]
+__all__ = ["ModelServer", "build_app", "resolve_device"]

@@ -1,22 +1,28 @@
-"""Start (or join) Ray, start Serve's HTTP and gRPC doors, and deploy the application."""
+"""Start (or join) Ray, start Serve's HTTP and gRPC doors, and deploy the application.
+
+Importing this module imports neither torch nor the application (:mod:`serving.app`):
+:func:`start` loads them, and verifies the bundles, in a thread while Ray starts, since each
+takes seconds.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
 from ray import serve
 
-from serving.bundle import load_bundle
+from serving.bundle import load_bundle, read_manifest
 from serving.cluster import connect
 from serving.settings import AppConfig, LaunchConfig
 
-from . import GRPC_SERVICER, build_app
-
 APP_NAME = "espro"
+GRPC_SERVICER = "serving.proto.grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
+"""What Serve's gRPC proxy registers (``grpc_options.grpc_servicer_functions``)."""
 
 
 class DeployError(RuntimeError):
@@ -32,30 +38,51 @@ def check_bundles(config: AppConfig) -> AppConfig:
     return config.model_copy(update={"bundles": bundles})
 
 
+def _load(config: AppConfig) -> AppConfig:
+    """Import the application (torch, FastAPI, the gRPC stubs) and verify every bundle."""
+    import serving.app  # noqa: F401  (imported here for its cost, used by _run)
+
+    return check_bundles(config)
+
+
 def start(
     app: AppConfig, launch: LaunchConfig, stop_requested: threading.Event | None = None
 ) -> None:
     """Verify the bundles, start or join Ray, start Serve's doors, and deploy ``app``;
     returns once it is ready.
 
+    Every bundle's manifest is read before Ray starts, so a wrong path fails at once; the
+    application is imported and the weights verified while Ray starts. A bundle that fails
+    that check is a :class:`~serving.bundle.BundleError` once Ray is up, which a Ray started
+    here does not outlive.
+
     ``stop_requested``, if given, is set by SIGINT and SIGTERM once Ray is up, replacing the
     handlers ``ray.init`` installs, which end the process at once: ``espro serve`` aborted
     (exit -6) when stopped while its application was being deployed. A signal while Ray
-    itself starts (a second or two) still ends it at once.
+    itself starts (a few seconds) still ends it at once.
 
     Replicas that fail to start are a :class:`DeployError` naming what they raised; Serve and
     a Ray started here are shut down first."""
-    app = check_bundles(app)
+    for path in app.bundles:
+        read_manifest(path)
     # The proxy refuses larger gRPC messages with RESOURCE_EXHAUSTED before they reach us.
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(app.max_body_bytes))
     ray_started_here = launch.address is None and not ray.is_initialized()
-    connect(
-        launch.address,
-        num_cpus=launch.num_cpus,
-        num_gpus=launch.num_gpus,
-        _metrics_export_port=launch.metrics_port,
-        log_to_driver=False,
-    )
+    with ThreadPoolExecutor(1, thread_name_prefix="espro-load") as loader:
+        loading = loader.submit(_load, app)
+        connect(
+            launch.address,
+            num_cpus=launch.num_cpus,
+            num_gpus=launch.num_gpus,
+            _metrics_export_port=launch.metrics_port,
+            log_to_driver=False,
+        )
+        try:
+            app = loading.result()
+        except BaseException:
+            if ray_started_here:
+                ray.shutdown()
+            raise
     if stop_requested is not None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop_requested.set())
@@ -89,6 +116,8 @@ def deploy(app: AppConfig) -> None:
 
 
 def _run(app: AppConfig) -> None:
+    from serving.app import build_app
+
     try:
         serve.run(build_app(app), name=APP_NAME, route_prefix="/")
     except RuntimeError as err:  # Serve's own message names no cause
