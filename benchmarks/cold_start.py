@@ -1,5 +1,6 @@
-"""Cold start: seconds from launching ``espro serve`` to its first ready answer, and the memory
-of every process it runs (driver, GCS, raylet, Serve controller, proxy, replicas).
+"""Cold start: seconds from launching ``espro serve`` to its first ready answer, where that time
+goes (from the timestamps of Ray's and Serve's logs), and the memory of every process it runs
+(driver, GCS, raylet, Serve controller, proxy, replicas).
 
 Run it where Ray may open ports, i.e. in a loopback-only network namespace:
 
@@ -14,12 +15,14 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,41 @@ def first_answer(url: str, body: bytes, deadline: float) -> float:
     raise TimeoutError(f"no answer from {url} before the deadline")
 
 
+RAY_LOGS = Path("/tmp/ray/session_latest/logs")
+STAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
+MILESTONES = {  # what happened: (log files, the first line that says so)
+    "GCS up": ("gcs_server.out", ""),
+    "raylet up": ("raylet.out", ""),
+    "driver joined Ray (ray.init returns)": ("python-core-driver-*.log", ""),
+    "Serve controller starting": ("serve/controller_*.log", "Controller starting"),
+    "replica requested (serve.run)": ("serve/controller_*.log", "Starting Replica"),
+    "replica process up, espro imported": ("serve/replica_*.log", "Started initializing"),
+    "bundles loaded and warmed up": ("serve/replica_*.log", "serving "),
+}
+"""The milestones of a launch, each from the first log line (or the first matching line) of
+the file that records it, in seconds after the launch."""
+
+
+def first_stamp(file: Path, text: str) -> float | None:
+    """The time (``time.time()`` scale) of the first line of ``file`` that holds ``text``."""
+    with file.open(errors="replace") as lines:
+        for line in lines:
+            if text in line and (stamp := STAMP.search(line)):
+                return datetime.strptime(stamp[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return None
+
+
+def milestones(launched: float) -> dict[str, float | None]:
+    """Seconds from ``launched`` (a ``time.time()``) to each of :data:`MILESTONES` in the newest
+    Ray session's logs; ``None`` for one not found."""
+    found: dict[str, float | None] = {}
+    for name, (pattern, text) in MILESTONES.items():
+        stamps = [first_stamp(file, text) for file in sorted(RAY_LOGS.glob(pattern))]
+        when = min((t for t in stamps if t is not None), default=None)
+        found[name] = None if when is None else round(when - launched, 2)
+    return found
+
+
 def cold_start(bundle: Path, port: int) -> dict[str, Any]:
     """One launch: time to the first prediction, memory while idle, time to stop."""
     manifest = load_bundle(bundle).manifest
@@ -50,17 +88,19 @@ def cold_start(bundle: Path, port: int) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}/v1/models/{manifest.name}/predict"
     command = [sys.executable, "-m", "training.cli", "serve", str(bundle)]
     command += ["--http-port", str(port), "--grpc-port", str(port + 1000)]
-    start = time.perf_counter()
+    start, launched = time.perf_counter(), time.time()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         ready = first_answer(url, body, time.monotonic() + 300)
         resident = memory(process.pid)
+        phases = milestones(launched)
     finally:
         stopping = time.perf_counter()
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=120)
     return {
         "seconds_to_first_answer": round(ready - start, 2),
+        "seconds_to_milestones": phases,
         "seconds_to_stop": round(time.perf_counter() - stopping, 2),
         "exit_code": code,
         **resident,
