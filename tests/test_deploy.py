@@ -35,7 +35,7 @@ from serving.settings import AppConfig
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = ROOT / "k8s"
-OVERLAYS = ["cpu-dev", "gpu-prod"]
+OVERLAYS = ["cpu-dev", "gpu-prod", "cpu-direct"]
 KUSTOMIZATIONS = [f"overlays/{name}" for name in OVERLAYS] + ["training"]
 KUBERNETES_VERSIONS = ["1.30.0", "1.37.0"]  # the oldest and newest we claim to support
 CRD_FILES = {
@@ -160,15 +160,21 @@ def test_serve_config_is_the_espro_app(overlay: str) -> None:
     for key in ("name", "route_prefix", "import_path"):
         assert app[key] == reference_app[key], key
     args = AppConfig.model_validate(app["args"])
-    assert "replicas" not in app["args"], "Serve autoscaling sets the replicas"
+    assert "replicas" not in app["args"], "the deployment override sets the replicas"
     assert all(Path(path).is_relative_to(MODELS_MOUNT) for path in args.bundles)
     assert args.device == ("cuda" if overlay == "gpu-prod" else "cpu")
-    # The deployment override names the one deployment build_app makes, and autoscales it.
+    # The deployment override names the one deployment build_app makes and sets its replicas:
+    # autoscaled, except with the direct door, whose calls Serve's autoscaler does not see.
     (deployment,) = app["deployments"]
     assert deployment["name"] == "espro"
-    autoscaling = deployment["autoscaling_config"]
-    assert set(deployment) == {"name", "autoscaling_config"}
-    assert autoscaling["target_ongoing_requests"] <= args.max_ongoing_requests
+    if args.direct_grpc_port is None:
+        assert set(deployment) == {"name", "autoscaling_config"}
+        autoscaling = deployment["autoscaling_config"]
+        assert autoscaling["target_ongoing_requests"] <= args.max_ongoing_requests
+        fewest, most = autoscaling["min_replicas"], autoscaling["max_replicas"]
+    else:
+        assert set(deployment) == {"name", "num_replicas"}
+        fewest = most = deployment["num_replicas"]
     # Ray's autoscaler can place max_replicas: enough worker CPUs (and GPUs) at maxReplicas.
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
@@ -182,8 +188,8 @@ def test_serve_config_is_the_espro_app(overlay: str) -> None:
             == limits["nvidia.com/gpu"]
         )
         per_worker = min(per_worker, limits["nvidia.com/gpu"])
-    assert workers["minReplicas"] * per_worker >= autoscaling["min_replicas"]
-    assert workers["maxReplicas"] * per_worker >= autoscaling["max_replicas"]
+    assert workers["minReplicas"] * per_worker >= fewest
+    assert workers["maxReplicas"] * per_worker >= most
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
 
 
@@ -211,36 +217,53 @@ def test_ray_pods_use_the_project_image_and_the_models_volume(kustomization: str
             assert mount["name"] == volume["name"] and mount["mountPath"] == MODELS_MOUNT
 
 
+KUBERAY_LABELS = {
+    "head": {"ray.io/is-ray-node": "yes", "ray.io/node-type": "head"},
+    "worker": {"ray.io/is-ray-node": "yes", "ray.io/node-type": "worker"},
+}
+"""The labels KubeRay adds to every Ray pod it creates."""
+
+
+def selected(cluster: dict[str, Any], selector: dict[str, str]) -> set[str]:
+    """Which of ``head`` and ``worker`` pods ``selector`` selects, with KubeRay's labels."""
+    head, *workers = pods(cluster)
+    labelled = [("head", head)] + [("worker", worker) for worker in workers]
+    return {
+        kind
+        for kind, template in labelled
+        if selector.items() <= (template["metadata"]["labels"] | KUBERAY_LABELS[kind]).items()
+    }
+
+
+def container_ports(template: dict[str, Any]) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+
+
+def service(overlay: str, name: str) -> dict[str, Any]:
+    (found,) = [s for s in objects(overlay, "Service") if s["metadata"]["name"] == name]
+    return found
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_services_monitoring_and_budget_select_the_serving_pods(overlay: str) -> None:
-    (service,) = objects(f"overlays/{overlay}", "RayService")
+    (ray_service,) = objects(f"overlays/{overlay}", "RayService")
     (pvc,) = objects(f"overlays/{overlay}", "PersistentVolumeClaim")
     assert pvc["metadata"]["name"] == "espro-models"
-    head, *workers = pods(service["spec"]["rayClusterConfig"])
+    cluster = ray_service["spec"]["rayClusterConfig"]
+    head, *workers = pods(cluster)
     # KubeRay's <name>-serve-svc exposes the head container's `serve` and `serve-*` ports.
-    head_ports = {p["name"]: p["containerPort"] for p in head["spec"]["containers"][0]["ports"]}
+    head_ports = container_ports(head)
     assert head_ports["serve"] == 8000 and head_ports["serve-grpc"] == 9000
     assert head_ports["metrics"] == 8080
+    (app,) = serve_config(ray_service)["applications"]
+    direct = AppConfig.model_validate(app["args"]).direct_grpc_port
     for worker in workers:
-        container = worker["spec"]["containers"][0]
-        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports == {"metrics": 8080, "serve": 8000, "serve-grpc": 9000}
-        probe = container["readinessProbe"]["httpGet"]
+        expected = {"metrics": 8080, "serve": 8000, "serve-grpc": 9000}
+        assert container_ports(worker) == expected | ({"direct-grpc": direct} if direct else {})
+        probe = worker["spec"]["containers"][0]["readinessProbe"]["httpGet"]
         assert probe == {"path": "/v2/health/ready", "port": "serve"}
-    # KubeRay labels every Ray pod ray.io/is-ray-node=yes and ray.io/node-type=head|worker.
-    kuberay = {"head": {"ray.io/is-ray-node": "yes", "ray.io/node-type": "head"}}
-    kuberay["worker"] = {"ray.io/is-ray-node": "yes", "ray.io/node-type": "worker"}
-    labelled = [("head", head)] + [("worker", worker) for worker in workers]
-
-    def selected(selector: dict[str, str]) -> set[str]:
-        return {
-            kind
-            for kind, template in labelled
-            if selector.items() <= (template["metadata"]["labels"] | kuberay[kind]).items()
-        }
-
-    (metrics,) = objects(f"overlays/{overlay}", "Service")
-    assert selected(metrics["spec"]["selector"]) == {"head", "worker"}
+    metrics = service(f"overlays/{overlay}", "espro-metrics")
+    assert selected(cluster, metrics["spec"]["selector"]) == {"head", "worker"}
     (port,) = metrics["spec"]["ports"]
     assert (port["port"], port["targetPort"]) == (8080, "metrics")
     (monitor,) = objects(f"overlays/{overlay}", "ServiceMonitor")
@@ -249,7 +272,26 @@ def test_services_monitoring_and_budget_select_the_serving_pods(overlay: str) ->
     )
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == [port["name"]]
     (budget,) = objects(f"overlays/{overlay}", "PodDisruptionBudget")
-    assert selected(budget["spec"]["selector"]["matchLabels"]) == {"worker"}
+    assert selected(cluster, budget["spec"]["selector"]["matchLabels"]) == {"worker"}
+
+
+def test_the_direct_overlay_exposes_every_replicas_direct_door() -> None:
+    """The replicas run on the workers only (the head has no CPUs for them), each listening
+    on the pod's network; a Service reaches that port on every worker."""
+    (ray_service,) = objects("overlays/cpu-direct", "RayService")
+    (app,) = serve_config(ray_service)["applications"]
+    args = AppConfig.model_validate(app["args"])
+    assert args.direct_grpc_port is not None and args.direct_grpc_host == "0.0.0.0"
+    cluster = ray_service["spec"]["rayClusterConfig"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    door = service("overlays/cpu-direct", "espro-direct-grpc")
+    assert selected(cluster, door["spec"]["selector"]) == {"worker"}
+    (port,) = door["spec"]["ports"]
+    assert (port["port"], port["targetPort"]) == (args.direct_grpc_port, "direct-grpc")
+    for overlay in ("cpu-dev", "gpu-prod"):  # the door stays off unless asked for
+        (other,) = objects(f"overlays/{overlay}", "RayService")
+        (other_app,) = serve_config(other)["applications"]
+        assert AppConfig.model_validate(other_app["args"]).direct_grpc_port is None
 
 
 def test_training_job_writes_a_bundle_to_the_volume() -> None:
