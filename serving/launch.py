@@ -52,17 +52,16 @@ def start(
     returns once it is ready.
 
     Every bundle's manifest is read before Ray starts, so a wrong path fails at once; the
-    application is imported and the weights verified while Ray starts. A bundle that fails
-    that check is a :class:`~serving.bundle.BundleError` once Ray is up, which a Ray started
-    here does not outlive.
+    application is imported and the weights verified while Ray and Serve start. A bundle
+    that fails that check is a :class:`~serving.bundle.BundleError` once they are up.
 
     ``stop_requested``, if given, is set by SIGINT and SIGTERM once Ray is up, replacing the
     handlers ``ray.init`` installs, which end the process at once: ``espro serve`` aborted
     (exit -6) when stopped while its application was being deployed. A signal while Ray
     itself starts (a few seconds) still ends it at once.
 
-    Replicas that fail to start are a :class:`DeployError` naming what they raised; Serve and
-    a Ray started here are shut down first."""
+    Replicas that fail to start are a :class:`DeployError` naming what they raised. Whatever
+    stops the start, Serve and a Ray started here are shut down first."""
     for path in app.bundles:
         read_manifest(path)
     # The proxy refuses larger gRPC messages with RESOURCE_EXHAUSTED before they reach us.
@@ -77,34 +76,29 @@ def start(
             _metrics_export_port=launch.metrics_port,
             log_to_driver=False,
         )
+        if stop_requested is not None:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop_requested.set())
+        serve.start(  # while the thread may still load (joining a running Ray takes a second)
+            http_options={
+                "host": launch.host,
+                "port": launch.http_port,
+                "request_timeout_s": launch.request_timeout_s,
+            },
+            grpc_options={
+                "port": launch.grpc_port,
+                "grpc_servicer_functions": [GRPC_SERVICER],
+                "request_timeout_s": launch.request_timeout_s,
+            },
+        )
         try:
             app = loading.result()
+            _run(app)
         except BaseException:
-            if ray_started_here:
+            if ray_started_here:  # nothing of a failed start stays behind
+                serve.shutdown()
                 ray.shutdown()
             raise
-    if stop_requested is not None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop_requested.set())
-    serve.start(
-        http_options={
-            "host": launch.host,
-            "port": launch.http_port,
-            "request_timeout_s": launch.request_timeout_s,
-        },
-        grpc_options={
-            "port": launch.grpc_port,
-            "grpc_servicer_functions": [GRPC_SERVICER],
-            "request_timeout_s": launch.request_timeout_s,
-        },
-    )
-    try:
-        _run(app)
-    except DeployError:
-        if ray_started_here:  # nothing of this failed start stays behind
-            serve.shutdown()
-            ray.shutdown()
-        raise
 
 
 def deploy(app: AppConfig) -> None:
