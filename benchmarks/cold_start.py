@@ -7,11 +7,16 @@ Run it where Ray may open ports, i.e. in a loopback-only network namespace:
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 \\
     unshare --net sh -c 'ip link set lo up; exec .venv/bin/python benchmarks/cold_start.py \\
         runs/demo/bundle --out benchmarks/results/cold-start.json'
+
+``--join`` starts a Ray head first (``ray start``, as KubeRay does) and launches ``espro serve
+--address`` against it: the time to an answer when Ray is already up. Memory is then the
+driver's alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -22,6 +27,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -61,33 +67,38 @@ MILESTONES = {  # what happened: (log files, the first line that says so)
 the file that records it, in seconds after the launch."""
 
 
-def first_stamp(file: Path, text: str) -> float | None:
-    """The time (``time.time()`` scale) of the first line of ``file`` that holds ``text``."""
+def first_stamp(file: Path, text: str, since: float) -> float | None:
+    """The time (``time.time()`` scale) of the first line of ``file`` that holds ``text``, if
+    it was written at ``since`` or later: a file of an earlier launch, or of a Ray that was
+    already running, does not count."""
     with file.open(errors="replace") as lines:
         for line in lines:
             if text in line and (stamp := STAMP.search(line)):
-                return datetime.strptime(stamp[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                when = datetime.strptime(stamp[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                return when if when >= since else None
     return None
 
 
 def milestones(launched: float) -> dict[str, float | None]:
     """Seconds from ``launched`` (a ``time.time()``) to each of :data:`MILESTONES` in the newest
-    Ray session's logs; ``None`` for one not found."""
+    Ray session's logs; ``None`` for one not found (Ray's own start, when joining a cluster)."""
     found: dict[str, float | None] = {}
     for name, (pattern, text) in MILESTONES.items():
-        stamps = [first_stamp(file, text) for file in sorted(RAY_LOGS.glob(pattern))]
+        stamps = [first_stamp(f, text, launched) for f in sorted(RAY_LOGS.glob(pattern))]
         when = min((t for t in stamps if t is not None), default=None)
         found[name] = None if when is None else round(when - launched, 2)
     return found
 
 
-def cold_start(bundle: Path, port: int) -> dict[str, Any]:
-    """One launch: time to the first prediction, memory while idle, time to stop."""
+def cold_start(bundle: Path, port: int, address: str | None = None) -> dict[str, Any]:
+    """One launch (joining the Ray at ``address``, if given): time to the first prediction,
+    memory while idle, time to stop."""
     manifest = load_bundle(bundle).manifest
     body = json.dumps({"inputs": [np.zeros(manifest.input.shape).tolist()]}).encode()
     url = f"http://127.0.0.1:{port}/v1/models/{manifest.name}/predict"
     command = [sys.executable, "-m", "training.cli", "serve", str(bundle)]
     command += ["--http-port", str(port), "--grpc-port", str(port + 1000)]
+    command += ["--address", address] if address else []
     start, launched = time.perf_counter(), time.time()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -107,15 +118,30 @@ def cold_start(bundle: Path, port: int) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def ray_head(port: int) -> Iterator[str]:
+    """A local Ray head on loopback, started as ``ray start`` starts one; its address."""
+    ray = [str(Path(sys.executable).with_name("ray"))]
+    start = ["start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}"]
+    subprocess.run([*ray, *start, "--include-dashboard=false"], check=True, capture_output=True)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([*ray, "stop"], check=True, capture_output=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--join", action="store_true", help="start Ray first; espro joins it")
+    parser.add_argument("--ray-port", type=int, default=6390, help="the joined head's GCS port")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cold-start.json"))
     args = parser.parse_args(argv)
     load_before = os.getloadavg()
-    runs = [cold_start(args.bundle, args.port) for _ in range(args.repeats)]
+    with ray_head(args.ray_port) if args.join else contextlib.nullcontext() as address:
+        runs = [cold_start(args.bundle, args.port, address) for _ in range(args.repeats)]
     result = {
         "command": "benchmarks/cold_start.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
