@@ -71,6 +71,7 @@ def start(
         loading = loader.submit(_load, app)
         connect(
             launch.address,
+            bind_host=launch.host,
             num_cpus=launch.num_cpus,
             num_gpus=launch.num_gpus,
             _metrics_export_port=launch.metrics_port,

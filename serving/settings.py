@@ -7,6 +7,8 @@ through Serve's ``user_config``; :class:`LaunchConfig` is where ``espro serve`` 
 
 from __future__ import annotations
 
+import ipaddress
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -101,6 +103,8 @@ class LaunchConfig(_Config):
     address: str | None = None
     """A running Ray cluster to join (``auto`` or ``host:port``); default: start one here."""
     host: str = "127.0.0.1"
+    """Where Serve's HTTP and gRPC doors listen, and, in a Ray started here, each replica's
+    internal gRPC server (``0.0.0.0`` or ``::`` for every interface)."""
     http_port: int = Field(default=8000, ge=0, le=65535)
     grpc_port: int = Field(default=9000, ge=0, le=65535)
     metrics_port: int = Field(default=8080, ge=0, le=65535)
@@ -111,4 +115,28 @@ class LaunchConfig(_Config):
     """GPUs of a Ray started here (default: every visible GPU)."""
     request_timeout_s: float | None = Field(default=60.0, gt=0)
     """The doors answer 408 (gRPC ``DEADLINE_EXCEEDED``) to a request with no answer after this
-    long, so none waits forever (``None``: no bound); clients may retry those."""
+    long, so none waits forever (``None``: no bound); clients may retry those. A client's
+    header cannot lift it (:mod:`serving.proxy_headers`)."""
+
+    @model_validator(mode="after")
+    def _exposed_only_with_ray_auth(self) -> LaunchConfig:
+        """Serve's gRPC door and each replica's internal gRPC server bind ``host``, and the
+        internal one runs what it is sent; beyond loopback only Ray's token keeps strangers
+        out, so a non-loopback host with ``RAY_AUTH_MODE=disabled`` is refused."""
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled" and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is beyond loopback while RAY_AUTH_MODE=disabled: anyone "
+                "who reaches it could run code in the replicas; unset RAY_AUTH_MODE (espro "
+                "then turns on Ray's token authentication) or listen on 127.0.0.1"
+            )
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is reachable only from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any address
+        return False

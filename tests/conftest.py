@@ -6,8 +6,10 @@ written); ``tiny.write(path)`` turns it into a bundle directory that ``load_bund
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -225,12 +227,86 @@ class Server:
         deploy(self.config.model_copy(update=changes))
 
 
+PROBE_ADDRESS = "192.0.2.1"
+"""A documentation-range address added to the namespace, so that a wildcard bind is a socket
+it would reach; no test sends it traffic."""
+
+
+def _add_probe_address() -> None:
+    """A second interface holding :data:`PROBE_ADDRESS` (a dummy one, or one end of a veth
+    pair where the kernel has no dummy driver)."""
+    commands = [
+        ["ip", "link", "add", "espro-probe", "type", "dummy"],
+        ["ip", "link", "add", "espro-probe", "type", "veth", "peer", "name", "espro-peer"],
+    ]
+    if not any(subprocess.run(c, capture_output=True).returncode == 0 for c in commands):
+        pytest.fail("cannot add a second interface to the test namespace (ip link add)")
+    for command in (
+        ["ip", "addr", "add", f"{PROBE_ADDRESS}/24", "dev", "espro-probe"],
+        ["ip", "link", "set", "espro-probe", "up"],
+    ):
+        subprocess.run(command, check=True, capture_output=True)
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A listening TCP socket of this network namespace and the process that holds it."""
+
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    """IPv4-mapped IPv6 addresses are given as IPv4."""
+    port: int
+    command: str
+    """The holder's command line ("?" when it has exited)."""
+
+
+def _socket_owners() -> dict[str, str]:
+    """Socket inode → command line of the process holding it, for every process."""
+    owners = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    owners[target[8:-1]] = command
+        except OSError:  # the process exited while being read
+            continue
+    return owners
+
+
+def listeners() -> list[Listener]:
+    """Every listening TCP socket in this namespace (``/proc/net/tcp`` and ``tcp6``)."""
+    owners, found = _socket_owners(), []
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] != "0A":  # TCP_LISTEN
+                continue
+            address, port = fields[1].split(":")
+            # The kernel prints each 32-bit word of the address in host (little-endian) order.
+            raw = b"".join(bytes.fromhex(address[i : i + 8])[::-1] for i in range(0, width * 2, 8))
+            ip = ipaddress.ip_address(raw)
+            ip = getattr(ip, "ipv4_mapped", None) or ip  # gRPC binds IPv4 as ::ffff:a.b.c.d
+            found.append(Listener(ip, int(port, 16), owners.get(fields[9], "?")))
+    return found
+
+
+def reachable_beyond_loopback() -> list[Listener]:
+    """The listeners another machine could reach: bound to the wildcard or to any address
+    but loopback."""
+    return [listener for listener in listeners() if not listener.address.is_loopback]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
     """One local Ray for the whole test session (a cold start costs seconds), on loopback,
-    exporting metrics at 127.0.0.1:18080."""
+    exporting metrics at 127.0.0.1:18080.
+
+    The namespace also gets :data:`PROBE_ADDRESS` on a second interface before Ray starts,
+    which a loopback-only namespace would hide: what binds the wildcard listens there too."""
     if not _loopback_only():
         pytest.fail(LOOPBACK_ONLY)
+    _add_probe_address()
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     # Replicas and tasks import this module to build the custom test architectures.
     here = str(Path(__file__).parent)

@@ -17,8 +17,8 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import requests
@@ -28,6 +28,7 @@ import tritonclient.http as thttp
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
+from conftest import listeners, reachable_beyond_loopback
 from serving.bundle import load_bundle
 from serving.manifest import TENSORS_FILE
 from serving.predictor import Predictor
@@ -285,23 +286,9 @@ def test_concurrent_requests_are_batched_and_metrics_parse(server):
     assert {load_bundle(server.bundles[f"tiny/{v}"]).digest for v in "12"} <= digests
 
 
-def listening_hosts(port: int) -> set[str]:
-    """The addresses TCP sockets listen on at ``port``, from /proc: IPv4 ones (IPv4-mapped
-    IPv6 included, as gRPC binds them) dotted, other IPv6 ones as the kernel's hex."""
-    hosts = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, hex_port = local.rsplit(":", 1)
-            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
-                address = address.removeprefix("0000000000000000FFFF0000")
-                ipv4 = len(address) == 8
-                hosts.add(".".join(map(str, bytes.fromhex(address)[::-1])) if ipv4 else address)
-    return hosts
-
-
 def test_the_direct_door_listens_on_loopback_and_counts_its_calls(server):
-    assert listening_hosts(int(server.direct.rsplit(":", 1)[1])) == {"127.0.0.1"}
+    port = int(server.direct.rsplit(":", 1)[1])
+    assert {str(x.address) for x in listeners() if x.port == port} == {"127.0.0.1"}
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda _: grpc_infer(server, door="direct"), range(8)))
     assert all(a.as_numpy("probabilities").shape == (5, 3) for a in answers)
@@ -315,6 +302,35 @@ def test_the_direct_door_listens_on_loopback_and_counts_its_calls(server):
         assert time.monotonic() < deadline, f"no grpc-direct requests counted: {samples}"
         time.sleep(1)
     assert {s.labels["model"] for s in direct} <= {"tiny", "unknown"}
+
+
+def test_no_door_or_ray_process_listens_beyond_loopback(server):
+    """Serve's doors, the direct door, each replica's internal gRPC server and Ray's own
+    ports all bind loopback, though the namespace has a second address (conftest)."""
+    found = listeners()
+    assert {18000, 19000, 19050} <= {x.port for x in found}
+    assert any("ServeReplica" in x.command for x in found), found
+    assert reachable_beyond_loopback() == []
+
+
+def test_a_replica_runs_no_internal_call_without_the_ray_token(server):
+    """Each replica's internal gRPC server unpickles what it is sent; without Ray's token
+    (espro turns Ray's token authentication on) it refuses before reading the message. The
+    replica's other port, Ray's core worker, knows no such method."""
+    direct = int(server.direct.rsplit(":", 1)[1])
+    codes = {}
+    for listener in listeners():
+        if "ServeReplica" in listener.command and listener.port != direct:
+            with grpc.insecure_channel(f"127.0.0.1:{listener.port}") as channel:
+                call = channel.unary_unary("/ray.serve.ASGIService/HandleRequest")
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(b"", timeout=10)
+            codes[listener.port] = refused.value.code()
+    assert grpc.StatusCode.UNAUTHENTICATED in codes.values(), codes
+    assert set(codes.values()) <= {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }, codes
 
 
 def engine_runs_and_answers(server, model: str) -> tuple[float, float]:
@@ -391,16 +407,18 @@ def test_a_full_queue_answers_503_with_retry_after(server):
     assert native(server, "tiny", {"inputs": X.tolist()}).status_code == 200
 
 
-def test_no_request_waits_past_the_doors_timeout(server):
-    """The doors bound every request (``LaunchConfig.request_timeout_s``; a header lowers it
-    per request): past it HTTP answers 408, which espro_client retries as a Timeout."""
+@pytest.mark.parametrize("timeout", ["0.001", "0", "-1"])
+def test_a_client_header_does_not_change_the_doors_timeout(server, timeout):
+    """The doors bound every request (``LaunchConfig.request_timeout_s``). Serve's proxy
+    would take ``x-request-timeout-seconds`` from the client instead (0 or less: no bound);
+    espro strips it, so a timeout the header shortens to 1 ms still answers 200."""
     from ray.serve.context import _get_global_client
 
     http_options = _get_global_client().get_serve_details()["http_options"]
     assert http_options["request_timeout_s"] == 20
-    hurried = {"x-request-timeout-seconds": "0.001"}
-    answer = native(server, "slow", {"inputs": X.tolist()}, headers=hurried)
-    assert answer.status_code == 408 and "timed out" in answer.text
+    headers = {"X-Request-Timeout-Seconds": timeout, "x-request-disconnect-disabled": "?1"}
+    answer = native(server, "slow", {"inputs": X.tolist()}, headers=headers)
+    assert answer.status_code == 200, answer.text
 
 
 def test_a_new_version_replaces_the_old_under_load(server, tmp_path):
@@ -457,6 +475,7 @@ def test_espro_serve_starts_answers_and_drains_on_sigterm(server, tmp_path):
         answer = requests.post(url.format("tiny"), json={"inputs": X.tolist()}, timeout=30)
         assert answer.status_code == 200 and answer.json()["model_version"] == "1"
         assert tgrpc.InferenceServerClient("127.0.0.1:19100").is_model_ready("tiny")
+        assert reachable_beyond_loopback() == []  # its own Ray's processes included
         slow = {"inputs": [[1, 2, 3, 4]], "draws": 40}  # 40 members x 50 ms: 2 s
         with ThreadPoolExecutor(3) as pool:
             in_flight = [

@@ -88,3 +88,30 @@ def test_cuda_replicas_ask_ray_for_a_gpu():
 
     deployment = build_app({"bundles": ["b"], "device": "cuda"})._bound_deployment
     assert deployment.ray_actor_options["num_gpus"] == 1
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.1", "espro.example"])
+def test_a_host_beyond_loopback_needs_ray_token_authentication(host, monkeypatch):
+    """Beyond loopback only Ray's token keeps strangers from each replica's internal gRPC
+    server, so switching it off there is refused; loopback stays allowed."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with pytest.raises(ValidationError, match="beyond loopback while RAY_AUTH_MODE=disabled"):
+        LaunchConfig(host=host)
+    for loopback in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        LaunchConfig(host=loopback)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert LaunchConfig(host=host).host == host
+
+
+def test_a_local_ray_gets_a_fresh_token_unless_the_environment_chooses(monkeypatch):
+    from serving.cluster import AUTH_VARIABLES, local_auth_environment
+
+    for name in AUTH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    first, second = local_auth_environment(), local_auth_environment()
+    assert set(first) == {"RAY_AUTH_TOKEN"} and len(first["RAY_AUTH_TOKEN"]) >= 32
+    assert first != second
+    for name, value in [("RAY_AUTH_MODE", "disabled"), ("RAY_AUTH_TOKEN_PATH", "/run/token")]:
+        monkeypatch.setenv(name, value)
+        assert local_auth_environment() == {}
+        monkeypatch.delenv(name)
