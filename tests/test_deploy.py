@@ -30,6 +30,7 @@ import yaml
 from packaging.requirements import Requirement
 from ray.serve.schema import ServeDeploySchema
 
+from serving import proxy_headers
 from serving.settings import AppConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,6 +293,48 @@ def test_the_direct_overlay_exposes_every_replicas_direct_door() -> None:
         (other,) = objects(f"overlays/{overlay}", "RayService")
         (other_app,) = serve_config(other)["applications"]
         assert AppConfig.model_validate(other_app["args"]).direct_grpc_port is None
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_ray_clusters_authenticate_with_a_token(kustomization: str) -> None:
+    clusters = [o["spec"]["rayClusterConfig"] for o in objects(kustomization, "RayService")]
+    clusters += [o["spec"]["rayClusterSpec"] for o in objects(kustomization, "RayJob")]
+    assert clusters and all(c["authOptions"] == {"mode": "token"} for c in clusters)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_the_doors_and_metrics_are_open_beyond_the_ray_pods(overlay: str) -> None:
+    """Every serving pod runs Serve's proxy with the middleware that drops client timeout
+    headers, and the network policy selects every Ray pod and admits, from outside them,
+    only the doors, the metrics and the KubeRay operator on the head's dashboard."""
+    (ray_service,) = objects(f"overlays/{overlay}", "RayService")
+    cluster = ray_service["spec"]["rayClusterConfig"]
+    for template in pods(cluster):
+        (container,) = template["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == proxy_headers.CALLBACK
+    (policy,) = objects(f"overlays/{overlay}", "NetworkPolicy")
+    spec = policy["spec"]
+    assert selected(cluster, spec["podSelector"]["matchLabels"]) == {"head", "worker"}
+    assert spec["policyTypes"] == ["Ingress"]
+    (app,) = serve_config(ray_service)["applications"]
+    direct = AppConfig.model_validate(app["args"]).direct_grpc_port
+    doors = {8000, 9000, 8080} | ({direct} if direct else set())
+    open_ports, operator = set(), set()
+    for rule in spec["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        if "from" not in rule:
+            open_ports |= ports
+            continue
+        (peer,) = rule["from"]
+        labels = peer["podSelector"]["matchLabels"]
+        if labels == {"app.kubernetes.io/name": "kuberay-operator"}:
+            operator |= ports
+        else:  # every port, but only from the cluster's own pods
+            assert "namespaceSelector" not in peer and not ports
+            assert selected(cluster, labels) == {"head", "worker"}
+    assert open_ports == doors
+    assert operator == {8265}
 
 
 def test_training_job_writes_a_bundle_to_the_volume() -> None:
