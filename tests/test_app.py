@@ -9,6 +9,7 @@ Protocol. gRPC goes through Serve's proxy (``grpc``) or the replica's direct doo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -331,6 +333,15 @@ def test_a_replica_runs_no_internal_call_without_the_ray_token(server):
         grpc.StatusCode.UNAUTHENTICATED,
         grpc.StatusCode.UNIMPLEMENTED,
     }, codes
+
+
+def test_the_ray_token_is_in_no_file_or_log(server):
+    """The token made for a local Ray lives in its processes' environment only."""
+    token = os.environ["RAY_AUTH_TOKEN"].encode()
+    assert len(token) >= 32
+    files = [*Path("/tmp/ray").rglob("*"), *Path.home().joinpath(".ray").rglob("*")]
+    leaks = [f for f in files if f.is_file() and not f.is_symlink() and token in f.read_bytes()]
+    assert leaks == []
 
 
 def engine_runs_and_answers(server, model: str) -> tuple[float, float]:
