@@ -31,10 +31,15 @@ class DeployError(RuntimeError):
 
 def check_bundles(config: AppConfig) -> AppConfig:
     """Verify every bundle here before deploying, and make their paths absolute, so that a
-    wrong path or a corrupt bundle is a clear error now rather than a failing replica later."""
+    wrong path, a corrupt bundle or one its architecture does not fit is a clear error now
+    rather than a failing replica later."""
+    from serving.predictor import check_architecture  # torch: not before Ray starts
+
     bundles = [str(Path(path).resolve()) for path in config.bundles]
     for path in bundles:
-        load_bundle(path)
+        check_architecture(
+            load_bundle(path), allow_custom_architecture=config.allow_custom_architecture
+        )
     return config.model_copy(update={"bundles": bundles})
 
 

@@ -3,7 +3,8 @@
 A bundle is a directory holding ``manifest.json`` and ``vertices.safetensors``. The manifest
 says how to rebuild the network (architecture and input spec), which simplexes the complex
 holds, which points were drawn from each (Dirichlet coordinates and their seed), how to turn
-member outputs into a calibrated prediction, and the sha256 of every other file.
+member outputs into a calibrated prediction, and the sha256 of every other file. Every number
+in it is finite.
 
 Tensor names inside ``vertices.safetensors`` follow :func:`vertex_key`, :func:`buffer_key`
 and :func:`draw_buffer_key`.
@@ -32,6 +33,10 @@ SCHEMA_VERSION = 1
 
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "vertices.safetensors"
+
+MAX_INSTANCE_ELEMENTS = 2**28
+"""The most numbers one instance may hold (1 GiB of float32): a bundle's input shape is
+allocated as is, when a server warms up, before any request says otherwise."""
 
 
 class Task(StrEnum):
@@ -79,7 +84,13 @@ def describe_validation_error(err: ValidationError) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown fields and non-finite numbers are refused; a NaN or infinity in a free-form
+    field (``metrics``, ``training``) is dumped as itself, for the writer to refuse, not as
+    ``null``."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False, ser_json_inf_nan="constants"
+    )
 
 
 class ArchitectureSpec(_Strict):
@@ -109,6 +120,8 @@ class InputSpec(_Strict):
     def _check(self) -> InputSpec:
         if not self.shape or any(d <= 0 for d in self.shape):
             raise ValueError(f"shape must be non-empty and positive, got {list(self.shape)}")
+        if math.prod(self.shape) > MAX_INSTANCE_ELEMENTS:
+            raise ValueError(f"shape holds more than {MAX_INSTANCE_ELEMENTS} numbers")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if len(value) != self.shape[0]:
@@ -116,7 +129,7 @@ class InputSpec(_Strict):
                     f"{name} must have {self.shape[0]} entries (dimension 0 of shape), "
                     f"got {len(value)}"
                 )
-        if any(s <= 0 or not math.isfinite(s) for s in self.std):
+        if any(s <= 0 for s in self.std):
             raise ValueError("std entries must be finite and positive")
         return self
 
@@ -234,14 +247,19 @@ class Manifest(_Strict):
                 raise ValueError(f"simplexes[{i}] has BatchNorm draws but the model has none")
         return self
 
-    def tensor_keys(self) -> set[str]:
-        """Every tensor name the tensor file must hold, and nothing else."""
-        keys: set[str] = set()
+    def tensor_names(self) -> dict[str, str]:
+        """Every tensor name the tensor file must hold, and nothing else, each with the name of
+        the network's parameter or buffer it is a value of."""
+        names: dict[str, str] = {}
         for m, simplex in enumerate(self.simplexes):
             for j in range(simplex.num_vertices):
-                keys.update(vertex_key(m, j, n) for n in self.parameter_names)
-            keys.update(buffer_key(m, n) for n in self.buffer_names)
+                names |= {vertex_key(m, j, n): n for n in self.parameter_names}
+            names |= {buffer_key(m, n): n for n in self.buffer_names}
             for s, draw in enumerate(simplex.draws):
                 if draw.batchnorm:
-                    keys.update(draw_buffer_key(m, s, n) for n in self.batchnorm_buffer_names)
-        return keys
+                    names |= {draw_buffer_key(m, s, n): n for n in self.batchnorm_buffer_names}
+        return names
+
+    def tensor_keys(self) -> set[str]:
+        """Every tensor name the tensor file must hold, and nothing else."""
+        return set(self.tensor_names())

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from serving.architectures import create_model
-from serving.bundle import Bundle, load_bundle
+from serving.bundle import Bundle, BundleError, load_bundle
 from serving.engine import create_engine
 from serving.ensemble import Origin
-from serving.manifest import InputError, Manifest, Task
+from serving.manifest import TENSORS_FILE, InputError, Manifest, Task
 from serving.predictive import (
     ClassificationPrediction,
     RegressionPrediction,
@@ -36,6 +36,38 @@ def build_model(manifest: Manifest, *, allow_custom_architecture: bool = False) 
         allow_custom=allow_custom_architecture,
         **spec.kwargs,
     )
+
+
+def check_architecture(bundle: Bundle, *, allow_custom_architecture: bool = False) -> None:
+    """Refuse a bundle whose architecture cannot be built or whose tensors do not fit it, with
+    a :class:`~serving.bundle.BundleError` naming the tensor.
+
+    The network is built on the meta device, so the check allocates nothing whatever sizes
+    the manifest's arguments ask for; the real network is built only for tensors that fit.
+    """
+    manifest = bundle.manifest
+    name = manifest.architecture.name
+    try:
+        with torch.device("meta"):
+            model = build_model(manifest, allow_custom_architecture=allow_custom_architecture)
+    except Exception as err:  # the builder runs on the manifest's arguments: its failure is theirs
+        raise BundleError(f"{bundle.path}: architecture {name!r} cannot be built: {err}") from err
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    if params.keys() != set(manifest.parameter_names) or buffers.keys() != set(
+        manifest.buffer_names
+    ):
+        raise BundleError(
+            f"{bundle.path}: architecture {name!r} does not match the bundle: "
+            "its parameter or buffer names differ from the manifest's"
+        )
+    expected = params | buffers
+    for key, state_name in manifest.tensor_names().items():
+        got, want = bundle.tensors[key], expected[state_name]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise BundleError(
+                f"{bundle.path}: {TENSORS_FILE}: tensor {key} is {got.dtype} {list(got.shape)}; "
+                f"architecture {name!r} expects {want.dtype} {list(want.shape)}"
+            )
 
 
 class Predictor:
@@ -63,8 +95,8 @@ class Predictor:
         self.max_fresh_draws = max_fresh_draws
         self._lock = threading.Lock()
         manifest = bundle.manifest
+        check_architecture(bundle, allow_custom_architecture=allow_custom_architecture)
         model = build_model(manifest, allow_custom_architecture=allow_custom_architecture)
-        self._check_names(model, manifest)
         members, origins, self._slots = [], [], []
         all_vertices = [bundle.vertices(m) for m in range(len(manifest.simplexes))]
         for m, (simplex, vertices) in enumerate(zip(manifest.simplexes, all_vertices, strict=True)):
@@ -73,7 +105,6 @@ class Predictor:
                 slots.append(len(members))
                 members.append({**mix_vertices(vertices, draw.alpha), **bundle.buffers(m, s)})
                 origins.append(Origin(m, draw.alpha))
-                self._check_shapes(model, manifest, members[-1])
             self._slots.append(slots)
         self._fresh: list[list[int]] = [[] for _ in self._slots]
         self.ensemble = create_engine(
@@ -119,32 +150,6 @@ class Predictor:
                 "draw, so it cannot sample fresh draws; set max_fresh_draws to 0"
             )
         self._max_fresh_draws = value
-
-    @staticmethod
-    def _check_names(model: torch.nn.Module, manifest: Manifest) -> None:
-        params = tuple(n for n, _ in model.named_parameters())
-        buffers = tuple(n for n, _ in model.named_buffers())
-        if set(params) != set(manifest.parameter_names) or set(buffers) != set(
-            manifest.buffer_names
-        ):
-            raise ValueError(
-                f"architecture {manifest.architecture.name!r} does not match the bundle: "
-                "its parameter or buffer names differ from the manifest's"
-            )
-
-    @staticmethod
-    def _check_shapes(
-        model: torch.nn.Module, manifest: Manifest, member: dict[str, torch.Tensor]
-    ) -> None:
-        expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-        for name, tensor in member.items():
-            want = expected[name]
-            if tensor.shape != want.shape or tensor.dtype != want.dtype:
-                raise ValueError(
-                    f"architecture {manifest.architecture.name!r} does not match the bundle: "
-                    f"{name} is {tensor.dtype} {list(tensor.shape)} in the bundle, "
-                    f"the architecture expects {want.dtype} {list(want.shape)}"
-                )
 
     def member_indices(self, draws: int | None = None) -> list[int]:
         """Members to run: the first ``draws`` of every simplex (every stored one when ``None``),

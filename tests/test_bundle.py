@@ -191,7 +191,7 @@ def test_missing_file_is_refused(tiny_bundle_dir: Path, name: str) -> None:
 
 
 def test_missing_directory_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(BundleError, match="is not a bundle directory"):
+    with pytest.raises(BundleError, match="nowhere: not a bundle directory"):
         load_bundle(tmp_path / "nowhere")
 
 

@@ -90,9 +90,15 @@ def test_predict_table_and_draws(trained, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["predict", "{bundle}", "{bad_shape}"], "expected inputs of shape [batch, 2]"),
-        (["predict", "{bundle}", "{x}", "--draws", "9"], "draws must be between 1 and 3"),
+        (
+            ["predict", "{bundle}", "{bad_shape}"],
+            "bad_shape.npy: expected inputs of shape [batch, 2]",
+        ),
+        (["predict", "{bundle}", "{x}", "--draws", "9"], "--draws: draws must be between 1 and 3"),
         (["predict", "{root}", "{x}"], "manifest.json is missing"),
+        (["predict", "{bundle}", "{x}", "--device", "foo"], "--device: 'foo' is not a device"),
+        (["evaluate", "{bundle}", "--device", "cuda:x"], "--device: 'cuda:x' is not a device"),
+        (["evaluate", "{bundle}", "--json", "{root}/no/such/dir.json"], "--json: "),
         (["train", "{bad_config}"], "modes.epochs"),
         (["configs", "nope"], "no built-in config"),
         (["train", "{config}", "--lambda", "-1"], "simplex.lambda"),
@@ -111,7 +117,9 @@ def test_bad_input_exits_2_with_a_message(trained, capsys, argv, message):
         "bad_config": trained / "bad.yaml",
     }
     assert main([a.format(**paths) for a in argv]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert message in err
 
 
 def test_read_inputs_refuses_pickled_arrays(tmp_path):

@@ -2,6 +2,9 @@
 
 Each command imports what it needs when it runs: Ray only for ``serve`` and ``demo``, and
 torch not before ``serve`` has started Ray, so that the two load at the same time.
+
+Every refusal of a file or flag is one line on stderr, ``error: <file or flag>: <problem>``,
+and exit status 2: each cause is raised as one of the few errors :func:`main` catches.
 """
 
 from __future__ import annotations
@@ -9,11 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 from pydantic import ValidationError
@@ -30,6 +35,33 @@ if TYPE_CHECKING:
 log = logging.getLogger("espro")
 
 DEMO_CONFIG = "mnist1d-demo"
+MAX_INPUT_BYTES = 2**30
+"""The largest input file ``espro predict`` reads, and the most data a ``.npy`` header may
+declare."""
+
+
+def _device(name: str) -> torch.device:
+    """The device ``--device`` names; a name that is none, or CUDA where there is none, is a
+    ConfigError naming the flag."""
+    from training.config import resolve_device
+
+    try:
+        return resolve_device(name)
+    except RuntimeError:  # torch.device's own parse error
+        raise ConfigError(
+            f"--device: {name!r} is not a device (cpu, cuda, cuda:N or auto)"
+        ) from None
+    except ConfigError as err:
+        raise ConfigError(f"--device: {err}") from None
+
+
+def _strict_json(value: Any, source: str | Path) -> str:
+    """``value`` as JSON, which has no NaN or infinity: a network whose outputs overflow
+    produces them, and that is an InputError naming ``source`` rather than invalid JSON."""
+    try:
+        return json.dumps(value, indent=2, allow_nan=False)
+    except ValueError:
+        raise InputError(f"{source}: the network's outputs are not finite numbers") from None
 
 
 def _ray_runner(config: TrainConfig, address: str | None) -> Any:
@@ -98,23 +130,33 @@ def print_training_summary(path: Path, results: dict[str, Any]) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from training.config import parse_config, resolve_device
+    from training.config import parse_config
     from training.data import load_dataset
     from training.evaluation import evaluate
 
+    device = _device(args.device)
     bundle = load_bundle(args.bundle)
     config = parse_config(bundle.manifest.training.get("config"), f"{args.bundle} training config")
     severities = args.severities or config.evaluation.noise_severities
-    results = evaluate(
-        bundle,
-        load_dataset(config.data),
-        severities,
-        seed=config.seed,
-        device=resolve_device(args.device),
-        allow_custom_architecture=args.allow_custom_architecture,
-    )
+    dataset = load_dataset(config.data)
+    try:
+        results = evaluate(
+            bundle,
+            dataset,
+            severities,
+            seed=config.seed,
+            device=device,
+            allow_custom_architecture=args.allow_custom_architecture,
+        )
+    except InputError as err:
+        message = f"{args.bundle}: its training config's data do not fit its input spec: {err}"
+        raise InputError(message) from None
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        text = _strict_json(results, args.bundle) + "\n"
+        try:
+            Path(args.json).write_text(text)
+        except OSError as err:
+            raise ConfigError(f"--json: {args.json}: {err.strerror}") from None
     _print_tables([results], bundle.manifest.task)
     return 0
 
@@ -137,26 +179,60 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_npy(path: Path) -> np.ndarray:
+    """A ``.npy`` array, its header checked before anything is allocated: the data it declares
+    must lie in the file and within ``MAX_INPUT_BYTES``. Never unpickles."""
+    from numpy.lib import format as npy
+
+    readers = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}
+    with open(path, "rb") as f:
+        version = npy.read_magic(f)
+        if version not in readers:
+            raise InputError(f"{path}: unsupported .npy format version {version}")
+        shape, _, dtype = readers[version](f)
+        declared = math.prod(shape) * dtype.itemsize
+        available = os.fstat(f.fileno()).st_size - f.tell()
+        if declared > min(available, MAX_INPUT_BYTES):
+            raise InputError(
+                f"{path}: its header declares {declared} bytes of data; the file holds "
+                f"{available} and the limit is {MAX_INPUT_BYTES}"
+            )
+        f.seek(0)
+        return npy.read_array(f, allow_pickle=False)
+
+
+def _read_json(path: Path) -> np.ndarray:
+    """A JSON list of instances, or ``{"inputs": [...]}``, as an array of its values' type."""
+    if path.stat().st_size > MAX_INPUT_BYTES:
+        raise InputError(f"{path}: larger than {MAX_INPUT_BYTES} bytes")
+    data = json.loads(path.read_bytes())
+    if isinstance(data, dict) and "inputs" not in data:
+        raise InputError(f'{path}: expected a JSON list or {{"inputs": [...]}}')
+    return np.asarray(data["inputs"] if isinstance(data, dict) else data)
+
+
 def read_inputs(path: str | Path) -> torch.Tensor:
-    """Inputs from a ``.npy`` file (no pickle) or a JSON list / ``{"inputs": [...]}``."""
+    """Inputs from a ``.npy`` file (no pickle) or a JSON list / ``{"inputs": [...]}``, as
+    float32. A file that cannot be read, or holds anything but real numbers within float32's
+    range, is an InputError naming it; the shape is checked against a bundle later."""
     import torch
 
     path = Path(path)
+    if path.suffix not in (".npy", ".json"):
+        raise InputError(f"{path}: expected a .npy or .json file")
     try:
-        if path.suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
-        elif path.suffix == ".json":
-            data = json.loads(path.read_text())
-            array = np.asarray(data["inputs"] if isinstance(data, dict) else data, np.float32)
-        else:
-            raise InputError(f"{path}: expected a .npy or .json file")
-    except (OSError, KeyError, ValueError) as err:
-        if isinstance(err, InputError):
-            raise
+        array = _read_npy(path) if path.suffix == ".npy" else _read_json(path)
+    except InputError:
+        raise
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: JSON nested too deep
         raise InputError(f"{path}: cannot read inputs: {err}") from None
-    if not np.issubdtype(array.dtype, np.number):
-        raise InputError(f"{path}: expected numbers, got dtype {array.dtype}")
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if array.dtype.kind not in "iuf":
+        raise InputError(f"{path}: expected real numbers, got {array.dtype} values")
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = array.astype(np.float32)
+    if not np.isfinite(values).all():
+        raise InputError(f"{path}: inputs must be finite numbers within float32's range")
+    return torch.from_numpy(np.ascontiguousarray(values))
 
 
 def format_records(records: list[dict[str, Any]], task: Task) -> str:
@@ -196,15 +272,24 @@ def print_predictions(
     """Predict offline from a bundle and print a table or the native JSON response."""
     from serving.predictor import Predictor
     from serving.wire import predict_response
-    from training.config import resolve_device
 
+    torch_device = _device(device)
+    x = read_inputs(inputs)
     predictor = Predictor.from_path(
-        bundle, device=resolve_device(device), allow_custom_architecture=allow_custom_architecture
+        bundle, device=torch_device, allow_custom_architecture=allow_custom_architecture
     )
-    prediction = predictor.predict(read_inputs(inputs), draws=draws, return_members=members)
+    try:
+        x = predictor.ensemble.check_inputs(x)
+    except InputError as err:
+        raise InputError(f"{inputs}: {err}") from None
+    try:  # the inputs are checked: what is left to refuse is the number of draws
+        prediction = predictor.predict(x, draws=draws, return_members=members)
+    except InputError as err:
+        raise InputError(f"--draws: {err}") from None
     response = predict_response(prediction, predictor.bundle).model_dump(exclude_none=True)
+    text = _strict_json(response, inputs)  # refuses NaN in the table too
     if as_json:
-        print(json.dumps(response, indent=2))
+        print(text)
     else:
         manifest = predictor.manifest
         print(f"{manifest.name} v{manifest.version} ({predictor.bundle.digest[:12]})")
@@ -343,9 +428,16 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Refuses a bad command line in one line, like every other refusal."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message.removeprefix('argument ')} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``espro`` command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="espro",
         description="Train and run ESPRO simplex ensembles with calibrated uncertainty.",
     )
@@ -467,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         FileExistsError,
         InputError,
     ) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {' '.join(str(err).splitlines())}", file=sys.stderr)
         return 2
 
 

@@ -185,8 +185,9 @@ class ModelServer:
                     )
                     predictor.warm_up()  # an ONNX export takes seconds: not on a request
             except (ValueError, OSError, RuntimeError) as err:  # BundleError is a ValueError
-                logger.error("refusing bundle %s: %s", path, err)
-                refused.append(f"{path}: {err}")
+                reason = str(err) if isinstance(err, BundleError) else f"{path}: {err}"
+                logger.error("refusing bundle %s", reason)  # a BundleError names its bundle
+                refused.append(reason)
                 continue
             predictor.max_fresh_draws = (
                 0 if bundle.manifest.buffer_names else tuning.max_fresh_draws

@@ -1,14 +1,20 @@
-"""The ``espro-client`` command: ``predict``, ``health`` and ``models`` against a server."""
+"""The ``espro-client`` command: ``predict``, ``health`` and ``models`` against a server.
+
+Every error is one line on stderr, ``error: <file, flag or URL>: <problem>``: exit status 2
+for a file or flag refused here, 1 for a server that refused or could not be reached.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -17,10 +23,23 @@ from espro_client.errors import EsproError
 from espro_client.result import Prediction
 
 _COLUMNS = ("label", "confidence", "entropy", "mutual_information", "abstain")
+MAX_INPUT_BYTES = 2**30
+"""The most data a ``.npy`` header may declare."""
+
+
+class UsageError(ValueError):
+    """A file or flag the command refuses; the message names it."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Refuses a bad command line in one line, like every other refusal."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message.removeprefix('argument ')} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="espro-client", description="Predict with, check and list an espro server."
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +71,49 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print JSON instead of a table"
     )
     return parser
+
+
+def _read_inputs(path: str) -> np.ndarray:
+    """The instances of a ``.npy`` file: real numbers, its header checked before anything is
+    allocated (the data it declares must lie in the file and within ``MAX_INPUT_BYTES``).
+    Never unpickles."""
+    from numpy.lib import format as npy
+
+    readers = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}
+    try:
+        with open(path, "rb") as f:
+            version = npy.read_magic(f)
+            if version not in readers:
+                raise UsageError(f"{path}: unsupported .npy format version {version}")
+            shape, _, dtype = readers[version](f)
+            declared = math.prod(shape) * dtype.itemsize
+            available = os.fstat(f.fileno()).st_size - f.tell()
+            if declared > min(available, MAX_INPUT_BYTES):
+                raise UsageError(
+                    f"{path}: its header declares {declared} bytes of data; the file holds "
+                    f"{available} and the limit is {MAX_INPUT_BYTES}"
+                )
+            if dtype.kind not in "iuf":
+                raise UsageError(f"{path}: expected real numbers, got {dtype} values")
+            f.seek(0)
+            array = npy.read_array(f, allow_pickle=False)
+    except UsageError:
+        raise
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{path}: cannot read a .npy array: {err}") from None
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not np.isfinite(array.astype(np.float32)).all():
+            raise UsageError(f"{path}: inputs must be finite numbers within float32's range")
+    if array.ndim == 0 or len(array) == 0:
+        raise UsageError(f"{path}: expected a batch [B, *input_shape] with B ≥ 1")
+    return array
+
+
+def _read_token(path: Path) -> str:
+    try:
+        return path.read_text().split("\n")[0].strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"--token-file: {path}: cannot be read: {err}") from None
 
 
 def _transport(args: argparse.Namespace) -> Transport:
@@ -104,7 +166,16 @@ def _prediction_table(p: Prediction) -> str:
 
 def _run(args: argparse.Namespace) -> tuple[str, int]:
     """What to print, and the exit status."""
-    token = None if args.token_file is None else args.token_file.read_text().split("\n")[0].strip()
+    token = None if args.token_file is None else _read_token(args.token_file)
+    if args.command == "predict":
+        inputs = _read_inputs(args.inputs)
+        if args.chunk_size < 1:
+            raise UsageError(f"--chunk-size: must be at least 1, got {args.chunk_size}")
+        if args.version is not None and _transport(args) == "http":
+            raise UsageError(
+                "--version: the native JSON door answers with the newest version; "
+                "pass --transport rest or grpc"
+            )
     with Client(args.url, transport=_transport(args), timeout=args.timeout, token=token) as client:
         if args.command == "health":
             live, ready = client.health(), client.ready()
@@ -118,24 +189,34 @@ def _run(args: argparse.Namespace) -> tuple[str, int]:
         client.chunk_size = args.chunk_size
         prediction = client.predict(
             args.model or _only_model(client),
-            np.load(args.inputs),
+            inputs,
             version=args.version,
             draws=args.draws,
             return_members=args.members,
         )
         if args.json:
-            return json.dumps(_prediction_json(prediction)), 0
+            try:
+                return json.dumps(_prediction_json(prediction), allow_nan=False), 0
+            except ValueError:
+                raise EsproError("the answer holds NaN or infinite numbers") from None
         return _prediction_table(prediction), 0
 
 
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).splitlines())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line. Exit status 1: the server refused, is unreachable, or (for
-    ``health``) is not live and ready."""
+    """Run the command line. Exit status 2: a file or flag is refused; 1: the server refused,
+    is unreachable, or (for ``health``) is not live and ready."""
     args = _parser().parse_args(argv)
     try:
         text, status = _run(args)
+    except UsageError as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
     except EsproError as err:
-        print(f"espro-client: {err}", file=sys.stderr)
+        print(f"error: {args.url}: {_one_line(err)}", file=sys.stderr)
         return 1
     print(text)
     return status
