@@ -19,7 +19,8 @@ MiB = 1 << 20
 
 
 class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Attribute docstrings become field descriptions: `espro serve --help` prints them.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class Tuning(_Config):
@@ -41,6 +42,7 @@ class AppConfig(Tuning):
     """The Serve application: its models, replicas, devices, batching and limits."""
 
     replicas: int = Field(default=1, ge=1)
+    """Replicas of the model deployment."""
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     """``cuda`` gives each replica one GPU; ``auto`` does so when the cluster has GPUs."""
     num_cpus: float = Field(default=1.0, gt=0)
@@ -106,7 +108,9 @@ class LaunchConfig(_Config):
     """Where Serve's HTTP and gRPC doors listen, and, in a Ray started here, each replica's
     internal gRPC server (``0.0.0.0`` or ``::`` for every interface)."""
     http_port: int = Field(default=8000, ge=0, le=65535)
+    """Serve's HTTP door: native JSON (``/v1``), OIP v2 REST (``/v2``) and the API docs."""
     grpc_port: int = Field(default=9000, ge=0, le=65535)
+    """Serve's gRPC door (``inference.GRPCInferenceService``)."""
     metrics_port: int = Field(default=8080, ge=0, le=65535)
     """Where a Ray started here exports Prometheus metrics (``/metrics``)."""
     num_cpus: int | None = Field(default=None, ge=1)

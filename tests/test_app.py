@@ -470,7 +470,7 @@ def test_espro_serve_starts_answers_and_drains_on_sigterm(server, tmp_path):
     """The command line end to end, as its own process with its own Ray cluster: requests
     in flight when SIGTERM arrives are still answered."""
     bundles = [str(server.bundles["tiny/1"]), str(server.bundles["slow"])]
-    command = [sys.executable, "-m", "training.cli", "serve", *bundles, "--ray-cpus", "1"]
+    command = [sys.executable, "-m", "serving.cli", "serve", *bundles, "--ray-cpus", "1"]
     command += ["--http-port", "18100", "--grpc-port", "19100", "--metrics-port", "18180"]
     command += ["--allow-custom-architecture", "--max-fresh-draws", "40"]
     log = tmp_path / "serve.log"
@@ -506,7 +506,7 @@ def test_espro_serve_stopped_while_it_deploys_still_exits_cleanly(server, tmp_pa
     """SIGTERM once Serve is up but before the application is ready: Ray's own SIGTERM
     handlers ended the process mid-deploy (it aborted, exit -6); now the deploy finishes,
     then everything drains and stops."""
-    command = [sys.executable, "-m", "training.cli", "serve", str(server.bundles["tiny/1"])]
+    command = [sys.executable, "-m", "serving.cli", "serve", str(server.bundles["tiny/1"])]
     command += ["--ray-cpus", "1", "--http-port", "18200", "--grpc-port", "19200"]
     command += ["--metrics-port", "18280"]
     log = tmp_path / "serve.log"
@@ -534,7 +534,7 @@ def test_espro_serve_names_why_its_replicas_did_not_start(server):
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        command = [sys.executable, "-m", "training.cli", "serve", str(server.bundles["tiny/1"])]
+        command = [sys.executable, "-m", "serving.cli", "serve", str(server.bundles["tiny/1"])]
         command += ["--ray-cpus", "1", "--http-port", "18300", "--grpc-port", "19300"]
         command += ["--metrics-port", "18380", "--direct-grpc-port", str(port)]
         command += ["--allow-custom-architecture"]
@@ -546,7 +546,7 @@ def test_espro_serve_names_why_its_replicas_did_not_start(server):
 
 
 def test_espro_serve_refuses_a_missing_bundle_before_starting_ray(tmp_path):
-    command = [sys.executable, "-m", "training.cli", "serve", str(tmp_path / "nothing")]
+    command = [sys.executable, "-m", "serving.cli", "serve", str(tmp_path / "nothing")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "error:" in result.stderr and "nothing" in result.stderr
@@ -558,7 +558,7 @@ def test_espro_serve_refuses_corrupt_weights_found_while_ray_starts(server, tmp_
     bundle = shutil.copytree(server.bundles["tiny/1"], tmp_path / "tiny")
     weights = bundle / TENSORS_FILE
     weights.write_bytes(weights.read_bytes()[:-1] + b"!")
-    command = [sys.executable, "-m", "training.cli", "serve", str(bundle), "--ray-cpus", "1"]
+    command = [sys.executable, "-m", "serving.cli", "serve", str(bundle), "--ray-cpus", "1"]
     command += ["--http-port", "18400", "--grpc-port", "19400", "--metrics-port", "18480"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr

@@ -1,8 +1,15 @@
-"""The ``espro`` command line on a tiny config: train, evaluate, predict and their errors."""
+"""The ``espro`` command line on a tiny config: train, evaluate, predict and their errors;
+the commands of both sides, and the serving side without the training extra."""
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import packages_distributions
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,10 +17,18 @@ import torch
 import yaml
 
 from serving.bundle import load_bundle
+from serving.cli import main, read_inputs
 from serving.manifest import InputError
 from serving.predictor import Predictor
 from test_pipeline import TINY
-from training.cli import main, read_inputs
+from training.cli import TRAINING_EXTRA
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+WITHOUT_TRAINING_EXTRA = (
+    f"import sys\nsys.modules.update(dict.fromkeys({TRAINING_EXTRA!r}))\n"
+    "from serving.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+)
+"""``espro`` as where only ``espro[serving]`` is installed: the extra's modules do not import."""
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +117,7 @@ def test_predict_table_and_draws(trained, capsys):
         (["train", "{bad_config}"], "modes.epochs"),
         (["configs", "nope"], "no built-in config"),
         (["train", "{config}", "--lambda", "-1"], "simplex.lambda"),
+        (["serve", "{bundle}", "--max-batch-size", "300"], "must be at least max_batch_size (300)"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(trained, capsys, argv, message):
@@ -136,3 +152,45 @@ def test_configs_lists_and_prints_builtins(capsys):
     assert "mnist1d-demo" in capsys.readouterr().out.split()
     assert main(["configs", "mnist1d-demo"]) == 0
     assert "simplex:" in capsys.readouterr().out
+
+
+def test_espro_help_lists_the_commands_of_both_sides(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    listed = re.search(r"\{(.*)\}", capsys.readouterr().out).group(1).split(",")
+    serving = ["predict", "serve"]
+    training = ["train", "evaluate", "report", "experiment", "configs", "demo"]
+    assert sorted(listed) == sorted(serving + training)
+
+
+def _without_training_extra(*argv: str | Path) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-c", WITHOUT_TRAINING_EXTRA, *map(str, argv)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize("argv", [["train", "tiny.yaml"], ["configs"], ["report", "runs/a"]])
+def test_a_training_command_without_its_extra_is_refused_in_one_line(argv):
+    result = _without_training_extra(*argv)
+    assert result.returncode == 2, result.stderr
+    needs = f"error: espro {argv[0]} needs the training extra: pip install 'espro[train]'\n"
+    assert result.stderr == needs and result.stdout == ""
+
+
+def test_predict_and_serve_need_no_training_extra(tiny_bundle_dir, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((2, 4), np.float32))
+    result = _without_training_extra("predict", tiny_bundle_dir, tmp_path / "x.npy", "--json")
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["predictions"]) == 2
+    result = _without_training_extra("serve", "--help")
+    assert result.returncode == 0 and "--max-batch-size" in result.stdout, result.stderr
+
+
+def test_the_training_extra_is_what_pyproject_installs():
+    """:data:`training.cli.TRAINING_EXTRA`, by import name, is the ``train`` extra's
+    distributions: the check that a training command makes is the extra."""
+    extra = tomllib.loads(PYPROJECT.read_text())["project"]["optional-dependencies"]["train"]
+    declared = {re.match(r"[\w.-]+", spec).group().lower() for spec in extra}
+    names = packages_distributions()
+    installed = {dist.lower() for module in TRAINING_EXTRA for dist in names[module]}
+    assert installed == declared

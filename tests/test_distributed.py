@@ -29,7 +29,7 @@ def test_ray_tasks_train_the_same_weights_as_one_process(ray_cluster, tmp_path):
 
 
 def test_the_cli_trains_on_ray(ray_cluster, tmp_path):
-    from training.cli import main
+    from serving.cli import main
 
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_config().model_dump(mode="json", by_alias=True)))

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from training.cli import main
+from serving.cli import main
 from training.experiments.registry import EXPERIMENTS, run_experiment
 
 pytestmark = pytest.mark.slow

@@ -365,7 +365,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _predict(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "training.cli", "predict", *map(str, args), "--json"]
+    command = [sys.executable, "-m", "serving.cli", "predict", *map(str, args), "--json"]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
 
 

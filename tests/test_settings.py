@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 from pydantic import ValidationError
 
+from serving.cli import build_parser
+from serving.serve_flags import FLAGS, serve_configs
 from serving.settings import AppConfig, LaunchConfig, Tuning
-from training.cli import build_parser, serve_configs
-from training.config import ConfigError
 
 SERVE_YAML = Path(__file__).parents[1] / "deploy" / "serve.yaml"
 
@@ -55,8 +56,62 @@ def test_serve_flags_become_validated_configs():
     app, launch = serve_configs(build_parser().parse_args(direct))
     assert (app.direct_grpc_host, app.direct_grpc_port, launch.host) == ("0.0.0.0", 9100, "0.0.0.0")
     bad = build_parser().parse_args(["serve", "a", "--max-batch-size", "300"])
-    with pytest.raises(ConfigError, match="max_ongoing_requests"):
+    with pytest.raises(ValidationError, match="max_ongoing_requests"):
         serve_configs(bad)
+
+
+def _serve_help() -> dict[str, str]:
+    """Each ``espro serve`` flag's help, as argparse holds it."""
+    (sub,) = [a for a in build_parser()._actions if a.dest == "command"]
+    serve = sub.choices["serve"]
+    return {option: a.help for a in serve._actions for option in a.option_strings}
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "--address", "--host", "--http-port", "--grpc-port", "--metrics-port", "--ray-cpus",
+        "--request-timeout-s", "--replicas", "--device", "--replica-cpus", "--max-batch-size",
+        "--batch-wait-ms", "--max-body-mb", "--max-ongoing-requests", "--max-queued-requests",
+        "--max-fresh-draws", "--allow-custom-architecture", "--auth-token-file", "--engine",
+        "--direct-grpc-port",
+    ],
+)  # fmt: skip
+def test_serve_flags_keep_their_names(flag):
+    assert flag in _serve_help()
+
+
+def test_serve_flags_carry_the_settings_docstrings_and_defaults():
+    helps = _serve_help()
+    fields = {(model, name) for flag in FLAGS.values() for model, name in flag.fields}
+    every = {(m, n) for m in (AppConfig, LaunchConfig) for n in m.model_fields} - {
+        (AppConfig, "bundles")
+    }
+    assert fields == every  # the bundles are the positional arguments
+    for flag in FLAGS.values():
+        model, name = flag.fields[0]
+        first_words = " ".join(model.model_fields[name].description.split()[:3])
+        assert helps[flag.name].startswith(first_words.replace("``", "")), flag.name
+    assert helps["--max-batch-size"] == (
+        "The most requests one engine run takes together. (default: 32)"
+    )
+    assert helps["--batch-wait-ms"].endswith("(0: never wait). (default: 2)")  # 0.002 s
+    assert "(default: 64)" in helps["--max-body-mb"]  # MiB
+    assert "(default: fused:graphs)" in helps["--engine"]
+    assert helps["--replica-cpus"] == "CPUs reserved per replica. (default: 1)"
+    assert helps["--ray-cpus"] == "CPUs of a Ray started here (default: every core)."
+
+
+def test_serve_flags_at_their_defaults_give_the_default_configs():
+    """Each default the help shows, given as the flag, is the field's default again: the unit
+    conversions go both ways."""
+    argv = ["serve", "b"]
+    for flag in FLAGS.values():
+        if flag.info.get_default() not in (None, False):
+            *_, shown = re.findall(r"\(default: ([^)]+)\)", _serve_help()[flag.name])
+            argv += [flag.name, shown]
+    app, launch = serve_configs(build_parser().parse_args(argv))
+    assert (app, launch) == (AppConfig(bundles=["b"]), LaunchConfig())
 
 
 def test_the_committed_serve_config_is_a_valid_app(tiny_bundle_dir):

@@ -9,11 +9,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from serving.cli import format_records
 from serving.manifest import Task
 from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from serving.settings import AppConfig, LaunchConfig
-from training.cli import format_records
 
 
 def query_native(url: str, model: str, inputs: np.ndarray) -> dict:
