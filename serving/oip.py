@@ -38,8 +38,10 @@ from pydantic import (
     ValidationError,
 )
 
+from serving.jsonarray import JSONArray, JSONError, Path, read_json
 from serving.manifest import describe_validation_error
 from serving.proto import grpc_predict_v2_pb2 as pb
+from serving.quoting import quote
 
 ParameterValue = StrictBool | StrictInt | StrictFloat | StrictStr
 """A request, tensor or response parameter: OIP allows booleans, numbers and strings."""
@@ -87,7 +89,10 @@ class _Model(BaseModel):
 
 
 class RequestInput(_Model):
-    """One input tensor: ``data`` in JSON (flat or nested lists), or binary extension bytes."""
+    """One input tensor: ``data`` in JSON (flat or nested lists), or binary extension bytes.
+
+    Read from a body, ``data`` is a :class:`~serving.jsonarray.JSONArray` when it is an array
+    of numbers (or ``true``/``false``/``null``), plain JSON values otherwise (strings)."""
 
     name: StrictStr
     shape: list[StrictInt]
@@ -193,7 +198,7 @@ def numpy_dtype(datatype: str) -> np.dtype:
         return _DTYPES[datatype]
     except KeyError:
         raise OIPError(
-            400, f"unsupported datatype {datatype!r}; expected one of {', '.join(DATATYPES)}"
+            400, f"unsupported datatype {quote(datatype)}; expected one of {', '.join(DATATYPES)}"
         ) from None
 
 
@@ -220,7 +225,7 @@ class _Spec:
 
     @property
     def label(self) -> str:
-        return f"input {self.name!r}"
+        return f"input {quote(self.name)}"
 
     @property
     def dtype(self) -> np.dtype:
@@ -232,18 +237,19 @@ class _Spec:
 
 
 def _spec(name: str, datatype: str, shape: Sequence[int]) -> _Spec:
+    spec = _Spec(name, datatype, tuple(shape))
     try:
         numpy_dtype(datatype)
     except OIPError as err:
-        raise OIPError(400, f"input {name!r}: {err.message}") from None
-    if any(d < 0 for d in shape):
-        raise OIPError(400, f"input {name!r}: shape {list(shape)} has a negative dimension")
+        raise OIPError(400, f"{spec.label}: {err.message}") from None
     # numpy cannot even build an empty array past these, so refuse them here with a 400
     if len(shape) > _MAX_RANK:
-        raise OIPError(400, f"input {name!r}: shape has {len(shape)} dimensions, over {_MAX_RANK}")
+        raise OIPError(400, f"{spec.label}: shape has {len(shape)} dimensions, over {_MAX_RANK}")
+    if any(d < 0 for d in shape):
+        raise OIPError(400, f"{spec.label}: shape {quote(list(shape))} has a negative dimension")
     if math.prod(d for d in shape if d) * _DTYPES[datatype].itemsize > _MAX_BYTES:
-        raise OIPError(400, f"input {name!r}: shape {list(shape)} is too large for any array")
-    return _Spec(name, datatype, tuple(shape))
+        raise OIPError(400, f"{spec.label}: shape {quote(list(shape))} is too large for any array")
+    return spec
 
 
 _MAX_RANK = 32
@@ -262,37 +268,45 @@ _VALUE_TYPES = {
 
 def _from_values(spec: _Spec, values: list[Any]) -> np.ndarray:
     """A flat list of Python values (JSON ``data`` or gRPC typed contents) as an array."""
-    if len(values) != spec.count:
+    _check_count(spec, len(values))
+    return _typed_array(spec, values).reshape(spec.shape)
+
+
+def _check_count(spec: _Spec, count: int) -> None:
+    if count != spec.count:
         raise OIPError(
-            400,
-            f"{spec.label}: shape {list(spec.shape)} holds {spec.count} values, got {len(values)}",
+            400, f"{spec.label}: shape {list(spec.shape)} holds {spec.count} values, got {count}"
         )
+
+
+def _typed_array(spec: _Spec, values: list[Any]) -> np.ndarray:
+    """Python values as a flat array of the spec's datatype, if they are of its kind and range."""
     allowed, kind = _VALUE_TYPES[spec.datatype]
     found = set(map(type, values))
     if not found <= allowed:
         wrong = ", ".join(sorted(t.__name__ for t in found - allowed))
         raise OIPError(400, f"{spec.label}: {spec.datatype} data must be {kind}, got {wrong}")
     if spec.datatype == "BYTES":
-        return _object_array(spec, [v.encode() if isinstance(v, str) else v for v in values])
+        return _object_array([v.encode() if isinstance(v, str) else v for v in values])
     if spec.dtype.kind in "iu" and values:
         info = np.iinfo(spec.dtype)
         low, high = min(values), max(values)
         if low < info.min or high > info.max:
-            bad = low if low < info.min else high
+            bad = quote(low if low < info.min else high)
             raise OIPError(
                 400,
                 f"{spec.label}: {bad} is out of range for {spec.datatype} [{info.min}, {info.max}]",
             )
     try:
-        return np.array(values, dtype=spec.dtype).reshape(spec.shape)
+        return np.array(values, dtype=spec.dtype)
     except OverflowError:
         raise OIPError(400, f"{spec.label}: a value is out of range for {spec.datatype}") from None
 
 
-def _object_array(spec: _Spec, elements: list[bytes]) -> np.ndarray:
+def _object_array(elements: list[bytes]) -> np.ndarray:
     array = np.empty(len(elements), dtype=object)
     array[:] = elements
-    return array.reshape(spec.shape)
+    return array
 
 
 def _from_bytes(spec: _Spec, raw: bytes | memoryview) -> np.ndarray:
@@ -329,8 +343,34 @@ def _split_byte_elements(spec: _Spec, raw: bytes | memoryview) -> list[bytes]:
     return elements
 
 
+def _from_json(spec: _Spec, data: Any) -> np.ndarray:
+    """JSON ``data``: flat, or nested to match the shape exactly."""
+    if not isinstance(data, JSONArray):  # strings or objects, or not a list at all
+        return _from_values(spec, _flatten(spec, data))
+    if len(data.shape) == 1:
+        _check_count(spec, len(data))
+    elif data.shape != spec.shape:
+        _refuse_nesting(spec, data.shape)
+    try:
+        return data.to_numpy(spec.dtype, lambda values: _typed_array(spec, values)).reshape(
+            spec.shape
+        )
+    except JSONError as err:
+        raise OIPError(err.status, str(err)) from None
+
+
+def _refuse_nesting(spec: _Spec, shape: tuple[int, ...]) -> None:
+    shown = list(spec.shape)
+    if not spec.shape:
+        raise OIPError(400, f"{spec.label}: nested data for a scalar (shape [])")
+    if len(shape) > len(spec.shape):
+        raise OIPError(400, f"{spec.label}: nested data is deeper than shape {shown}")
+    raise OIPError(400, f"{spec.label}: nested data does not match shape {shown}")
+
+
 def _flatten(spec: _Spec, data: Any) -> list[Any]:
-    """JSON ``data``: a flat list, or nested lists that match the shape exactly."""
+    """JSON ``data`` read as plain values: a flat list, or nested lists that match the shape
+    exactly (the checks :func:`_from_json` makes on arrays of numbers)."""
     if not isinstance(data, list):
         raise OIPError(400, f"{spec.label}: data must be a list, got {type(data).__name__}")
     if list not in set(map(type, data)):  # a third of the time of any(isinstance(...))
@@ -362,7 +402,7 @@ def _check_unique(names: Iterable[str], what: str) -> None:
     seen: set[str] = set()
     for name in names:
         if name in seen:
-            raise OIPError(400, f"{what} {name!r} appears more than once")
+            raise OIPError(400, f"{what} {quote(name)} appears more than once")
         seen.add(name)
 
 
@@ -370,7 +410,9 @@ def _refuse_extensions(label: str, parameters: Iterable[str]) -> None:
     """Tensor parameters of protocol extensions espro does not implement."""
     for key in parameters:
         if key.startswith("shared_memory_"):
-            raise OIPError(400, f"{label}: the shared-memory extension is not supported ({key})")
+            raise OIPError(
+                400, f"{label}: the shared-memory extension is not supported ({quote(key)})"
+            )
         if key == "classification":
             raise OIPError(400, f"{label}: the classification extension is not supported")
 
@@ -378,8 +420,8 @@ def _refuse_extensions(label: str, parameters: Iterable[str]) -> None:
 def _check_requested_outputs(outputs: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
     _check_unique((name for name, _ in outputs), "requested output")
     for name, parameters in outputs:
-        _refuse_extensions(f"output {name!r}", parameters)
-        _bool_parameter(parameters, "binary_data", False, where=f"output {name!r}: ")
+        _refuse_extensions(f"output {quote(name)}", parameters)
+        _bool_parameter(parameters, "binary_data", False, where=f"output {quote(name)}: ")
 
 
 # --------------------------------------------------------------------------- parameters
@@ -400,7 +442,7 @@ def _bool_parameter(
 ) -> bool:
     value = parameters.get(key, default)
     if type(value) is not bool:
-        raise OIPError(400, f"{where}parameter {key!r} must be true or false, got {value!r}")
+        raise OIPError(400, f"{where}parameter {key!r} must be true or false, got {quote(value)}")
     return value
 
 
@@ -410,7 +452,7 @@ def request_options(parameters: Mapping[str, Any] | None) -> RequestOptions:
     parameters = parameters or {}
     draws = parameters.get("draws")
     if draws is not None and (type(draws) is not int or draws < 1):
-        raise OIPError(400, f"parameter 'draws' must be a positive integer, got {draws!r}")
+        raise OIPError(400, f"parameter 'draws' must be a positive integer, got {quote(draws)}")
     return RequestOptions(draws, _bool_parameter(parameters, "return_members", False))
 
 
@@ -420,7 +462,7 @@ def grpc_parameters(parameters: Mapping[str, pb.InferParameter]) -> dict[str, An
     for key, parameter in parameters.items():
         choice = parameter.WhichOneof("parameter_choice")
         if choice is None:
-            raise OIPError(400, f"parameter {key!r} has no value")
+            raise OIPError(400, f"parameter {quote(key)} has no value")
         values[key] = getattr(parameter, choice)
     return values
 
@@ -438,7 +480,7 @@ def binary_outputs(request: InferenceRequest) -> set[str] | bool:
         output.name
         for output in request.outputs
         if _bool_parameter(
-            output.parameters or {}, "binary_data", default, f"output {output.name!r}: "
+            output.parameters or {}, "binary_data", default, f"output {quote(output.name)}: "
         )
     }
 
@@ -452,7 +494,8 @@ def select_outputs(
     unknown = [name for name in requested if name not in tensors]
     if unknown:
         raise OIPError(
-            400, f"unknown output {unknown[0]!r}; the outputs are {', '.join(map(repr, tensors))}"
+            400,
+            f"unknown output {quote(unknown[0])}; the outputs are {', '.join(map(repr, tensors))}",
         )
     return {name: tensors[name] for name in requested}
 
@@ -490,7 +533,7 @@ def decode_rest_request(
         if size is None:
             if tensor.data is None:
                 raise OIPError(400, f"{spec.label}: no data and no parameters.binary_data_size")
-            arrays[spec.name] = _from_values(spec, _flatten(spec, tensor.data))
+            arrays[spec.name] = _from_json(spec, tensor.data)
             continue
         if tensor.data is not None:
             raise OIPError(400, f"{spec.label}: both data and parameters.binary_data_size")
@@ -511,17 +554,27 @@ def decode_rest_request(
 
 
 def _parse_request(text: bytes) -> InferenceRequest:
+    """The JSON header, each tensor's ``data`` read by :func:`~serving.jsonarray.read_json`."""
     try:
-        return InferenceRequest.model_validate_json(text)
+        document = read_json(text, _data_rank, any_elements=True)
+        return InferenceRequest.model_validate(document)
+    except JSONError as err:
+        raise OIPError(err.status, f"invalid inference request: {err}") from None
     except ValidationError as err:
         raise OIPError(400, f"invalid inference request: {describe_validation_error(err)}") from err
+
+
+def _data_rank(path: Path) -> int | None:
+    """``inputs[i].data`` is an array of numbers of at most :data:`_MAX_RANK` dimensions."""
+    return _MAX_RANK if len(path) == 3 and path[0] == "inputs" and path[2] == "data" else None
 
 
 def _binary_size(spec: _Spec, parameters: Mapping[str, Any]) -> int | None:
     size = parameters.get("binary_data_size")
     if size is not None and (type(size) is not int or size < 0):
         raise OIPError(
-            400, f"{spec.label}: binary_data_size must be a non-negative integer, got {size!r}"
+            400,
+            f"{spec.label}: binary_data_size must be a non-negative integer, got {quote(size)}",
         )
     return size
 

@@ -15,9 +15,12 @@ from serving.predictive import ClassificationPrediction, RegressionPrediction
 
 
 class PredictRequest(BaseModel):
-    """Raw instances (nested lists of numbers, ``[batch, *input_shape]``) and options."""
+    """Raw instances (nested lists of numbers, ``[batch, *input_shape]``) and options.
 
-    model_config = ConfigDict(extra="forbid")
+    Strict, like the OIP doors: ``"2"`` or ``true`` is no integer and ``"yes"`` no boolean.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     inputs: list[Any] = Field(min_length=1)
     draws: int | None = Field(default=None, ge=1)

@@ -232,7 +232,7 @@ def _binary(*inputs: tuple[dict, bytes], header: int | None = None) -> tuple[byt
 FLOATS = np.arange(4, dtype="<f4").tobytes()
 
 REST_MALFORMED = {
-    "not json": ((b"{inputs", None), "invalid inference request.*Invalid JSON"),
+    "not json": ((b"{inputs", None), "invalid inference request: the body is not valid JSON"),
     "no inputs": (rest_body({"outputs": []}), "inputs: Field required"),
     "unknown field": (rest_body({"inputs": [], "input": []}), "Extra inputs are not permitted"),
     "shape of strings": (
@@ -254,7 +254,7 @@ REST_MALFORMED = {
     "too few values": (rest_body({"inputs": [fp32_input(data=[1] * 3)]}), "holds 4 values, got 3"),
     "ragged nesting": (
         rest_body({"inputs": [fp32_input(data=[[1, 2], [3]])]}),
-        "nested data does not match shape",
+        r"inputs.0.data must be a rectangular array of numbers \(nested lists of equal lengths\)",
     ),
     "nesting against the shape": (
         rest_body({"inputs": [fp32_input(data=[[1], [2], [3], [4]])]}),
@@ -266,7 +266,7 @@ REST_MALFORMED = {
     ),
     "lists and scalars": (
         rest_body({"inputs": [fp32_input(data=[[1, 2], 3, 4])]}),
-        "does not match shape",
+        "inputs.0.data must be a rectangular array",
     ),
     "nested scalar": (
         rest_body({"inputs": [fp32_input(shape=[], data=[[1]])]}),

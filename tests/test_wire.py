@@ -53,6 +53,10 @@ def test_regression_response_has_the_mixture_moments(predictor):
     [
         ({"inputs": []}, "inputs"),
         ({"inputs": [[1]], "draws": 0}, "draws"),
+        ({"inputs": [[1]], "draws": "2"}, "draws"),  # strict: no string for a number
+        ({"inputs": [[1]], "draws": True}, "draws"),
+        ({"inputs": [[1]], "return_members": "yes"}, "return_members"),
+        ({"inputs": [[1]], "return_members": 1}, "return_members"),
         ({"input": [1]}, "input"),
     ],
 )
