@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from serving.quoting import QUOTE_LIMIT, quote
+
 if TYPE_CHECKING:
     import torch
 
@@ -77,10 +79,14 @@ def draw_buffer_key(simplex: int, draw: int, name: str) -> str:
 
 
 def describe_validation_error(err: ValidationError) -> str:
-    """Every problem of a pydantic validation error as ``field.path: message``."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()
-    )
+    """Every problem of a pydantic validation error as ``field.path: message``; a path longer
+    than a message should quote (an unknown key a client sent) is cut."""
+
+    def where(loc: tuple[str | int, ...]) -> str:
+        path = ".".join(str(p) for p in loc) or "<root>"
+        return path if len(path) <= QUOTE_LIMIT else quote(path)
+
+    return "; ".join(f"{where(e['loc'])}: {e['msg']}" for e in err.errors())
 
 
 class _Strict(BaseModel):

@@ -218,3 +218,16 @@ def split_batch(prediction: P, sizes: Sequence[int], keep_members: Sequence[bool
         )
         for i, keep in enumerate(keep_members)
     ]
+
+
+def finite_instances(prediction: ClassificationPrediction | RegressionPrediction) -> Tensor:
+    """Which instances ``[B]`` have finite numbers in every pooled field: inputs far outside
+    the training data can drive a network's outputs past float32, and the pool to NaN."""
+    rows = [
+        torch.isfinite(value).reshape(len(value), -1).all(1)
+        for field in fields(prediction)
+        if not field.name.startswith("member_")
+        and (value := getattr(prediction, field.name)) is not None
+        and value.is_floating_point()
+    ]
+    return torch.stack(rows).all(0)

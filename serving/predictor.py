@@ -21,6 +21,7 @@ from serving.predictive import (
     classify,
     regress,
 )
+from serving.quoting import quote
 from serving.simplex import mix_vertices, sample_dirichlet
 
 Prediction = ClassificationPrediction | RegressionPrediction
@@ -162,7 +163,9 @@ class Predictor:
                 if not (self.max_fresh_draws or self.manifest.buffer_names)
                 else ""
             )
-            raise InputError(f"draws must be between 1 and {self.max_draws}, got {draws}{hint}")
+            raise InputError(
+                f"draws must be between 1 and {self.max_draws}, got {quote(draws)}{hint}"
+            )
         indices = []
         for m, slots in enumerate(self._slots):
             fresh = draws - len(slots)

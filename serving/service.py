@@ -35,7 +35,7 @@ from serving.oip import (
     request_options,
     select_outputs,
 )
-from serving.predictive import RegressionPrediction, split_batch
+from serving.predictive import RegressionPrediction, finite_instances, split_batch
 from serving.predictor import Prediction, Predictor, calibrated_prediction
 from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.quoting import quote
@@ -184,19 +184,34 @@ class Job(Generic[R]):
         return self.predictor.ensemble.outputs(inputs, self.members).cpu()
 
     @staticmethod
-    def predictions(jobs: Sequence[Job[Any]], outputs: torch.Tensor) -> list[Prediction]:
+    def predictions(jobs: Sequence[Job[Any]], outputs: torch.Tensor) -> list[Prediction | OIPError]:
         """Each job's prediction from the member outputs of their concatenated inputs (jobs
         sharing a :attr:`batch_key`): pooled once for the batch, then split, which costs one
-        pass of the pooling's many small operations instead of one per job."""
+        pass of the pooling's many small operations instead of one per job. A job with an
+        instance whose prediction is not finite gets a 400 instead, the others their answers."""
         manifest = jobs[0].predictor.manifest
         keep = [job.return_members for job in jobs]
         whole = calibrated_prediction(manifest, outputs, return_members=any(keep))
-        return split_batch(whole, [len(job.inputs) for job in jobs], keep)
+        parts = split_batch(whole, [len(job.inputs) for job in jobs], keep)
+        return [_refuse_non_finite(part) for part in parts]
 
     def run(self) -> R:
         """Answer the job on its own."""
         (prediction,) = Job.predictions([self], self.member_outputs(self.inputs))
+        if isinstance(prediction, OIPError):
+            raise prediction
         return self.encode(prediction)
+
+
+def _refuse_non_finite(prediction: Prediction) -> Prediction | OIPError:
+    bad = (~finite_instances(prediction)).nonzero().flatten().tolist()
+    if not bad:
+        return prediction
+    return OIPError(
+        400,
+        f"the network's outputs for instance {bad[0]} are not finite numbers: its inputs lie "
+        "too far outside the data the model was trained on",
+    )
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -274,7 +289,7 @@ class InferenceService:
             raise OIPError(400, str(err)) from None
         return Job(predictor, inputs, members, options.return_members, encode)
 
-    def native_job(self, name: str, body: bytes | str) -> Job[bytes]:
+    def native_job(self, name: str, body: bytes | bytearray | str) -> Job[bytes]:
         """``POST /v1/models/{name}/predict``: the native JSON request and response.
 
         ``inputs`` is read as an array of numbers of at most the model's rank plus the batch
@@ -307,7 +322,7 @@ class InferenceService:
         return self.job(predictor, x, options, encode)
 
     def rest_job(
-        self, name: str, version: str | None, body: bytes, header_length: int | None
+        self, name: str, version: str | None, body: bytes | bytearray, header_length: int | None
     ) -> Job[tuple[bytes, int | None]]:
         """``POST /v2/models/{name}[/versions/{v}]/infer``, JSON or binary extension."""
         predictor = self.repository.get(name, version)
@@ -343,11 +358,11 @@ class InferenceService:
 
         return self.job(predictor, _the_input(arrays), request_options(parameters), encode)
 
-    def native(self, name: str, body: bytes | str) -> bytes:
+    def native(self, name: str, body: bytes | bytearray | str) -> bytes:
         return self.native_job(name, body).run()
 
     def rest_infer(
-        self, name: str, version: str | None, body: bytes, header_length: int | None
+        self, name: str, version: str | None, body: bytes | bytearray, header_length: int | None
     ) -> tuple[bytes, int | None]:
         return self.rest_job(name, version, body, header_length).run()
 

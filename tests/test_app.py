@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -342,6 +343,63 @@ def test_the_ray_token_is_in_no_file_or_log(server):
     files = [*Path("/tmp/ray").rglob("*"), *Path.home().joinpath(".ray").rglob("*")]
     leaks = [f for f in files if f.is_file() and not f.is_symlink() and token in f.read_bytes()]
     assert leaks == []
+
+
+def replica_pids() -> list[int]:
+    return [
+        int(proc.name)
+        for proc in Path("/proc").glob("[0-9]*")
+        if b"ServeReplica:espro" in _read(proc / "cmdline")
+    ]
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # the process exited
+        return b""
+
+
+def memory_kib(pid: int, field: str) -> int:
+    """``VmRSS`` or ``VmHWM`` (peak RSS since the last reset) of a process, in KiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.M)[1])
+
+
+def test_a_hostile_json_body_costs_the_replica_little_and_stalls_no_other_door(server):
+    """16 MiB of nested empty lists over native JSON: the replica refuses it with 400, its
+    peak memory grows by less than 6x the body, and gRPC requests meanwhile answer in time
+    (a parser that built a Python list per "[]" grew the replica by 86x the body and stalled
+    every door for seconds). Most of the growth is Serve handing the body to the replica
+    (the proxy's chunks pickled through Ray's object store, then unpickled): a body refused
+    before it is parsed grows it about as much. The parse itself stays near 1x the body
+    (tests/test_request_memory.py)."""
+    server.redeploy(max_body_bytes=32 << 20)
+    try:
+        deadline = time.monotonic() + 60
+        while len(pids := replica_pids()) != 1:  # the old replica drains, then stops
+            assert time.monotonic() < deadline, pids
+            time.sleep(0.5)
+        (pid,) = pids
+        body = b'{"inputs": [' + b",".join([b"[[]]"] * ((16 << 20) // 5)) + b"]}"
+        grpc_infer(server)  # warm
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before = memory_kib(pid, "VmRSS")
+        url = f"{server.http}/v1/models/tiny/predict"
+        with ThreadPoolExecutor(1) as pool:
+            hostile = pool.submit(requests.post, url, data=body, timeout=60)
+            latencies = []
+            while not hostile.done():
+                start = time.perf_counter()
+                assert grpc_infer(server).as_numpy("probabilities").shape == (5, 3)
+                latencies.append(time.perf_counter() - start)
+        answer = hostile.result()
+        grown = (memory_kib(pid, "VmHWM") - before) * 1024
+    finally:
+        server.redeploy()
+    assert answer.status_code == 400 and "nested deeper" in answer.json()["error"]
+    assert grown < 6 * len(body), f"the replica grew by {grown / len(body):.1f}x the body"
+    assert max(latencies) < 2.0, latencies
 
 
 def engine_runs_and_answers(server, model: str) -> tuple[float, float]:

@@ -225,3 +225,18 @@ def test_jobs_batched_together_answer_as_alone(service):
     assert [p.member_probs is not None for p in predictions] == [False, True, False]
     other = service.native_job("tiny", json.dumps({"inputs": X.tolist(), "draws": 1}))
     assert other.batch_key != jobs[0].batch_key  # other members: another engine run
+
+
+def test_inputs_that_overflow_the_network_are_refused_not_answered_nan(service):
+    """Finite inputs near float32's limit drive the members' outputs past it: the job is
+    refused with a 400 naming the instance, and a job batched with it still gets its answer."""
+    huge = [[3e38, 3e38, -3e38, 3e38]]
+    for body in ({"inputs": X[:1].tolist() + huge}, {"inputs": huge, "return_members": True}):
+        with pytest.raises(OIPError, match=r"instance \d+ .* not finite") as refused:
+            service.native("tiny", json.dumps(body))
+        assert refused.value.status == 400
+    good, bad = (service.native_job("tiny", json.dumps({"inputs": x})) for x in (X.tolist(), huge))
+    outputs = good.member_outputs(torch.cat([good.inputs, bad.inputs]))
+    answered, refused = Job.predictions([good, bad], outputs)
+    assert isinstance(refused, OIPError) and "instance 0" in refused.message
+    assert_same_answer(json.loads(good.encode(answered)), json.loads(good.run()))

@@ -31,6 +31,7 @@ from serving.bundle import BundleError, load_bundle
 from serving.oip import INTERNAL_ERROR, InferenceRequest, InferenceResponse, OIPError
 from serving.predictor import Predictor
 from serving.proto import grpc_predict_v2_pb2 as pb
+from serving.quoting import quote
 from serving.service import InferenceService, Job, ModelRepository, model_metadata
 from serving.settings import Tuning
 from serving.wire import PredictRequest, PredictResponse
@@ -79,7 +80,9 @@ def _header_length(request: Request) -> int | None:
     if value is None:
         return None
     if not (value.isascii() and value.isdigit()):
-        raise OIPError(400, f"Inference-Header-Content-Length must be a byte count, got {value!r}")
+        raise OIPError(
+            400, f"Inference-Header-Content-Length must be a byte count, got {quote(value)}"
+        )
     return int(value)
 
 
@@ -247,7 +250,7 @@ class ModelServer:
         except OIPError as err:
             response = _error(err)
         except Exception:
-            logger.exception("%s request for model %r failed", door, model)
+            logger.exception("%s request for model %s failed", door, quote(model))
             response = _error(OIPError(500, INTERNAL_ERROR))
         self.metrics.request(
             door, self._model_tag(model), response.status_code, time.perf_counter() - start
@@ -282,24 +285,21 @@ class ModelServer:
             return True
         return False
 
-    async def _body(self, request: Request) -> bytes:
-        """The request body, refused with 413 past ``max_body_bytes`` before it is all read."""
+    async def _body(self, request: Request) -> bytearray:
+        """The request body, refused with 413 past ``max_body_bytes`` before it is all read.
+
+        Chunks are appended to one buffer as they arrive, so a body is held once rather than
+        as chunks and their join; it grows with what arrives, not with what a header claims."""
         limit = self.max_body_bytes
-        declared = request.headers.get("content-length")
-        if (
-            declared is not None
-            and declared.isascii()
-            and declared.isdigit()
-            and int(declared) > limit
-        ):
-            raise OIPError(413, f"the body has {declared} bytes; the limit is {limit}")
-        chunks, size = [], 0
+        header = request.headers.get("content-length", "")
+        if header.isascii() and header.isdigit() and int(header) > limit:
+            raise OIPError(413, f"the body has {header} bytes; the limit is {limit}")
+        body = bytearray()
         async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
+            if len(body) + len(chunk) > limit:
                 raise OIPError(413, f"the body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+            body += chunk
+        return body
 
     # -- native JSON ---------------------------------------------------------------------
 
@@ -458,7 +458,7 @@ class ModelServer:
             status = err.status
             _grpc_error(grpc_context, err)
         except Exception:
-            logger.exception("%s request for model %r failed", door, request.model_name)
+            logger.exception("%s request for model %s failed", door, quote(request.model_name))
             status = 500
             _grpc_error(grpc_context, OIPError(500, INTERNAL_ERROR))
         model = self._model_tag(request.model_name)
