@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
@@ -34,7 +33,6 @@ from serving.service import INPUT, InferenceService, ModelRepository, native_inp
 HOSTILE_SIZE = 16 << 20
 MAX_PEAK = 4.0
 """The most memory a decode may hold at once, as a multiple of the body's size."""
-MAX_REFUSAL_S = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +72,11 @@ REST_HEAD = b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32",
 
 
 def refusal(call: Callable[[], Any], body: bytes) -> float:
-    """Check that ``call`` refuses ``body`` with a 400, in bounded time and memory; return the
-    peak memory as a multiple of the body's size."""
-    start = time.perf_counter()
+    """Check that ``call`` refuses ``body`` with a 400 in bounded memory; return the peak
+    memory as a multiple of the body's size. (Its time is a benchmark's:
+    benchmarks/request_decode.py.)"""
     with pytest.raises(OIPError) as err:
         call()
-    assert time.perf_counter() - start < MAX_REFUSAL_S
     assert err.value.status == 400, err.value.message
     error, ratio = peak_ratio(call, body)
     assert isinstance(error, OIPError) and error.status == 400
@@ -87,7 +84,7 @@ def refusal(call: Callable[[], Any], body: bytes) -> float:
 
 
 @pytest.mark.parametrize("kind", NATIVE_HOSTILE)
-def test_16_mib_of_nested_empty_lists_is_refused_in_bounded_memory_and_time(service, kind):
+def test_16_mib_of_nested_empty_lists_is_refused_in_bounded_memory(service, kind):
     body = NATIVE_HOSTILE[kind]()
     assert refusal(lambda: service.native_job("tiny", body), body) < MAX_PEAK
 
