@@ -86,9 +86,12 @@ class JSONArray:
     def read(cls, body: bytes, start: int, max_rank: int, where: str) -> JSONArray:
         """The array whose ``[`` is ``body[start]``, of at most ``max_rank`` dimensions.
 
-        Costs a copy of the array's brackets and commas. Raises :class:`JSONError`, or
-        :class:`_NotNumbers` if the array holds a string or an object.
+        Costs a copy of the array's brackets and commas, but none for an array that opens
+        deeper than ``max_rank``. Raises :class:`JSONError`, or :class:`_NotNumbers` if the
+        array holds a string or an object.
         """
+        if _opens_deeper(body, start, max_rank):
+            raise JSONError(f"{where} is nested deeper than {max_rank} levels")
         structure, plain, stop = _skeleton(body, start)
         del structure[structure.rfind(b"]") + 1 :]  # what follows the array is the reader's
         rank = _OPENING.match(structure).end()
@@ -179,6 +182,12 @@ def _next_to_empty_slot(chars: np.ndarray, brackets: np.ndarray) -> bool:
     after = chars[brackets[opening] + 1]
     before = chars[brackets[~opening] - 1]
     return bool(_AFTER_OPENING[after].any() or _BEFORE_CLOSING[before].any())
+
+
+def _opens_deeper(body: bytes, start: int, rank: int) -> bool:
+    """Whether the array at ``body[start]`` opens with more than ``rank`` brackets (blanks
+    between them allowed): read without a copy, as far as the ``rank + 1``-th bracket."""
+    return re.compile(rb"(?:\[[ \t\n\r]*){%d}" % (rank + 1)).match(body, start) is not None
 
 
 def _skeleton(body: bytes, start: int) -> tuple[bytearray, bool, int]:
