@@ -5,11 +5,19 @@ A Ray Serve application (or a test) moves bytes and messages to :class:`Inferenc
 back; every door decodes into the same arrays, runs the same :class:`~serving.predictor.
 Predictor`, and encodes the same numbers. Every refusal is an :class:`~serving.oip.OIPError`
 carrying the HTTP status (and through it the gRPC code) and a message naming the problem.
+
+The service also batches the jobs of concurrent requests (:meth:`InferenceService.submit`),
+and :meth:`ModelRepository.load` holds the policy for loading bundles, so that the Ray Serve
+application keeps only routes, auth, metrics and lifecycle, and all of this is tested without
+Ray.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -19,8 +27,10 @@ import torch
 from pydantic import ValidationError
 
 from serving import __version__
+from serving.batching import Batcher
+from serving.bundle import BundleError, load_bundle
 from serving.jsonarray import NOT_AN_ARRAY, JSONArray, JSONError, read_json
-from serving.manifest import InputError, Task, describe_validation_error
+from serving.manifest import InputError, Manifest, Task, describe_validation_error
 from serving.oip import (
     ModelMetadata,
     OIPError,
@@ -76,6 +86,51 @@ class ModelRepository:
         versions = self._models.setdefault(manifest.name, {})
         versions.pop(manifest.version, None)  # re-adding makes it the newest
         versions[manifest.version] = predictor
+
+    @classmethod
+    def load(
+        cls,
+        paths: Iterable[str],
+        *,
+        device: str = "cpu",
+        allow_custom_architecture: bool = False,
+        engine: str = "reference",
+        max_fresh_draws: int = 0,
+        reuse: Iterable[Predictor] = (),
+    ) -> tuple[ModelRepository, list[str]]:
+        """The bundles at ``paths`` that load, built and warmed up, and why each other one was
+        refused, so that one bad bundle leaves the others serving.
+
+        A bundle whose digest matches a predictor of ``reuse`` keeps that predictor: reloading
+        an unchanged bundle costs neither a build nor a warm-up. Models with BatchNorm get no
+        fresh draws (a draw needs its own statistics). Raises :class:`BundleError` if none
+        loads."""
+        reused = {predictor.bundle.digest: predictor for predictor in reuse}
+        repository, refused = cls(), []
+        for path in paths:
+            try:
+                bundle = load_bundle(path)
+                predictor = reused.get(bundle.digest)
+                if predictor is None:
+                    predictor = Predictor(
+                        bundle,
+                        device=device,
+                        allow_custom_architecture=allow_custom_architecture,
+                        engine=engine,
+                    )
+                    predictor.warm_up()  # an ONNX export takes seconds: not on a request
+            except (ValueError, OSError, RuntimeError) as err:  # BundleError is a ValueError
+                refused.append(str(err) if isinstance(err, BundleError) else f"{path}: {err}")
+                continue
+            predictor.max_fresh_draws = 0 if bundle.manifest.buffer_names else max_fresh_draws
+            repository.add(predictor)
+        if not repository.names():
+            raise BundleError(f"no bundle of the configuration loads: {'; '.join(refused)}")
+        return repository, refused
+
+    def predictors(self) -> list[Predictor]:
+        """Every predictor served, of every model and version."""
+        return [p for versions in self._models.values() for p in versions.values()]
 
     def names(self) -> list[str]:
         return list(self._models)
@@ -138,6 +193,22 @@ def prediction_tensors(
         if isinstance(value, np.ndarray)
         else (value.float() if value.is_floating_point() else value).numpy()
         for name, value in arrays.items()
+    }
+
+
+def model_list(repository: ModelRepository) -> dict[str, Any]:
+    """``GET /v1/models``: every model's versions, each with its bundle's hash."""
+    return {
+        "models": [
+            {
+                "name": name,
+                "versions": [
+                    {"version": v, "bundle_sha256": repository.get(name, v).bundle.digest}
+                    for v in repository.versions(name)
+                ],
+            }
+            for name in repository.names()
+        ]
     }
 
 
@@ -255,16 +326,81 @@ def native_inputs(inputs: JSONArray) -> np.ndarray:
         raise OIPError(err.status, str(err)) from None
 
 
+class BatchObserver:
+    """What :meth:`InferenceService.submit` reports, for a server to record as metrics; this
+    one records nothing."""
+
+    def waited(self, model: str, seconds: float) -> None:
+        """A job of ``model`` waited ``seconds`` in the queue for its engine run to start."""
+
+    def batch(self, model: str, instances: int, requests: int, seconds: float) -> None:
+        """One engine run of ``model`` took ``seconds`` for ``requests`` jobs' ``instances``."""
+
+    def prediction(self, manifest: Manifest, prediction: Prediction) -> None:
+        """A job of ``manifest``'s model was answered with ``prediction``."""
+
+
 class InferenceService:
     """Answers the three doors from one :class:`ModelRepository`.
 
     Each door has a ``*_job`` method that decodes and validates a request into a :class:`Job`
-    (refusing bad ones with an :class:`~serving.oip.OIPError`) and a method that also runs it.
+    (refusing bad ones with an :class:`~serving.oip.OIPError`) and a method that also runs it,
+    alone; :meth:`submit` instead runs jobs batched with those of concurrent callers.
     """
 
-    def __init__(self, repository: ModelRepository, server_version: str = __version__) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        server_version: str = __version__,
+        observer: BatchObserver | None = None,
+    ) -> None:
         self.repository = repository
         self.server_version = server_version
+        self.observer = observer or BatchObserver()
+        self._batcher: Batcher[tuple[Job[Any], float], Prediction] = Batcher(self._run_jobs)
+
+    def configure_batching(self, *, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        """Bound the jobs of one batch and how long a job that finds the engine idle waits."""
+        self._batcher.configure(
+            max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s
+        )
+
+    async def submit(self, job: Job[R]) -> R:
+        """Queue ``job`` with those of concurrent callers and answer it once its batch has
+        run; raises the job's :class:`~serving.oip.OIPError`, or its engine run's error."""
+        prediction = await self._batcher.submit((job, time.perf_counter()))
+        self.observer.prediction(job.predictor.manifest, prediction)
+        return job.encode(prediction)
+
+    async def _run_jobs(self, queued: list[tuple[Job[Any], float]]) -> list[Any]:
+        """Run queued jobs, one engine call per :attr:`Job.batch_key` group in a worker thread
+        (the event loop goes on decoding); each job gets its prediction, or the exception its
+        group raised."""
+        started = time.perf_counter()
+        groups: dict[Any, list[int]] = defaultdict(list)
+        for i, (job, enqueued) in enumerate(queued):
+            groups[job.batch_key].append(i)
+            self.observer.waited(job.predictor.manifest.name, started - enqueued)
+        results: list[Any] = [None] * len(queued)
+        for indices in groups.values():
+            jobs = [queued[i][0] for i in indices]
+            inputs = torch.cat([job.inputs for job in jobs])
+            begin = time.perf_counter()
+            try:
+                outputs = await asyncio.to_thread(jobs[0].member_outputs, inputs)
+            except Exception as err:  # each job of the group answers with it
+                for i in indices:
+                    results[i] = err
+                continue
+            self.observer.batch(
+                jobs[0].predictor.manifest.name,
+                len(inputs),
+                len(jobs),
+                time.perf_counter() - begin,
+            )
+            for i, prediction in zip(indices, Job.predictions(jobs, outputs), strict=True):
+                results[i] = prediction
+        return results
 
     def server_metadata(self) -> ServerMetadata:
         return ServerMetadata(

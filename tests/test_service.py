@@ -3,6 +3,7 @@ requests and responses encoded and decoded by the real tritonclient libraries.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import numpy as np
@@ -13,13 +14,15 @@ import tritonclient.http as thttp
 from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.grpc._utils import _get_inference_request as triton_grpc_request
 
-from serving.bundle import load_bundle
+from serving.bundle import BundleError, load_bundle
+from serving.manifest import Manifest
 from serving.oip import OIPError
-from serving.predictor import Predictor
+from serving.predictor import Prediction, Predictor
 from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.service import (
     CLASSIFICATION_OUTPUTS,
     INPUT,
+    BatchObserver,
     InferenceService,
     Job,
     ModelRepository,
@@ -240,3 +243,126 @@ def test_inputs_that_overflow_the_network_are_refused_not_answered_nan(service):
     answered, refused = Job.predictions([good, bad], outputs)
     assert isinstance(refused, OIPError) and "instance 0" in refused.message
     assert_same_answer(json.loads(good.encode(answered)), json.loads(good.run()))
+
+
+# -- batched answers: what the server's replica runs ------------------------------------------
+
+
+class Recorder(BatchObserver):
+    """Records what the service reports, as the server's metrics would."""
+
+    def __init__(self) -> None:
+        self.waits: list[str] = []
+        self.batches: list[tuple[str, int, int]] = []
+        self.answered: list[int] = []
+
+    def waited(self, model: str, seconds: float) -> None:
+        assert seconds >= 0
+        self.waits.append(model)
+
+    def batch(self, model: str, instances: int, requests: int, seconds: float) -> None:
+        self.batches.append((model, instances, requests))
+
+    def prediction(self, manifest: Manifest, prediction: Prediction) -> None:
+        self.answered.append(len(prediction.probs))
+
+
+@pytest.fixture
+def engine_runs(monkeypatch) -> list[int]:
+    """The members of each engine run, as a count per run; a run of one member fails."""
+    runs: list[int] = []
+    member_outputs = Job.member_outputs
+
+    def counted(job: Job, inputs: torch.Tensor) -> torch.Tensor:
+        runs.append(len(job.members))
+        if len(job.members) == 2:
+            raise RuntimeError("the engine failed")
+        return member_outputs(job, inputs)
+
+    monkeypatch.setattr(Job, "member_outputs", counted)
+    return runs
+
+
+def submit_all(service: InferenceService, bodies: list[dict]) -> list[object]:
+    """Submit a native job per body at once; each one's answer or exception."""
+
+    async def submit() -> list[object]:
+        jobs = [service.native_job("tiny", json.dumps(body)) for body in bodies]
+        answers = (service.submit(job) for job in jobs)
+        return await asyncio.gather(*answers, return_exceptions=True)
+
+    service.configure_batching(max_batch_size=32, batch_wait_timeout_s=0.05)
+    return asyncio.run(asyncio.wait_for(submit(), timeout=10))
+
+
+def test_concurrent_jobs_that_share_members_share_one_engine_run(service, engine_runs):
+    service.observer = recorder = Recorder()
+    bodies = [{"inputs": X[i : i + 2].tolist()} for i in (0, 2, 4)]
+    answers = submit_all(service, bodies)
+    assert engine_runs == [4]
+    assert recorder.waits == ["tiny"] * 3
+    assert recorder.batches == [("tiny", 6, 3)]
+    assert recorder.answered == [2, 2, 2]
+    for body, answer in zip(bodies, answers, strict=True):
+        assert_same_answer(json.loads(answer), json.loads(service.native("tiny", json.dumps(body))))
+
+
+def test_an_engine_error_reaches_every_job_of_its_group_and_no_other(service, engine_runs):
+    service.observer = recorder = Recorder()
+    bodies = [{"inputs": X[:2].tolist(), "draws": 1}, {"inputs": X[:2].tolist()}] * 2
+    failed, answered, *_ = answers = submit_all(service, bodies)
+    assert sorted(engine_runs) == [2, 4]
+    assert isinstance(failed, RuntimeError) and answers[2] is failed
+    assert isinstance(answered, bytes) and isinstance(answers[3], bytes)
+    assert recorder.batches == [("tiny", 4, 2)] and recorder.answered == [2, 2]
+
+
+def test_a_non_finite_prediction_is_refused_for_its_job_alone(service, engine_runs):
+    huge = [[3e38, 3e38, -3e38, 3e38]]
+    good, refused = submit_all(service, [{"inputs": X.tolist()}, {"inputs": huge}])
+    assert engine_runs == [4]
+    assert isinstance(refused, OIPError) and refused.status == 400
+    assert "instance 0" in refused.message
+    want = service.native("tiny", json.dumps({"inputs": X.tolist()}))
+    assert_same_answer(json.loads(good), json.loads(want))
+
+
+# -- loading bundles -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bundles(tmp_path, make_tiny_bundle) -> dict[str, str]:
+    """A good bundle, a BatchNorm one, and one with a flipped byte in its weights."""
+    corrupt = make_tiny_bundle(seed=7, version="3").write(tmp_path / "corrupt")
+    weights = corrupt / "vertices.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    return {
+        "good": str(make_tiny_bundle().write(tmp_path / "good")),
+        "batchnorm": str(make_tiny_bundle(batchnorm=True).write(tmp_path / "bn")),
+        "corrupt": str(corrupt),
+    }
+
+
+def test_load_serves_the_good_bundles_and_refuses_the_others_naming_them(bundles):
+    paths = [bundles["good"], bundles["corrupt"], bundles["batchnorm"]]
+    repository, refused = ModelRepository.load(
+        paths, allow_custom_architecture=True, max_fresh_draws=3
+    )
+    assert repository.names() == ["tiny", "tiny-bn"]
+    assert len(refused) == 1 and bundles["corrupt"] in refused[0]
+    assert repository.get("tiny").max_fresh_draws == 3
+    assert repository.get("tiny-bn").max_fresh_draws == 0  # its draws carry BN statistics
+
+
+def test_load_fails_if_no_bundle_loads(bundles, tmp_path):
+    with pytest.raises(BundleError, match="no bundle of the configuration loads") as err:
+        ModelRepository.load([bundles["corrupt"], str(tmp_path / "missing")])
+    assert bundles["corrupt"] in str(err.value) and "missing" in str(err.value)
+
+
+def test_load_reuses_the_predictor_of_an_unchanged_bundle(bundles):
+    first, _ = ModelRepository.load([bundles["good"]])
+    again, _ = ModelRepository.load([bundles["good"]], reuse=first.predictors(), max_fresh_draws=2)
+    assert again.get("tiny") is first.get("tiny") and again.get("tiny").max_fresh_draws == 2
+    fresh, _ = ModelRepository.load([bundles["good"]])
+    assert fresh.get("tiny") is not first.get("tiny")

@@ -16,6 +16,7 @@ from serving.bundle import Bundle
 from serving.manifest import Manifest
 from serving.predictive import ClassificationPrediction
 from serving.predictor import Prediction
+from serving.service import BatchObserver
 
 LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
@@ -23,8 +24,9 @@ UNIT_BOUNDARIES = [round(0.05 * i, 2) for i in range(1, 21)]
 ENTROPY_BOUNDARIES = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0]
 
 
-class ServerMetrics:
-    """Every metric a replica records; one instance per replica."""
+class ServerMetrics(BatchObserver):
+    """Every metric a replica records; one instance per replica, also the observer of its
+    service's batches and answers."""
 
     def __init__(self) -> None:
         door = ("door", "model", "status")
@@ -104,6 +106,9 @@ class ServerMetrics:
         tags = {"door": door, "model": model, "status": str(status)}
         self.requests.inc(tags=tags)
         self.latency.observe(seconds, tags=tags)
+
+    def waited(self, model: str, seconds: float) -> None:
+        self.queue_wait.observe(seconds, tags={"model": model})
 
     def batch(self, model: str, instances: int, requests: int, seconds: float) -> None:
         tags = {"model": model}

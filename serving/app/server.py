@@ -3,19 +3,17 @@
 HTTP (native JSON and OIP v2 REST) arrives through FastAPI routes; OIP v2 gRPC arrives through
 Serve's gRPC proxy as calls of the methods named after the RPCs, and, where configured, through
 the replica's own direct gRPC door (:mod:`serving.app.direct`) as calls of the same methods.
-Every door decodes its request into a :class:`~serving.service.Job` on the event loop, the
-jobs meet in one :class:`~serving.batching.Batcher`, and jobs that share a model and members
-run through the engine together in a worker thread, so decoding goes on while the members
-compute.
+Every door decodes its request into a :class:`~serving.service.Job` on the event loop and
+submits it to the :class:`~serving.service.InferenceService`, which batches it with the jobs
+of other requests; this module adds auth, metrics and the replica's lifecycle.
 """
 
 import asyncio
 import functools
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import torch
@@ -26,13 +24,15 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from serving import __version__
 from serving.auth import BearerTokens
-from serving.batching import Batcher
-from serving.bundle import BundleError, load_bundle
 from serving.oip import INTERNAL_ERROR, InferenceRequest, InferenceResponse, OIPError
-from serving.predictor import Predictor
 from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.quoting import quote
-from serving.service import InferenceService, Job, ModelRepository, model_metadata
+from serving.service import (
+    InferenceService,
+    ModelRepository,
+    model_list,
+    model_metadata,
+)
 from serving.settings import Tuning
 from serving.wire import PredictRequest, PredictResponse
 
@@ -41,7 +41,6 @@ from .metrics import ServerMetrics
 from .openapi import json_answer, json_body
 
 logger = logging.getLogger("ray.serve")
-R = TypeVar("R")
 DRAIN_S = 10.0
 """How long a stopping replica's direct door lets its calls in flight finish."""
 
@@ -118,12 +117,10 @@ class ModelServer:
         self.direct_grpc = (direct_grpc_host, direct_grpc_port, max_direct_rpcs)
         self._direct: grpc.aio.Server | None = None
         self.tokens = self._read_tokens()
-        self.service = InferenceService(ModelRepository(), server_version=__version__)
         self.metrics = ServerMetrics()
-        self._predictors: dict[str, Predictor] = {}  # by bundle hash, reused across reloads
+        self.service = InferenceService(ModelRepository(), __version__, self.metrics)
         self._model_info: asyncio.Task[None] | None = None
         self._refused = 0  # bundles of the configuration that did not load
-        self._batcher: Batcher[tuple[Job[Any], float], Any] = Batcher(self._run_jobs)
 
     # -- configuration -------------------------------------------------------------------
 
@@ -137,10 +134,19 @@ class ModelServer:
         counts them. If none loads, the update fails."""
         tuning = Tuning.model_validate(user_config)
         self.tokens = self._read_tokens()  # again, so that rotated tokens take effect
-        predictors, self._refused = await asyncio.to_thread(self._load, tuning)
-        self.service.repository = ModelRepository(predictors)
-        self._predictors = {p.bundle.digest: p for p in predictors}
-        self._batcher.configure(
+        repository, refused = await asyncio.to_thread(
+            ModelRepository.load,
+            tuning.bundles,
+            device=self.device,
+            allow_custom_architecture=self.allow_custom_architecture,
+            engine=self.engine,
+            max_fresh_draws=tuning.max_fresh_draws,
+            reuse=self.service.repository.predictors(),
+        )
+        for reason in refused:
+            logger.error("refusing bundle %s", reason)  # a BundleError names its bundle
+        self.service.repository, self._refused = repository, len(refused)
+        self.service.configure_batching(
             max_batch_size=tuning.max_batch_size,
             batch_wait_timeout_s=tuning.batch_wait_timeout_s,
         )
@@ -157,8 +163,8 @@ class ModelServer:
                 max_message_bytes=self.max_body_bytes,
                 max_in_flight=max_rpcs,
             )
-        names = ", ".join(f"{p.manifest.name}:{p.manifest.version}" for p in predictors)
-        logger.info("serving %s on %s", names, self.device)
+        served = (f"{p.manifest.name}:{p.manifest.version}" for p in repository.predictors())
+        logger.info("serving %s on %s", ", ".join(served), self.device)
 
     async def __del__(self) -> None:
         """Serve calls this as the replica stops: the direct door takes no new calls and
@@ -169,75 +175,9 @@ class ModelServer:
 
     async def _refresh_model_info(self) -> None:
         while True:
-            self.metrics.models((p.bundle for p in self._predictors.values()), self._refused)
+            served = self.service.repository.predictors()
+            self.metrics.models((p.bundle for p in served), self._refused)
             await asyncio.sleep(1.0)
-
-    def _load(self, tuning: Tuning) -> tuple[list[Predictor], int]:
-        """The predictors of the bundles that load, and how many were refused."""
-        predictors, refused = [], []
-        for path in tuning.bundles:
-            try:
-                bundle = load_bundle(path)
-                predictor = self._predictors.get(bundle.digest)
-                if predictor is None:
-                    predictor = Predictor(
-                        bundle,
-                        device=self.device,
-                        allow_custom_architecture=self.allow_custom_architecture,
-                        engine=self.engine,
-                    )
-                    predictor.warm_up()  # an ONNX export takes seconds: not on a request
-            except (ValueError, OSError, RuntimeError) as err:  # BundleError is a ValueError
-                reason = str(err) if isinstance(err, BundleError) else f"{path}: {err}"
-                logger.error("refusing bundle %s", reason)  # a BundleError names its bundle
-                refused.append(reason)
-                continue
-            predictor.max_fresh_draws = (
-                0 if bundle.manifest.buffer_names else tuning.max_fresh_draws
-            )
-            predictors.append(predictor)
-        if not predictors:
-            raise BundleError(f"no bundle of the configuration loads: {'; '.join(refused)}")
-        return predictors, len(refused)
-
-    # -- the engine ----------------------------------------------------------------------
-
-    async def _run_jobs(self, queued: list[tuple[Job[Any], float]]) -> list[Any]:
-        """Run queued jobs, one engine call per (model, members) group; each job gets its
-        prediction, or the exception its group raised."""
-        started = time.perf_counter()
-        groups: dict[Any, list[int]] = defaultdict(list)
-        for i, (job, enqueued) in enumerate(queued):
-            groups[job.batch_key].append(i)
-            self.metrics.queue_wait.observe(
-                started - enqueued, tags={"model": job.predictor.manifest.name}
-            )
-        results: list[Any] = [None] * len(queued)
-        for indices in groups.values():
-            jobs = [queued[i][0] for i in indices]
-            inputs = torch.cat([job.inputs for job in jobs])
-            begin = time.perf_counter()
-            try:
-                outputs = await asyncio.to_thread(jobs[0].member_outputs, inputs)
-            except Exception as err:  # each job of the group answers with it
-                for i in indices:
-                    results[i] = err
-                continue
-            self.metrics.batch(
-                jobs[0].predictor.manifest.name,
-                len(inputs),
-                len(jobs),
-                time.perf_counter() - begin,
-            )
-            for i, prediction in zip(indices, Job.predictions(jobs, outputs), strict=True):
-                results[i] = prediction
-        return results
-
-    async def _answer(self, job: Job[R]) -> R:
-        """Queue a job for the engine and encode its answer, recording its uncertainty."""
-        prediction = await self._batcher.submit((job, time.perf_counter()))
-        self.metrics.prediction(job.predictor.manifest, prediction)
-        return job.encode(prediction)
 
     async def _handle(
         self, door: str, model: str, request: Request, work: Callable[[], Awaitable[Response]]
@@ -305,25 +245,7 @@ class ModelServer:
 
     @api.get("/v1/models", summary="The models served, with their versions and bundle hashes")
     def list_models(self, request: Request) -> Response:
-        def answer() -> dict[str, Any]:
-            repository = self.service.repository
-            return {
-                "models": [
-                    {
-                        "name": name,
-                        "versions": [
-                            {
-                                "version": version,
-                                "bundle_sha256": repository.get(name, version).bundle.digest,
-                            }
-                            for version in repository.versions(name)
-                        ],
-                    }
-                    for name in repository.names()
-                ]
-            }
-
-        return self._json(request, answer)
+        return self._json(request, lambda: model_list(self.service.repository))
 
     @api.post(
         "/v1/models/{name}/predict",
@@ -334,7 +256,7 @@ class ModelServer:
     async def predict(self, name: str, request: Request) -> Response:
         async def work() -> Response:
             job = self.service.native_job(name, await self._body(request))
-            return Response(await self._answer(job), media_type="application/json")
+            return Response(await self.service.submit(job), media_type="application/json")
 
         return await self._handle("native", name, request, work)
 
@@ -384,7 +306,7 @@ class ModelServer:
         async def work() -> Response:
             length = _header_length(request)
             job = self.service.rest_job(name, version, await self._body(request), length)
-            body, json_length = await self._answer(job)
+            body, json_length = await self.service.submit(job)
             if json_length is None:
                 return Response(body, media_type="application/json")
             return Response(
@@ -453,7 +375,7 @@ class ModelServer:
                 raise OIPError(
                     413, f"the message has {size} bytes; the limit is {self.max_body_bytes}"
                 )
-            response = await self._answer(self.service.grpc_job(request))
+            response = await self.service.submit(self.service.grpc_job(request))
         except OIPError as err:
             status = err.status
             _grpc_error(grpc_context, err)
