@@ -39,7 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from serving.architectures import create_model
 from serving.engine import create_engine, parse_engine
-from serving.ensemble import MemberEnsemble, Origin
+from serving.engine.base import Engine, Origin
 from serving.manifest import InputSpec
 from serving.simplex import mix_vertices, sample_dirichlet
 
@@ -252,7 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _shortcut_applied(engine: MemberEnsemble, members: int) -> bool | None:
+def _shortcut_applied(engine: Engine, members: int) -> bool | None:
     applies = getattr(engine, "applies", None)
     return None if applies is None else bool(applies and members > NUM_VERTICES)
 
@@ -267,7 +267,7 @@ def _row(cell: dict[str, Any]) -> str:
 
 
 def targets(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's three targets, evaluated on the CNN with 16 members where measured."""
+    """The three speed targets, evaluated on the CNN with 16 members where measured."""
 
     def cell(engine: str, batch: int) -> dict[str, Any] | None:
         for c in results:

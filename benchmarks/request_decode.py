@@ -30,7 +30,7 @@ from bundles import simplex_bundle
 from engine import machine
 from pydantic import BaseModel
 
-from serving.oip import OIPError
+from serving.errors import ServiceError
 from serving.predictor import Predictor
 from serving.service import InferenceService, ModelRepository
 
@@ -55,11 +55,11 @@ def measure(call: Callable[[bytes], Any], body: bytes) -> dict[str, Any]:
     try:
         call(body)
         outcome = "accepted"
-    except OIPError as err:
+    except ServiceError as err:
         outcome = f"{err.status}: {err.message[:80]}"
     seconds = time.perf_counter() - start
     tracemalloc.start()
-    with contextlib.suppress(OIPError):
+    with contextlib.suppress(ServiceError):
         call(body)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()

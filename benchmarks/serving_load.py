@@ -691,7 +691,7 @@ TARGETS = (
     ("16 images per request, c=8: >= 85% of the in-process engine", 16, 8, "engine", 0.85),
     ("1 image per request, c=128: >= 90% of c=32, no errors", 1, 128, "c32", 0.9),
 )  # fmt: skip
-"""The issue's targets: text, images per request, concurrency, the baseline, the ratio."""
+"""The serving targets: text, images per request, concurrency, the baseline, the ratio."""
 
 
 def _ratio(numerator: float, denominator: float | None) -> float | None:
@@ -755,7 +755,7 @@ def ratios(cells: Sequence[Cell]) -> list[Cell]:
 
 
 def targets(rows: Sequence[Cell]) -> list[Cell]:
-    """Each target of the issue, per engine and door where its cells were measured."""
+    """Each serving target, per engine and door where its cells were measured."""
     results = []
     for text, images, concurrency, baseline, threshold in TARGETS:
         for row in rows:
@@ -861,7 +861,7 @@ def summary(
     loadavg_before: tuple[float, float, float],
     seconds: float,
 ) -> dict[str, Any]:
-    """The report: what ran where, every cell, the ratios and the issue's targets."""
+    """The report: what ran where, every cell, the ratios and the targets."""
     rows = ratios(cells)
     return {
         "command": args.command,

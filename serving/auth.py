@@ -11,7 +11,7 @@ import hmac
 from collections.abc import Iterable
 from pathlib import Path
 
-from serving.oip import OIPError
+from serving.errors import ServiceError
 
 
 class BearerTokens:
@@ -39,10 +39,10 @@ class BearerTokens:
             return
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise OIPError(401, "authentication required: send 'Authorization: Bearer <token>'")
+            raise ServiceError(401, "authentication required: send 'Authorization: Bearer <token>'")
         presented = token.strip().encode()
         matched = False
         for known in self._tokens:  # no early exit: the time does not depend on which matched
             matched |= hmac.compare_digest(presented, known)
         if not matched:
-            raise OIPError(401, "the bearer token is not valid")
+            raise ServiceError(401, "the bearer token is not valid")

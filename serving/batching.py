@@ -1,13 +1,10 @@
 """Coalescing concurrent requests into batches for one worker.
 
-Ray Serve's ``@serve.batch`` (Ray 2.60) forms each batch as soon as its wait ends and only
-then queues it for the worker. Under steady load the worker is busy when requests arrive, so
-every request becomes a batch of one that waits its turn: with 32 one-image requests in the
-replica, 572 of 749 engine calls ran a single image and none more than six
-(docs/performance.md). :class:`Batcher` forms a batch when
-the worker is free to run it, from everything queued by then, so the batch grows with the load
-while a lone request still waits at most ``batch_wait_timeout_s``.
-"""
+Ray Serve's ``@serve.batch`` (Ray 2.60) forms each batch as soon as its wait ends and only then
+queues it for the worker. Under steady load the worker is busy when requests arrive, so most
+requests become batches of one that wait their turn (docs/performance.md). :class:`Batcher`
+forms a batch when the worker is free to run it, from everything queued by then, so the batch
+grows with the load while a lone request still waits at most ``batch_wait_timeout_s``."""
 
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ renamed into place, so a reader sees either no bundle or a whole one. Loading ch
 schema version, validates the manifest, refuses anything but plain files of the bundle
 directory, checks the tensor file's size against its header before reading it, then every
 file's sha256, the exact set of tensor names and that every number is finite, before anything
-is used. Writing refuses what loading would. Every refusal is a :class:`BundleError` whose
-message starts with the bundle's path.
+is used. Writing refuses what loading would. Every refusal is a
+:class:`~serving.errors.BundleError` whose message starts with the bundle's path.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from pydantic import ValidationError
 from safetensors import SafetensorError
 
+from serving.errors import BundleError, describe_validation_error
 from serving.manifest import (
     MANIFEST_FILE,
     SCHEMA_VERSION,
     TENSORS_FILE,
     Manifest,
     buffer_key,
-    describe_validation_error,
     draw_buffer_key,
     vertex_key,
 )
@@ -48,10 +48,6 @@ MAX_FILE_BYTES = 16 * 2**30
 """The default size limit of any other file of a bundle (its weights)."""
 MAX_HEADER_BYTES = 100_000_000
 """The largest safetensors header, as the safetensors library limits it."""
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be written or must not be loaded; the message names the problem."""
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ Each command imports what it needs when it runs: torch not before ``serve`` has 
 so that the two load at the same time.
 
 Every refusal of a file or flag is one line on stderr, ``error: <file or flag>: <problem>``,
-and exit status 2: a command raises :class:`CommandError`, or the runtime's
-:class:`~serving.bundle.BundleError` or :class:`~serving.manifest.InputError`.
+and exit status 2: whatever :class:`~serving.errors.EsproError` a command raises, of any
+subclass, or an ``OSError`` (a file that cannot be read or written).
 """
 
 from __future__ import annotations
@@ -31,8 +31,15 @@ import numpy as np
 from pydantic import ValidationError
 
 from serving import serve_flags
-from serving.bundle import BundleError
-from serving.manifest import InputError, Task, describe_validation_error
+from serving.devices import resolve_device
+from serving.errors import (
+    CommandError,
+    DeployError,
+    EsproError,
+    InputError,
+    describe_validation_error,
+)
+from serving.manifest import Task
 
 if TYPE_CHECKING:
     import torch
@@ -41,31 +48,8 @@ COMMANDS_GROUP = "espro.commands"
 MAX_INPUT_BYTES = 2**30
 """The largest input file ``espro predict`` reads, and the most data a ``.npy`` header may
 declare."""
-
-
-class CommandError(ValueError):
-    """A file or flag that a command refuses; ``espro`` prints it as one line, exit 2."""
-
-
-REFUSALS = (BundleError, CommandError, InputError)
-
-
-def parse_device(name: str) -> torch.device:
-    """The device ``--device`` names: ``cpu``, ``cuda``, ``cuda:N``, or ``auto`` for CUDA where
-    there is one. A name that is none, or CUDA where there is none, is refused."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:  # torch.device's own parse error
-        message = f"--device: {name!r} is not a device (cpu, cuda, cuda:N or auto)"
-        raise CommandError(message) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        message = f"--device: device {name!r} was asked for but CUDA is not available here"
-        raise CommandError(message)
-    return device
+REFUSALS = (EsproError, OSError)
+"""What ``espro`` prints as one line, exit status 2, rather than as a traceback."""
 
 
 def strict_json(value: Any, source: str | Path) -> str:
@@ -171,13 +155,13 @@ def print_predictions(
     from serving.predictor import Predictor
     from serving.wire import predict_response
 
-    torch_device = parse_device(device)
+    torch_device = resolve_device(device, source="--device")
     x = read_inputs(inputs)
     predictor = Predictor.from_path(
         bundle, device=torch_device, allow_custom_architecture=allow_custom_architecture
     )
     try:
-        x = predictor.ensemble.check_inputs(x)
+        x = predictor.check_inputs(x)
     except InputError as err:
         raise InputError(f"{inputs}: {err}") from None
     try:  # the inputs are checked: what is left to refuse is the number of draws
@@ -219,13 +203,15 @@ def launcher(command: str) -> ModuleType:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        app, launch = serve_flags.serve_configs(args)
+        settings = serve_flags.serve_configs(args)
     except ValidationError as err:
         raise CommandError(f"espro serve: {describe_validation_error(err)}") from None
+    except ValueError as err:
+        raise CommandError(f"espro serve: {err}") from None
     serving_launch = launcher("serve")
     try:
-        serving_launch.serve_until_stopped(app, launch)
-    except serving_launch.DeployError as err:
+        serving_launch.serve_until_stopped(settings)
+    except DeployError as err:
         print(f"error: espro did not start: {err}", file=sys.stderr)
         return 1
     return 0
@@ -283,8 +269,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m serving.cli` runs this file as __main__; the providers import serving.cli.
-    # Run that module, so that there is one CommandError for main() to catch.
-    from serving.cli import main as espro
-
-    sys.exit(espro())
+    sys.exit(main())

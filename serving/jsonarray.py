@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from pydantic_core import from_json
 
+from serving.errors import JSONError
 from serving.quoting import quote
 
 CHUNK = 1 << 16
@@ -50,14 +51,6 @@ _OPENING = re.compile(rb"\[*")
 NOT_AN_ARRAY = "must be a rectangular array of numbers"
 """How every refusal of an array's content starts, after the array's place."""
 _RAGGED = f"{NOT_AN_ARRAY} (nested lists of equal lengths)"
-
-
-class JSONError(ValueError):
-    """A body that is not valid JSON, or not JSON a door reads; the message says why."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class _NotNumbers(Exception):
@@ -87,8 +80,8 @@ class JSONArray:
         """The array whose ``[`` is ``body[start]``, of at most ``max_rank`` dimensions.
 
         Costs a copy of the array's brackets and commas, but none for an array that opens
-        deeper than ``max_rank``. Raises :class:`JSONError`, or :class:`_NotNumbers` if the
-        array holds a string or an object.
+        deeper than ``max_rank``. Raises :class:`~serving.errors.JSONError`, or
+        :class:`_NotNumbers` if the array holds a string or an object.
         """
         if _opens_deeper(body, start, max_rank):
             raise JSONError(f"{where} is nested deeper than {max_rank} levels")
@@ -271,7 +264,7 @@ def read_json(
     at a path where ``arrays(path)`` gives its most dimensions.
 
     Such an array that holds strings or objects is refused, or with ``any_elements`` read as
-    plain JSON (within :data:`OTHER_LIMIT`). Raises :class:`JSONError`: 413 past
+    plain JSON (within :data:`OTHER_LIMIT`). Raises :class:`~serving.errors.JSONError`: 413 past
     :data:`OTHER_LIMIT`, 400 otherwise.
     """
     reader = _Reader(body, arrays, any_elements)

@@ -20,12 +20,9 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
-
-from serving.quoting import QUOTE_LIMIT, quote
 
 if TYPE_CHECKING:
     import torch
@@ -78,17 +75,6 @@ def draw_buffer_key(simplex: int, draw: int, name: str) -> str:
     return f"simplex.{simplex}.draw.{draw}.{name}"
 
 
-def describe_validation_error(err: ValidationError) -> str:
-    """Every problem of a pydantic validation error as ``field.path: message``; a path longer
-    than a message should quote (an unknown key a client sent) is cut."""
-
-    def where(loc: tuple[str | int, ...]) -> str:
-        path = ".".join(str(p) for p in loc) or "<root>"
-        return path if len(path) <= QUOTE_LIMIT else quote(path)
-
-    return "; ".join(f"{where(e['loc'])}: {e['msg']}" for e in err.errors())
-
-
 class _Strict(BaseModel):
     """Unknown fields and non-finite numbers are refused; a NaN or infinity in a free-form
     field (``metrics``, ``training``) is dumped as itself, for the writer to refuse, not as
@@ -104,10 +90,6 @@ class ArchitectureSpec(_Strict):
 
     name: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
-
-
-class InputError(ValueError):
-    """Inputs that do not match the bundle's input spec; the message says what was expected."""
 
 
 class InputSpec(_Strict):

@@ -3,8 +3,8 @@
 One implementation for both transports. REST JSON, REST with the binary-tensor extension and
 gRPC (typed ``contents`` or ``raw_input_contents``) all decode to ``{name: np.ndarray}``
 through the same checks, and encode from it. A request the protocol refuses raises
-:class:`OIPError` with an HTTP status (400: malformed) and a message naming the input and the
-problem. Nothing here imports Ray or needs a server.
+:class:`~serving.errors.ServiceError` with an HTTP status (400: malformed) and a message naming
+the input and the problem. Nothing here imports Ray or needs a server.
 
 Binary layout, for the REST extension and gRPC raw contents alike: numeric tensors are
 little-endian and row-major; a BYTES tensor is its elements in order, each a 4-byte
@@ -18,14 +18,12 @@ A server answers an inference request in this order: decode (``decode_rest_reque
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import numpy as np
 from pydantic import (
     BaseModel,
@@ -38,8 +36,8 @@ from pydantic import (
     ValidationError,
 )
 
-from serving.jsonarray import JSONArray, JSONError, Path, read_json
-from serving.manifest import describe_validation_error
+from serving.errors import JSONError, ServiceError, describe_validation_error
+from serving.jsonarray import JSONArray, Path, read_json
 from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.quoting import quote
 
@@ -51,34 +49,6 @@ Parameters = dict[str, ParameterValue]
 INTERNAL_ERROR = "internal error; the server log has the details"
 """What espro answers (500, gRPC INTERNAL) when it fails unexpectedly. Clients tell it from
 Serve's proxy failing a request whose replica died, which they retry."""
-
-
-class OIPError(Exception):
-    """A request the protocol layer refuses, with the HTTP ``status`` to answer it with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-    @property
-    def grpc_code(self) -> grpc.StatusCode:
-        """The gRPC status code matching ``status``."""
-        return _GRPC_CODES.get(self.status, grpc.StatusCode.INTERNAL)
-
-    def rest_body(self) -> bytes:
-        """The OIP REST error body, ``{"error": message}``."""
-        return json.dumps({"error": self.message}).encode()
-
-
-_GRPC_CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    404: grpc.StatusCode.NOT_FOUND,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    422: grpc.StatusCode.INVALID_ARGUMENT,
-    503: grpc.StatusCode.UNAVAILABLE,
-}
 
 
 # --------------------------------------------------------------------------- data model
@@ -197,7 +167,7 @@ def numpy_dtype(datatype: str) -> np.dtype:
     try:
         return _DTYPES[datatype]
     except KeyError:
-        raise OIPError(
+        raise ServiceError(
             400, f"unsupported datatype {quote(datatype)}; expected one of {', '.join(DATATYPES)}"
         ) from None
 
@@ -209,7 +179,7 @@ def oip_datatype(dtype: np.dtype) -> str:
     try:
         return _DATATYPE_OF[dtype.kind, dtype.itemsize]
     except KeyError:
-        raise OIPError(500, f"numpy dtype {dtype} has no OIP datatype") from None
+        raise ServiceError(500, f"numpy dtype {dtype} has no OIP datatype") from None
 
 
 # --------------------------------------------------------------------------- tensors in
@@ -240,15 +210,21 @@ def _spec(name: str, datatype: str, shape: Sequence[int]) -> _Spec:
     spec = _Spec(name, datatype, tuple(shape))
     try:
         numpy_dtype(datatype)
-    except OIPError as err:
-        raise OIPError(400, f"{spec.label}: {err.message}") from None
+    except ServiceError as err:
+        raise ServiceError(400, f"{spec.label}: {err.message}") from None
     # numpy cannot even build an empty array past these, so refuse them here with a 400
     if len(shape) > _MAX_RANK:
-        raise OIPError(400, f"{spec.label}: shape has {len(shape)} dimensions, over {_MAX_RANK}")
+        raise ServiceError(
+            400, f"{spec.label}: shape has {len(shape)} dimensions, over {_MAX_RANK}"
+        )
     if any(d < 0 for d in shape):
-        raise OIPError(400, f"{spec.label}: shape {quote(list(shape))} has a negative dimension")
+        raise ServiceError(
+            400, f"{spec.label}: shape {quote(list(shape))} has a negative dimension"
+        )
     if math.prod(d for d in shape if d) * _DTYPES[datatype].itemsize > _MAX_BYTES:
-        raise OIPError(400, f"{spec.label}: shape {quote(list(shape))} is too large for any array")
+        raise ServiceError(
+            400, f"{spec.label}: shape {quote(list(shape))} is too large for any array"
+        )
     return spec
 
 
@@ -274,7 +250,7 @@ def _from_values(spec: _Spec, values: list[Any]) -> np.ndarray:
 
 def _check_count(spec: _Spec, count: int) -> None:
     if count != spec.count:
-        raise OIPError(
+        raise ServiceError(
             400, f"{spec.label}: shape {list(spec.shape)} holds {spec.count} values, got {count}"
         )
 
@@ -285,7 +261,7 @@ def _typed_array(spec: _Spec, values: list[Any]) -> np.ndarray:
     found = set(map(type, values))
     if not found <= allowed:
         wrong = ", ".join(sorted(t.__name__ for t in found - allowed))
-        raise OIPError(400, f"{spec.label}: {spec.datatype} data must be {kind}, got {wrong}")
+        raise ServiceError(400, f"{spec.label}: {spec.datatype} data must be {kind}, got {wrong}")
     if spec.datatype == "BYTES":
         return _object_array([v.encode() if isinstance(v, str) else v for v in values])
     if spec.dtype.kind in "iu" and values:
@@ -293,14 +269,16 @@ def _typed_array(spec: _Spec, values: list[Any]) -> np.ndarray:
         low, high = min(values), max(values)
         if low < info.min or high > info.max:
             bad = quote(low if low < info.min else high)
-            raise OIPError(
+            raise ServiceError(
                 400,
                 f"{spec.label}: {bad} is out of range for {spec.datatype} [{info.min}, {info.max}]",
             )
     try:
         return np.array(values, dtype=spec.dtype)
     except OverflowError:
-        raise OIPError(400, f"{spec.label}: a value is out of range for {spec.datatype}") from None
+        raise ServiceError(
+            400, f"{spec.label}: a value is out of range for {spec.datatype}"
+        ) from None
 
 
 def _object_array(elements: list[bytes]) -> np.ndarray:
@@ -315,13 +293,13 @@ def _from_bytes(spec: _Spec, raw: bytes | memoryview) -> np.ndarray:
         return _from_values(spec, _split_byte_elements(spec, raw))
     expected = spec.count * spec.dtype.itemsize
     if len(raw) != expected:
-        raise OIPError(
+        raise ServiceError(
             400,
             f"{spec.label}: {len(raw)} bytes of data, but {spec.datatype} "
             f"{list(spec.shape)} takes {expected}",
         )
     if spec.datatype == "BOOL" and np.frombuffer(raw, np.uint8).max(initial=0) > 1:
-        raise OIPError(400, f"{spec.label}: BOOL bytes must be 0 or 1")
+        raise ServiceError(400, f"{spec.label}: BOOL bytes must be 0 or 1")
     return np.frombuffer(raw, dtype=spec.dtype).reshape(spec.shape).copy()
 
 
@@ -329,11 +307,11 @@ def _split_byte_elements(spec: _Spec, raw: bytes | memoryview) -> list[bytes]:
     elements, offset = [], 0
     while offset < len(raw):
         if offset + 4 > len(raw):
-            raise OIPError(400, f"{spec.label}: BYTES data ends inside a 4-byte length prefix")
+            raise ServiceError(400, f"{spec.label}: BYTES data ends inside a 4-byte length prefix")
         (size,) = struct.unpack_from("<I", raw, offset)
         offset += 4
         if offset + size > len(raw):
-            raise OIPError(
+            raise ServiceError(
                 400,
                 f"{spec.label}: BYTES element {len(elements)} claims {size} bytes, "
                 f"but {len(raw) - offset} remain",
@@ -351,44 +329,39 @@ def _from_json(spec: _Spec, data: Any) -> np.ndarray:
         _check_count(spec, len(data))
     elif data.shape != spec.shape:
         _refuse_nesting(spec, data.shape)
-    try:
-        return data.to_numpy(spec.dtype, lambda values: _typed_array(spec, values)).reshape(
-            spec.shape
-        )
-    except JSONError as err:
-        raise OIPError(err.status, str(err)) from None
+    return data.to_numpy(spec.dtype, lambda values: _typed_array(spec, values)).reshape(spec.shape)
 
 
 def _refuse_nesting(spec: _Spec, shape: tuple[int, ...]) -> None:
     shown = list(spec.shape)
     if not spec.shape:
-        raise OIPError(400, f"{spec.label}: nested data for a scalar (shape [])")
+        raise ServiceError(400, f"{spec.label}: nested data for a scalar (shape [])")
     if len(shape) > len(spec.shape):
-        raise OIPError(400, f"{spec.label}: nested data is deeper than shape {shown}")
-    raise OIPError(400, f"{spec.label}: nested data does not match shape {shown}")
+        raise ServiceError(400, f"{spec.label}: nested data is deeper than shape {shown}")
+    raise ServiceError(400, f"{spec.label}: nested data does not match shape {shown}")
 
 
 def _flatten(spec: _Spec, data: Any) -> list[Any]:
     """JSON ``data`` read as plain values: a flat list, or nested lists that match the shape
     exactly (the checks :func:`_from_json` makes on arrays of numbers)."""
     if not isinstance(data, list):
-        raise OIPError(400, f"{spec.label}: data must be a list, got {type(data).__name__}")
+        raise ServiceError(400, f"{spec.label}: data must be a list, got {type(data).__name__}")
     if list not in set(map(type, data)):  # a third of the time of any(isinstance(...))
         return data
     if not spec.shape:
-        raise OIPError(400, f"{spec.label}: nested data for a scalar (shape [])")
+        raise ServiceError(400, f"{spec.label}: nested data for a scalar (shape [])")
     flat: list[Any] = []
 
     def walk(node: Any, depth: int) -> None:
         if not isinstance(node, list) or len(node) != spec.shape[depth]:
-            raise OIPError(
+            raise ServiceError(
                 400, f"{spec.label}: nested data does not match shape {list(spec.shape)}"
             )
         if depth < len(spec.shape) - 1:
             for child in node:
                 walk(child, depth + 1)
         elif any(isinstance(v, list) for v in node):
-            raise OIPError(
+            raise ServiceError(
                 400, f"{spec.label}: nested data is deeper than shape {list(spec.shape)}"
             )
         else:
@@ -402,7 +375,7 @@ def _check_unique(names: Iterable[str], what: str) -> None:
     seen: set[str] = set()
     for name in names:
         if name in seen:
-            raise OIPError(400, f"{what} {quote(name)} appears more than once")
+            raise ServiceError(400, f"{what} {quote(name)} appears more than once")
         seen.add(name)
 
 
@@ -410,11 +383,11 @@ def _refuse_extensions(label: str, parameters: Iterable[str]) -> None:
     """Tensor parameters of protocol extensions espro does not implement."""
     for key in parameters:
         if key.startswith("shared_memory_"):
-            raise OIPError(
+            raise ServiceError(
                 400, f"{label}: the shared-memory extension is not supported ({quote(key)})"
             )
         if key == "classification":
-            raise OIPError(400, f"{label}: the classification extension is not supported")
+            raise ServiceError(400, f"{label}: the classification extension is not supported")
 
 
 def _check_requested_outputs(outputs: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
@@ -442,7 +415,9 @@ def _bool_parameter(
 ) -> bool:
     value = parameters.get(key, default)
     if type(value) is not bool:
-        raise OIPError(400, f"{where}parameter {key!r} must be true or false, got {quote(value)}")
+        raise ServiceError(
+            400, f"{where}parameter {key!r} must be true or false, got {quote(value)}"
+        )
     return value
 
 
@@ -452,7 +427,7 @@ def request_options(parameters: Mapping[str, Any] | None) -> RequestOptions:
     parameters = parameters or {}
     draws = parameters.get("draws")
     if draws is not None and (type(draws) is not int or draws < 1):
-        raise OIPError(400, f"parameter 'draws' must be a positive integer, got {quote(draws)}")
+        raise ServiceError(400, f"parameter 'draws' must be a positive integer, got {quote(draws)}")
     return RequestOptions(draws, _bool_parameter(parameters, "return_members", False))
 
 
@@ -462,7 +437,7 @@ def grpc_parameters(parameters: Mapping[str, pb.InferParameter]) -> dict[str, An
     for key, parameter in parameters.items():
         choice = parameter.WhichOneof("parameter_choice")
         if choice is None:
-            raise OIPError(400, f"parameter {quote(key)} has no value")
+            raise ServiceError(400, f"parameter {quote(key)} has no value")
         values[key] = getattr(parameter, choice)
     return values
 
@@ -493,7 +468,7 @@ def select_outputs(
         return dict(tensors)
     unknown = [name for name in requested if name not in tensors]
     if unknown:
-        raise OIPError(
+        raise ServiceError(
             400,
             f"unknown output {quote(unknown[0])}; the outputs are {', '.join(map(repr, tensors))}",
         )
@@ -513,7 +488,7 @@ def decode_rest_request(
     take their bytes, in input order, from the rest, which they must use up exactly.
     """
     if header_length is not None and not 0 <= header_length <= len(body):
-        raise OIPError(
+        raise ServiceError(
             400,
             f"Inference-Header-Content-Length must lie in [0, {len(body)}] (the body's size), "
             f"got {header_length}",
@@ -532,14 +507,14 @@ def decode_rest_request(
         size = _binary_size(spec, parameters)
         if size is None:
             if tensor.data is None:
-                raise OIPError(400, f"{spec.label}: no data and no parameters.binary_data_size")
+                raise ServiceError(400, f"{spec.label}: no data and no parameters.binary_data_size")
             arrays[spec.name] = _from_json(spec, tensor.data)
             continue
         if tensor.data is not None:
-            raise OIPError(400, f"{spec.label}: both data and parameters.binary_data_size")
+            raise ServiceError(400, f"{spec.label}: both data and parameters.binary_data_size")
         if offset + size > len(binary):
             hint = "" if header_length is not None else " (no Inference-Header-Content-Length)"
-            raise OIPError(
+            raise ServiceError(
                 400,
                 f"{spec.label}: binary_data_size {size} runs past the end of the body: "
                 f"{len(binary) - offset} binary bytes left{hint}",
@@ -547,7 +522,7 @@ def decode_rest_request(
         arrays[spec.name] = _from_bytes(spec, binary[offset : offset + size])
         offset += size
     if offset != len(binary):
-        raise OIPError(
+        raise ServiceError(
             400, f"{len(binary) - offset} bytes after the JSON header belong to no input"
         )
     return request, arrays
@@ -559,9 +534,11 @@ def _parse_request(text: bytes) -> InferenceRequest:
         document = read_json(text, _data_rank, any_elements=True)
         return InferenceRequest.model_validate(document)
     except JSONError as err:
-        raise OIPError(err.status, f"invalid inference request: {err}") from None
+        raise ServiceError(err.status, f"invalid inference request: {err}") from None
     except ValidationError as err:
-        raise OIPError(400, f"invalid inference request: {describe_validation_error(err)}") from err
+        raise ServiceError(
+            400, f"invalid inference request: {describe_validation_error(err)}"
+        ) from err
 
 
 def _data_rank(path: Path) -> int | None:
@@ -572,7 +549,7 @@ def _data_rank(path: Path) -> int | None:
 def _binary_size(spec: _Spec, parameters: Mapping[str, Any]) -> int | None:
     size = parameters.get("binary_data_size")
     if size is not None and (type(size) is not int or size < 0):
-        raise OIPError(
+        raise ServiceError(
             400,
             f"{spec.label}: binary_data_size must be a non-negative integer, got {quote(size)}",
         )
@@ -628,7 +605,7 @@ def _element_bytes(value: Any) -> bytes:
         return value
     if isinstance(value, str):
         return value.encode()
-    raise OIPError(500, f"BYTES outputs must hold bytes or str, got {type(value).__name__}")
+    raise ServiceError(500, f"BYTES outputs must hold bytes or str, got {type(value).__name__}")
 
 
 def _json_data(array: np.ndarray) -> list[Any]:
@@ -637,7 +614,9 @@ def _json_data(array: np.ndarray) -> list[Any]:
     try:
         return [_element_bytes(v).decode() for v in array.ravel()]
     except UnicodeDecodeError:
-        raise OIPError(500, "a BYTES output is not UTF-8; it can only be sent in binary") from None
+        raise ServiceError(
+            500, "a BYTES output is not UTF-8; it can only be sent in binary"
+        ) from None
 
 
 # --------------------------------------------------------------------------- gRPC
@@ -672,7 +651,7 @@ def decode_grpc_request(
     _check_requested_outputs([(o.name, grpc_parameters(o.parameters)) for o in request.outputs])
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
-        raise OIPError(
+        raise ServiceError(
             400,
             f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
             "send every input raw or none",
@@ -683,11 +662,11 @@ def decode_grpc_request(
         _refuse_extensions(spec.label, tensor.parameters)
         values = _typed_values(spec, tensor.contents)
         if raw and values is not None:
-            raise OIPError(400, f"{spec.label}: both contents and raw_input_contents")
+            raise ServiceError(400, f"{spec.label}: both contents and raw_input_contents")
         if raw:
             arrays[spec.name] = _from_bytes(spec, raw[i])
         elif values is None and spec.count:
-            raise OIPError(400, f"{spec.label}: no contents and no raw_input_contents")
+            raise ServiceError(400, f"{spec.label}: no contents and no raw_input_contents")
         else:
             arrays[spec.name] = _from_values(spec, values or [])
     return parameters, arrays
@@ -700,9 +679,11 @@ def _typed_values(spec: _Spec, contents: pb.InferTensorContents) -> list[Any] | 
         return None
     expected = _CONTENTS_FIELD.get(spec.datatype)
     if expected is None:
-        raise OIPError(400, f"{spec.label}: {spec.datatype} can only be sent in raw_input_contents")
+        raise ServiceError(
+            400, f"{spec.label}: {spec.datatype} can only be sent in raw_input_contents"
+        )
     if populated != [expected]:
-        raise OIPError(
+        raise ServiceError(
             400,
             f"{spec.label}: {spec.datatype} values belong in contents.{expected}, "
             f"got {', '.join(populated)}",

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from serving.conformal import check_floating, prediction_sets
+from serving.checks import check_floating
+from serving.conformal import prediction_sets
 from serving.manifest import ConformalMethod
 
 MIN_VARIANCE = 1e-6

@@ -6,15 +6,17 @@ Offline prediction, evaluation and the server all answer through :class:`Predict
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from serving.architectures import create_model
-from serving.bundle import Bundle, BundleError, load_bundle
-from serving.engine import create_engine
-from serving.ensemble import Origin
-from serving.manifest import TENSORS_FILE, InputError, Manifest, Task
+from serving.bundle import Bundle, load_bundle
+from serving.engine import EngineSpec, create_engine
+from serving.engine.base import MemberState, Origin
+from serving.errors import BundleError, InputError
+from serving.manifest import TENSORS_FILE, Manifest, Task
 from serving.predictive import (
     ClassificationPrediction,
     RegressionPrediction,
@@ -41,7 +43,7 @@ def build_model(manifest: Manifest, *, allow_custom_architecture: bool = False) 
 
 def check_architecture(bundle: Bundle, *, allow_custom_architecture: bool = False) -> None:
     """Refuse a bundle whose architecture cannot be built or whose tensors do not fit it, with
-    a :class:`~serving.bundle.BundleError` naming the tensor.
+    a :class:`~serving.errors.BundleError` naming the tensor.
 
     The network is built on the meta device, so the check allocates nothing whatever sizes
     the manifest's arguments ask for; the real network is built only for tensors that fit.
@@ -80,7 +82,8 @@ class Predictor:
     answers alike. Fresh members are materialised on first use and kept.
 
     ``engine`` chooses how member outputs are computed (see :mod:`serving.engine`); every
-    engine answers the same probabilities, to float tolerance.
+    engine answers the same probabilities, to float tolerance. Callers validate inputs, pick
+    members and run them through the methods here, never through the engine itself.
     """
 
     def __init__(
@@ -90,7 +93,7 @@ class Predictor:
         device: str | torch.device = "cpu",
         allow_custom_architecture: bool = False,
         max_fresh_draws: int = 0,
-        engine: str = "reference",
+        engine: EngineSpec | str = "reference",
     ) -> None:
         self.bundle = bundle
         self.max_fresh_draws = max_fresh_draws
@@ -108,7 +111,7 @@ class Predictor:
                 origins.append(Origin(m, draw.alpha))
             self._slots.append(slots)
         self._fresh: list[list[int]] = [[] for _ in self._slots]
-        self.ensemble = create_engine(
+        self.engine = create_engine(
             engine,
             model,
             members,
@@ -186,8 +189,29 @@ class Predictor:
                 alphas = sample_dirichlet(len(vertices), count, generator)[len(have) :]
                 for alpha in alphas:
                     origin = Origin(m, tuple(alpha.tolist()))
-                    have.append(self.ensemble.add(mix_vertices(vertices, alpha), origin))
+                    have.append(self.engine.add(mix_vertices(vertices, alpha), origin))
             return have[:count]
+
+    def add_members(self, states: Sequence[MemberState]) -> list[int]:
+        """Materialise members besides the bundle's (baselines to compare it with); returns
+        their indices for :meth:`member_outputs`. Requests never reach them."""
+        with self._lock:
+            return [self.engine.add(state) for state in states]
+
+    @property
+    def num_members(self) -> int:
+        """The members materialised: stored draws, fresh ones sampled so far, added ones."""
+        return len(self.engine)
+
+    def check_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """A raw batch validated against the bundle's input spec, as float32; an
+        :class:`~serving.errors.InputError` says what is wrong."""
+        return self.engine.check_inputs(x)
+
+    def member_outputs(self, x: torch.Tensor, members: Sequence[int]) -> torch.Tensor:
+        """Outputs ``[S, B, ·]`` on the CPU of the chosen members (see :meth:`member_indices`),
+        in that order, for a raw batch ``[B, *input_shape]``."""
+        return self.engine.outputs(x, members).cpu()
 
     def warm_up(self) -> None:
         """Run the default members once on an all-zero instance, so that what the engine
@@ -197,7 +221,7 @@ class Predictor:
 
     def outputs(self, x: torch.Tensor, draws: int | None = None) -> torch.Tensor:
         """Member outputs ``[S, B, ·]`` on the CPU for a raw batch ``[B, *input_shape]``."""
-        return self.ensemble.outputs(x, self.member_indices(draws)).cpu()
+        return self.member_outputs(x, self.member_indices(draws))
 
     def predict(
         self, x: torch.Tensor, *, draws: int | None = None, return_members: bool = False

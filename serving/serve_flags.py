@@ -1,9 +1,9 @@
 """The flags of ``espro serve``, generated from the fields of :mod:`serving.settings`.
 
-Every field of :class:`~serving.settings.LaunchConfig` and :class:`~serving.settings.AppConfig`
-is a flag named after it, whose help is the field's docstring and whose default is the
-field's, so neither is restated here; :data:`SPELLINGS` holds the few fields spelled otherwise
-or counted in other units.
+Every field of :class:`~serving.settings.LaunchConfig`, :class:`~serving.settings.AppConfig`
+and :class:`~serving.settings.DeploymentOptions` is a flag named after it, whose help is the
+field's docstring and whose default is the field's, so neither is restated here;
+:data:`SPELLINGS` holds the few fields spelled otherwise or counted in other units.
 """
 
 from __future__ import annotations
@@ -17,7 +17,14 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from serving.settings import AppConfig, LaunchConfig, MiB
+from serving.settings import (
+    AppConfig,
+    DeploymentOptions,
+    LaunchConfig,
+    MiB,
+    ServeSettings,
+    check_batch_fits,
+)
 
 Model = type[BaseModel]
 
@@ -34,7 +41,8 @@ class Spelling:
 
 SPELLINGS: dict[tuple[Model, str], Spelling] = {
     (AppConfig, "bundles"): Spelling(None),  # the positional arguments
-    (AppConfig, "num_cpus"): Spelling("--replica-cpus"),
+    (DeploymentOptions, "num_replicas"): Spelling("--replicas"),
+    (DeploymentOptions, "num_cpus"): Spelling("--replica-cpus"),
     (AppConfig, "batch_wait_timeout_s"): Spelling("--batch-wait-ms", 1000),
     (AppConfig, "max_body_bytes"): Spelling("--max-body-mb", 1 / MiB),
     (AppConfig, "direct_grpc_host"): Spelling("--host"),  # where every door listens
@@ -65,7 +73,7 @@ class Flag:
 def _collect() -> dict[str, Flag]:
     """The flags by name, in the fields' order: one per field, or per shared spelling."""
     flags: dict[str, Flag] = {}
-    for model in (LaunchConfig, AppConfig):
+    for model in (LaunchConfig, AppConfig, DeploymentOptions):
         for name in model.model_fields:
             plain = Spelling("--" + name.replace("_", "-"))
             spelling = SPELLINGS.get((model, name), plain)
@@ -131,14 +139,23 @@ def _field_value(value: Any, flag: Flag, model: Model, name: str) -> Any:
     return int(value) if _value_type(model.model_fields[name].annotation) is int else value
 
 
-def serve_configs(args: argparse.Namespace) -> tuple[AppConfig, LaunchConfig]:
-    """The settings the parsed flags give; a pydantic ``ValidationError`` where they are
-    invalid."""
-    data: dict[Model, dict[str, Any]] = {AppConfig: {"bundles": args.bundles}, LaunchConfig: {}}
+def serve_configs(args: argparse.Namespace) -> ServeSettings:
+    """The settings the parsed flags give; a ``ValueError`` (a pydantic ``ValidationError``
+    for a single field) where they are invalid."""
+    data: dict[Model, dict[str, Any]] = {
+        AppConfig: {"bundles": args.bundles},
+        DeploymentOptions: {},
+        LaunchConfig: {},
+    }
     for flag in FLAGS.values():
         value = getattr(args, flag.dest)
         if value is not None:
             for model, name in flag.fields:
                 data[model][name] = _field_value(value, flag, model, name)
-    app = AppConfig.model_validate(data[AppConfig])
-    return app, LaunchConfig.model_validate(data[LaunchConfig])
+    settings = ServeSettings(
+        AppConfig.model_validate(data[AppConfig]),
+        DeploymentOptions.model_validate(data[DeploymentOptions]),
+        LaunchConfig.model_validate(data[LaunchConfig]),
+    )
+    check_batch_fits(settings.app, settings.deployment)
+    return settings

@@ -3,8 +3,9 @@ and OIP v2 gRPC doors, as a plain class with no server in it.
 
 A Ray Serve application (or a test) moves bytes and messages to :class:`InferenceService` and
 back; every door decodes into the same arrays, runs the same :class:`~serving.predictor.
-Predictor`, and encodes the same numbers. Every refusal is an :class:`~serving.oip.OIPError`
-carrying the HTTP status (and through it the gRPC code) and a message naming the problem.
+Predictor`, and encodes the same numbers. Every refusal is a
+:class:`~serving.errors.ServiceError` carrying the HTTP status (and through it the gRPC code)
+and a message naming the problem.
 
 The service also batches the jobs of concurrent requests (:meth:`InferenceService.submit`),
 and :meth:`ModelRepository.load` holds the policy for loading bundles, so that the Ray Serve
@@ -28,12 +29,12 @@ from pydantic import ValidationError
 
 from serving import __version__
 from serving.batching import Batcher
-from serving.bundle import BundleError, load_bundle
-from serving.jsonarray import NOT_AN_ARRAY, JSONArray, JSONError, read_json
-from serving.manifest import InputError, Manifest, Task, describe_validation_error
+from serving.bundle import load_bundle
+from serving.errors import BundleError, InputError, ServiceError, describe_validation_error
+from serving.jsonarray import NOT_AN_ARRAY, JSONArray, read_json
+from serving.manifest import Manifest, Task
 from serving.oip import (
     ModelMetadata,
-    OIPError,
     RequestOptions,
     ServerMetadata,
     TensorMetadata,
@@ -141,7 +142,7 @@ class ModelRepository:
     def _get_versions(self, name: str) -> dict[str, Predictor]:
         if name not in self._models:
             known = ", ".join(self._models) or "none"
-            raise OIPError(404, f"unknown model {quote(name)}; served models: {known}")
+            raise ServiceError(404, f"unknown model {quote(name)}; served models: {known}")
         return self._models[name]
 
     def get(self, name: str, version: str | None = None) -> Predictor:
@@ -150,7 +151,7 @@ class ModelRepository:
         if not version:
             return next(reversed(versions.values()))
         if version not in versions:
-            raise OIPError(
+            raise ServiceError(
                 404,
                 f"model {quote(name)} has no version {quote(version)}; "
                 f"versions: {', '.join(versions)}",
@@ -252,10 +253,12 @@ class Job(Generic[R]):
 
     def member_outputs(self, inputs: torch.Tensor) -> torch.Tensor:
         """The engine: member outputs ``[S, B, ·]`` on the CPU."""
-        return self.predictor.ensemble.outputs(inputs, self.members).cpu()
+        return self.predictor.member_outputs(inputs, self.members)
 
     @staticmethod
-    def predictions(jobs: Sequence[Job[Any]], outputs: torch.Tensor) -> list[Prediction | OIPError]:
+    def predictions(
+        jobs: Sequence[Job[Any]], outputs: torch.Tensor
+    ) -> list[Prediction | ServiceError]:
         """Each job's prediction from the member outputs of their concatenated inputs (jobs
         sharing a :attr:`batch_key`): pooled once for the batch, then split, which costs one
         pass of the pooling's many small operations instead of one per job. A job with an
@@ -269,16 +272,16 @@ class Job(Generic[R]):
     def run(self) -> R:
         """Answer the job on its own."""
         (prediction,) = Job.predictions([self], self.member_outputs(self.inputs))
-        if isinstance(prediction, OIPError):
+        if isinstance(prediction, ServiceError):
             raise prediction
         return self.encode(prediction)
 
 
-def _refuse_non_finite(prediction: Prediction) -> Prediction | OIPError:
+def _refuse_non_finite(prediction: Prediction) -> Prediction | ServiceError:
     bad = (~finite_instances(prediction)).nonzero().flatten().tolist()
     if not bad:
         return prediction
-    return OIPError(
+    return ServiceError(
         400,
         f"the network's outputs for instance {bad[0]} are not finite numbers: its inputs lie "
         "too far outside the data the model was trained on",
@@ -296,7 +299,7 @@ def _within_float32() -> Iterator[None]:
         try:
             yield
         except (FloatingPointError, OverflowError):  # OverflowError: an int past any float
-            raise OIPError(
+            raise ServiceError(
                 400, f"inputs must lie within float32's range (±{FLOAT32_MAX:.4g})"
             ) from None
 
@@ -315,15 +318,12 @@ def native_inputs(inputs: JSONArray) -> np.ndarray:
     def numbers(values: list[Any]) -> np.ndarray:
         if not inputs.plain and (kinds := {type(v) for v in values} - {int, float}):
             kind = "true/false" if bool in kinds else "null"
-            raise OIPError(400, f"inputs {NOT_AN_ARRAY}, got {kind}")
+            raise ServiceError(400, f"inputs {NOT_AN_ARRAY}, got {kind}")
         # float64 here and float32 in to_numpy round as np.asarray(values, np.float32) does
         return np.fromiter(values, np.float64, len(values))
 
-    try:
-        with _within_float32():
-            return inputs.to_numpy(np.float32, numbers)
-    except JSONError as err:
-        raise OIPError(err.status, str(err)) from None
+    with _within_float32():
+        return inputs.to_numpy(np.float32, numbers)
 
 
 class BatchObserver:
@@ -344,8 +344,8 @@ class InferenceService:
     """Answers the three doors from one :class:`ModelRepository`.
 
     Each door has a ``*_job`` method that decodes and validates a request into a :class:`Job`
-    (refusing bad ones with an :class:`~serving.oip.OIPError`) and a method that also runs it,
-    alone; :meth:`submit` instead runs jobs batched with those of concurrent callers.
+    (refusing bad ones with a :class:`~serving.errors.ServiceError`) and a method that also runs
+    it, alone; :meth:`submit` instead runs jobs batched with those of concurrent callers.
     """
 
     def __init__(
@@ -367,7 +367,7 @@ class InferenceService:
 
     async def submit(self, job: Job[R]) -> R:
         """Queue ``job`` with those of concurrent callers and answer it once its batch has
-        run; raises the job's :class:`~serving.oip.OIPError`, or its engine run's error."""
+        run; raises the job's :class:`~serving.errors.ServiceError`, or its engine run's error."""
         prediction = await self._batcher.submit((job, time.perf_counter()))
         self.observer.prediction(job.predictor.manifest, prediction)
         return job.encode(prediction)
@@ -416,13 +416,13 @@ class InferenceService:
     ) -> Job[R]:
         """Validate raw instances and options; input problems become 400s that name them."""
         if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
-            raise OIPError(400, f"inputs must be real numbers, got {x.dtype}")
+            raise ServiceError(400, f"inputs must be real numbers, got {x.dtype}")
         tensor = torch.from_numpy(float32_array(x))
         try:
-            inputs = predictor.ensemble.check_inputs(tensor)
+            inputs = predictor.check_inputs(tensor)
             members = tuple(predictor.member_indices(options.draws))
         except InputError as err:
-            raise OIPError(400, str(err)) from None
+            raise ServiceError(400, str(err)) from None
         return Job(predictor, inputs, members, options.return_members, encode)
 
     def native_job(self, name: str, body: bytes | bytearray | str) -> Job[bytes]:
@@ -433,20 +433,17 @@ class InferenceService:
         string or boolean for a number, no number for a boolean."""
         predictor = self.repository.get(name)
         rank = len(predictor.manifest.input.shape) + 1
-        try:
-            fields = read_json(
-                body.encode() if isinstance(body, str) else body,
-                lambda path: rank if path == ("inputs",) else None,
-            )
-        except JSONError as err:
-            raise OIPError(err.status, str(err)) from None
+        fields = read_json(
+            body.encode() if isinstance(body, str) else body,
+            lambda path: rank if path == ("inputs",) else None,
+        )
         inputs = fields.get("inputs") if isinstance(fields, dict) else None
         if isinstance(inputs, JSONArray):  # stands in as a list of its length, cut to one item
             fields["inputs"] = [0] * min(len(inputs), 1)
         try:
             request = PredictRequest.model_validate(fields)
         except ValidationError as err:
-            raise OIPError(422, describe_validation_error(err)) from None
+            raise ServiceError(422, describe_validation_error(err)) from None
         assert isinstance(inputs, JSONArray)  # a non-empty list is only ever read as one
         x = native_inputs(inputs)
 
@@ -515,5 +512,5 @@ def _the_input(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     """The one input tensor an espro model takes."""
     if list(arrays) != [INPUT]:
         got = quote(list(arrays)) if arrays else "none"
-        raise OIPError(400, f"expected exactly one input named {INPUT!r}, got {got}")
+        raise ServiceError(400, f"expected exactly one input named {INPUT!r}, got {got}")
     return arrays[INPUT]

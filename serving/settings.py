@@ -2,14 +2,15 @@
 
 :class:`AppConfig` is what the Serve application takes (``args`` of a Serve config file, or
 the flags of ``espro serve``); :class:`Tuning` is the part a running deployment retunes live
-through Serve's ``user_config``; :class:`LaunchConfig` is where ``espro serve`` listens.
+through Serve's ``user_config``; :class:`DeploymentOptions` are Serve's own options for the
+deployment; :class:`LaunchConfig` is where ``espro serve`` listens.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -39,24 +40,15 @@ class Tuning(_Config):
 
 
 class AppConfig(Tuning):
-    """The Serve application: its models, replicas, devices, batching and limits."""
+    """The Serve application: its models, device, engine, batching and limits.
 
-    replicas: int = Field(default=1, ge=1)
-    """Replicas of the model deployment."""
+    Serve's own options for the deployment (replicas, CPUs, queue bounds) are not here: they
+    are :class:`DeploymentOptions`, set by a Serve config's ``deployments`` entry."""
+
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     """``cuda`` gives each replica one GPU; ``auto`` does so when the cluster has GPUs."""
-    num_cpus: float = Field(default=1.0, gt=0)
-    """CPUs reserved per replica."""
     torch_threads: int | None = Field(default=None, ge=1)
-    """Intra-op threads per replica (default: the replica's whole CPUs, at least 1)."""
-    max_ongoing_requests: int = Field(default=256, ge=1)
-    """Requests a replica holds at once; at least ``max_batch_size``, or batches stay small.
-    Past it Serve's router retries with backoff, which collapsed throughput at 128 concurrent
-    requests with 64 here (docs/performance.md); queued in the replica they cost little."""
-    max_queued_requests: int = Field(default=256, ge=1)
-    """Requests each proxy queues for the deployment; past it they get 503 with Retry-After."""
-    retry_after_s: float = Field(default=1.0, ge=0.0)
-    """The Retry-After a 503 carries."""
+    """Intra-op threads per replica (default: the CPUs Ray reserved for it, at least 1)."""
     max_body_bytes: int = Field(default=64 * MiB, ge=1024)
     """The largest request body (HTTP) or message (gRPC); larger ones get 413."""
     allow_custom_architecture: bool = False
@@ -65,11 +57,10 @@ class AppConfig(Tuning):
     """A file of bearer tokens (one per line) that every request but health checks must
     present; read by each replica at start and at every reconfiguration. None: no auth."""
     engine: str = "fused:graphs"
-    """How replicas compute member outputs: ``fused`` (the same numbers as ``reference`` to
-    1e-7, up to 1.9x its served throughput in docs/performance.md), ``reference``,
-    ``shortcut`` or ``onnx``, with options such as ``fused:bf16,graphs`` (see
-    :mod:`serving.engine`). The default's ``graphs`` replays CUDA graphs on GPU replicas
-    (1.3-5.7x eager ``fused`` on an H100) and is ignored on CPU ones."""
+    """How replicas compute member outputs: ``fused`` (every member at once; the numbers of
+    ``reference`` to the 1e-5 of docs/performance.md), ``reference``, ``shortcut`` or ``onnx``,
+    with options such as ``fused:bf16,graphs`` (see :mod:`serving.engine`). The default's
+    ``graphs`` replays CUDA graphs on GPU replicas and is ignored on CPU ones."""
 
     direct_grpc_port: int | None = Field(default=None, ge=1, le=65535)
     """A port where each replica also serves the OIP gRPC service itself, past Serve's proxy
@@ -77,6 +68,8 @@ class AppConfig(Tuning):
     outside Serve's routing, queue bound and autoscaling. None: only Serve's doors."""
     direct_grpc_host: str = "127.0.0.1"
     """The address the direct door binds (``0.0.0.0`` or ``::`` for every interface)."""
+    max_direct_rpcs: int = Field(default=256, ge=1)
+    """Calls a replica's direct door runs at once; past it they get ``RESOURCE_EXHAUSTED``."""
 
     @field_validator("engine")
     @classmethod
@@ -84,19 +77,53 @@ class AppConfig(Tuning):
         parse_engine(value)
         return value
 
-    @model_validator(mode="after")
-    def _batch_fits(self) -> AppConfig:
-        if self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(
-                f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least "
-                f"max_batch_size ({self.max_batch_size}): a replica never batches more "
-                "requests than it holds"
-            )
-        return self
-
     def tuning(self) -> Tuning:
         """The live-retunable part, as the deployment's ``user_config``."""
         return Tuning.model_validate(self.model_dump(include=set(Tuning.model_fields)))
+
+
+class DeploymentOptions(_Config):
+    """Serve's options for the model deployment, under Serve's own names.
+
+    ``espro serve`` takes them as flags and passes them to ``.options()``; a Serve config
+    sets them in its ``deployments`` entry for ``espro`` (``ray_actor_options: {num_cpus:
+    ...}``, ``backpressure_config: {retry_after_s: ...}``), which takes their place. The
+    defaults here are the deployment's when neither sets them."""
+
+    num_replicas: int = Field(default=1, ge=1)
+    """Replicas of the model deployment."""
+    num_cpus: float = Field(default=1.0, gt=0)
+    """CPUs reserved per replica."""
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    """Requests a replica holds at once; at least ``max_batch_size``, or batches stay small.
+    Past it Serve's router retries with backoff, which costs far more than a request queued
+    in the replica (docs/performance.md)."""
+    max_queued_requests: int = Field(default=256, ge=1)
+    """Requests each proxy queues for the deployment; past it they get 503 with Retry-After."""
+    retry_after_s: float = Field(default=1.0, ge=0.0)
+    """The Retry-After a 503 carries."""
+
+    def serve_options(self, *, num_gpus: int = 0) -> dict[str, Any]:
+        """The keywords of ``Deployment.options`` these options are, with ``num_gpus`` GPUs
+        per replica."""
+        return {
+            "num_replicas": self.num_replicas,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "backpressure_config": {"retry_after_s": self.retry_after_s},
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": num_gpus},
+        }
+
+
+def check_batch_fits(tuning: Tuning, deployment: DeploymentOptions) -> None:
+    """A ``ValueError`` where a replica could never fill a batch: Serve hands it at most
+    ``max_ongoing_requests`` requests at once."""
+    if deployment.max_ongoing_requests < tuning.max_batch_size:
+        raise ValueError(
+            f"max_ongoing_requests ({deployment.max_ongoing_requests}) must be at least "
+            f"max_batch_size ({tuning.max_batch_size}): a replica never batches more "
+            "requests than it holds"
+        )
 
 
 class LaunchConfig(_Config):
@@ -112,7 +139,8 @@ class LaunchConfig(_Config):
     grpc_port: int = Field(default=9000, ge=0, le=65535)
     """Serve's gRPC door (``inference.GRPCInferenceService``)."""
     metrics_port: int = Field(default=8080, ge=0, le=65535)
-    """Where a Ray started here exports Prometheus metrics (``/metrics``)."""
+    """Where a Ray started here exports Prometheus metrics (``/metrics``), on ``host``: Ray's
+    exporter itself with a loopback host, else a relay of it in ``espro serve``."""
     num_cpus: int | None = Field(default=None, ge=1)
     """CPUs of a Ray started here (default: every core)."""
     num_gpus: int | None = Field(default=None, ge=0)
@@ -134,6 +162,14 @@ class LaunchConfig(_Config):
                 "then turns on Ray's token authentication) or listen on 127.0.0.1"
             )
         return self
+
+
+class ServeSettings(NamedTuple):
+    """What ``espro serve`` deploys, how Serve runs it, and where it listens."""
+
+    app: AppConfig
+    deployment: DeploymentOptions
+    launch: LaunchConfig
 
 
 def is_loopback(host: str) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from serving.auth import BearerTokens
-from serving.oip import OIPError
+from serving.errors import ServiceError
 
 
 def test_no_tokens_means_open():
@@ -27,7 +27,7 @@ def test_no_tokens_means_open():
 )
 def test_refusals_are_401_and_never_echo_the_token(header, message):
     tokens = BearerTokens(["s3cret", "rotated"])
-    with pytest.raises(OIPError) as info:
+    with pytest.raises(ServiceError) as info:
         tokens.check(header)
     assert info.value.status == 401 and message in info.value.message
     assert "s3cre" not in info.value.message and "rotated" not in info.value.message

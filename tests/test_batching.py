@@ -1,12 +1,49 @@
-"""The batcher that feeds the server's engine: batches grow with the load, and no caller is lost."""
+"""The batcher that feeds the server's engine: batches grow with the load, and no caller is lost.
+
+Every test runs on an event loop with a virtual clock: when nothing is ready to run, the clock
+jumps to the next timer instead of sleeping, so waits are exact and take no real time.
+"""
 
 import asyncio
+import selectors
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from serving.batching import Batcher
+
+
+@dataclass
+class VirtualClock:
+    now: float = 0.0
+
+
+class JumpingSelector(selectors.DefaultSelector):
+    """A selector that never blocks: with nothing ready, it moves ``clock`` on by the time
+    the loop would have waited (until its next timer)."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        ready = super().select(0)
+        if not ready and timeout:
+            self.clock.now += timeout
+        return ready
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop whose ``time()`` is a :class:`VirtualClock`."""
+
+    def __init__(self) -> None:
+        self.clock = VirtualClock()
+        super().__init__(JumpingSelector(self.clock))
+
+    def time(self) -> float:
+        return self.clock.now
 
 
 class Worker:
@@ -26,7 +63,9 @@ class Worker:
 
 
 def run(test: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(test(), timeout=10))
+    """Run ``test`` on a :class:`VirtualTimeLoop`; it fails if it waits 60 virtual seconds."""
+    with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
+        runner.run(asyncio.wait_for(test(), timeout=60))
 
 
 async def occupy(batcher: Batcher, worker: Worker) -> asyncio.Task:
@@ -45,7 +84,7 @@ def test_requests_that_arrive_while_a_batch_runs_form_one_batch_when_it_ends():
         batcher = Batcher(worker, max_batch_size=32, batch_wait_timeout_s=0.0)
         first = await occupy(batcher, worker)
         rest = [asyncio.create_task(batcher.submit(i)) for i in range(1, 11)]
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # each task queues its item in its first step
         worker.release.set()
         assert await asyncio.gather(first, *rest) == [i * 10 for i in range(11)]
         assert worker.batches == [[0], list(range(1, 11))]
@@ -78,12 +117,19 @@ def test_a_lone_request_waits_for_company_only_up_to_the_timeout():
         second = asyncio.create_task(batcher.submit(2))
         assert await asyncio.gather(first, second) == [10, 20]
         assert worker.batches == [[1, 2]]
-        assert 0.15 <= loop.time() - start < 1.0  # it waited out the window, then ran
+        assert loop.time() - start == pytest.approx(0.2)  # it waited out the window, then ran
+
+        start = loop.time()
+        third = asyncio.create_task(batcher.submit(3))
+        await asyncio.sleep(0.3)  # past the window: the third runs alone
+        assert third.done() and await third == 30
+        assert await batcher.submit(4) == 40
+        assert worker.batches[1:] == [[3], [4]]
 
         batcher.configure(max_batch_size=8, batch_wait_timeout_s=0.0)
         start = loop.time()
-        assert await batcher.submit(3) == 30
-        assert loop.time() - start < 0.15
+        assert await batcher.submit(5) == 50
+        assert loop.time() == start  # no window: it ran at once
 
     run(test)
 
@@ -92,8 +138,10 @@ def test_a_full_batch_does_not_wait_out_the_window():
     async def test():
         worker = Worker()
         batcher = Batcher(worker, max_batch_size=3, batch_wait_timeout_s=5.0)
+        start = asyncio.get_running_loop().time()
         results = await asyncio.gather(*(batcher.submit(i) for i in range(3)))
         assert results == [0, 10, 20] and worker.batches == [[0, 1, 2]]
+        assert asyncio.get_running_loop().time() == start
 
     run(test)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import INPUT_SHAPE, Server
+from helpers import INPUT_SHAPE, Server
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 IMAGES = 3

@@ -8,7 +8,7 @@ import grpc
 import pytest
 from grpc.aio import _server
 
-from conftest import listeners
+from helpers import listeners
 from serving.bind_host import install, rebind
 
 

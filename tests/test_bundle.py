@@ -15,11 +15,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from serving import bundle as bundle_module
-from serving.bundle import BundleError, load_bundle, sha256_file, write_bundle
+from serving.bundle import load_bundle, sha256_file, write_bundle
+from serving.errors import BundleError
 from serving.manifest import MANIFEST_FILE, TENSORS_FILE, buffer_key, draw_buffer_key, vertex_key
 
 if TYPE_CHECKING:
-    from conftest import TinyBundle
+    from helpers import TinyBundle
 
 
 def _sha256(path: Path) -> str:

@@ -16,11 +16,11 @@ import pytest
 import torch
 import yaml
 
+from helpers import TINY
 from serving.bundle import load_bundle
 from serving.cli import main, read_inputs
-from serving.manifest import InputError
+from serving.errors import InputError
 from serving.predictor import Predictor
-from test_pipeline import TINY
 from training.cli import TRAINING_EXTRA
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"

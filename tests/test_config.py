@@ -1,6 +1,7 @@
 import pytest
 
-from training.config import ConfigError, TrainConfig, builtin_configs, load_config, parse_config
+from training.config import TrainConfig, builtin_configs, load_config, parse_config
+from training.errors import ConfigError
 
 
 def test_defaults_are_a_valid_config():

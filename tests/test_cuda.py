@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import tiny_config
 from serving.bundle import load_bundle
+from serving.devices import resolve_device
+from serving.errors import DeviceError
 from serving.predictor import Predictor
-from test_pipeline import tiny_config
-from training.config import ConfigError, resolve_device
 from training.pipeline import train
 from training.volume import log_volume
 
@@ -21,7 +22,7 @@ def test_cuda_is_refused_clearly_without_a_gpu():
         assert resolve_device("auto").type == "cuda"
     else:
         assert resolve_device("auto").type == "cpu"
-        with pytest.raises(ConfigError, match="CUDA is not available"):
+        with pytest.raises(DeviceError, match="device: device 'cuda' was asked for but CUDA"):
             resolve_device("cuda")
 
 
@@ -34,7 +35,7 @@ def test_volume_on_cuda_matches_cpu():
 
 
 @cuda
-@pytest.mark.parametrize("architecture", ["mlp", "conftest:batchnorm_mlp"])
+@pytest.mark.parametrize("architecture", ["mlp", "helpers:batchnorm_mlp"])
 def test_training_on_cuda_gives_a_bundle_that_predicts_alike_on_cpu_and_cuda(
     tmp_path, architecture
 ):

@@ -20,12 +20,12 @@ from training import data
 from training.data import (
     DATASETS,
     DataConfig,
-    DataError,
     Dataset,
     RawDataset,
     Split,
     load_dataset,
 )
+from training.errors import DataError
 
 # name: (input_shape, number of classes, builder options that keep the test fast)
 EMBEDDED: dict[str, tuple[tuple[int, ...], int, dict[str, Any]]] = {

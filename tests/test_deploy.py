@@ -28,10 +28,12 @@ import kubernetes_validate
 import pytest
 import yaml
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 from ray.serve.schema import ServeDeploySchema
 
 from serving import proxy_headers
-from serving.settings import AppConfig
+from serving.settings import AppConfig, LaunchConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -43,6 +45,7 @@ CRD_FILES = {
     ("ray.io/v1", "RayService"): "ray.io_rayservices.yaml",
     ("ray.io/v1", "RayJob"): "ray.io_rayjobs.yaml",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_prometheusrules.yaml",
 }
 MODELS_MOUNT = "/models"
 
@@ -54,14 +57,65 @@ def pyproject() -> dict[str, Any]:
 
 @cache
 def pins() -> dict[str, str]:
-    """Every ``name==version`` in pyproject's dependencies and extras."""
-    project = pyproject()["project"]
+    """Every ``name==version`` of constraints.txt, by canonical name: the exact versions that
+    the images, CI and the README's commands install."""
     found = {}
-    for spec in chain(project["dependencies"], *project["optional-dependencies"].values()):
-        requirement = Requirement(spec)
-        if str(requirement.specifier).startswith("=="):
-            found[requirement.name.lower()] = str(requirement.specifier)[2:]
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            requirement = Requirement(line)
+            (specifier,) = requirement.specifier
+            assert specifier.operator == "==" and not requirement.extras, line
+            name = canonicalize_name(requirement.name)
+            assert name not in found, f"{name} twice in constraints.txt"
+            found[name] = specifier.version
     return found
+
+
+def declared(path: Path) -> list[Requirement]:
+    """Every requirement of a pyproject.toml: dependencies and every extra's."""
+    project = tomllib.loads(path.read_text())["project"]
+    specs = chain(project["dependencies"], *project.get("optional-dependencies", {}).values())
+    return [Requirement(spec) for spec in specs]
+
+
+PYPROJECTS = [ROOT / "pyproject.toml", ROOT / "clients" / "python" / "pyproject.toml"]
+
+
+@pytest.mark.parametrize("path", PYPROJECTS, ids=["espro", "espro-client"])
+def test_dependencies_are_ranges_pinned_in_the_constraints(path: Path) -> None:
+    """A library declares compatible ranges (an exact pin would clash with the versions of an
+    application that installs it); constraints.txt pins, for every direct dependency, one
+    version inside its range."""
+    project = tomllib.loads(path.read_text())["project"]
+    python = SpecifierSet(project["requires-python"])
+    assert "3.11" in python and all(s.operator in {">=", "~="} for s in python), python
+    for requirement in declared(path):
+        name = canonicalize_name(requirement.name)
+        if name == "espro":  # dev's own extras
+            continue
+        operators = {s.operator for s in requirement.specifier}
+        assert operators & {">=", "~="} and not operators & {"==", "==="}, str(requirement)
+        assert name in pins(), f"{name} is not in constraints.txt"
+        assert requirement.specifier.contains(pins()[name]), (str(requirement), pins()[name])
+
+
+def test_every_install_command_uses_the_constraints() -> None:
+    """The READMEs' commands, CI and the docs install the tested versions."""
+    commands = []
+    readmes = [ROOT / "README.md", ROOT / "clients" / "python" / "README.md"]
+    for path in [*readmes, ROOT / ".ci" / "run", *sorted((ROOT / "docs").glob("*.md"))]:
+        for line in path.read_text().splitlines():
+            line = line.strip().strip("`")
+            # `pip install` of the project or the client from the repository; a published
+            # espro-client and the KServe benchmark's separate environment are not ours to pin.
+            if re.search(r"pip install .*(-e |'\.\[|clients/python)", line) and not re.search(
+                r"--no-deps|kserve", line
+            ):
+                commands.append((path.name, line))
+    assert len(commands) >= 5, commands
+    for name, line in commands:
+        assert "-c constraints.txt" in line, f"{name}: {line}"
 
 
 # ---------------------------------------------------------------------------- Kubernetes
@@ -161,27 +215,30 @@ def test_serve_config_is_the_espro_app(overlay: str) -> None:
     for key in ("name", "route_prefix", "import_path"):
         assert app[key] == reference_app[key], key
     args = AppConfig.model_validate(app["args"])
-    assert "replicas" not in app["args"], "the deployment override sets the replicas"
     assert all(Path(path).is_relative_to(MODELS_MOUNT) for path in args.bundles)
     assert args.device == ("cuda" if overlay == "gpu-prod" else "cpu")
-    # The deployment override names the one deployment build_app makes and sets its replicas:
-    # autoscaled, except with the direct door, whose calls Serve's autoscaler does not see.
+    # The deployment entry names the one deployment build_app makes and holds Serve's options:
+    # autoscaled replicas, except with the direct door, whose calls Serve's autoscaler does
+    # not see; a GPU per replica exactly when the device is CUDA.
     (deployment,) = app["deployments"]
     assert deployment["name"] == "espro"
+    actor = deployment["ray_actor_options"]
+    assert actor["num_gpus"] == (1 if args.device == "cuda" else 0)
+    assert deployment["max_ongoing_requests"] >= args.max_batch_size
     if args.direct_grpc_port is None:
-        assert set(deployment) == {"name", "autoscaling_config"}
         autoscaling = deployment["autoscaling_config"]
-        assert autoscaling["target_ongoing_requests"] <= args.max_ongoing_requests
+        assert "num_replicas" not in deployment
+        assert autoscaling["target_ongoing_requests"] <= deployment["max_ongoing_requests"]
         fewest, most = autoscaling["min_replicas"], autoscaling["max_replicas"]
     else:
-        assert set(deployment) == {"name", "num_replicas"}
+        assert "autoscaling_config" not in deployment
         fewest = most = deployment["num_replicas"]
     # Ray's autoscaler can place max_replicas: enough worker CPUs (and GPUs) at maxReplicas.
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
     (workers,) = cluster["workerGroupSpecs"]
     limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
-    per_worker = int(limits["cpu"]) // args.num_cpus
+    per_worker = int(limits["cpu"]) // actor["num_cpus"]
     if args.device == "cuda":
         assert limits["nvidia.com/gpu"] == 1
         assert (
@@ -214,10 +271,9 @@ def test_ray_pods_use_the_project_image_and_the_models_volume(kustomization: str
             )
             assert {"cpu", "memory"} <= set(container["resources"]["requests"])
             assert {"cpu", "memory"} <= set(container["resources"]["limits"])
-            (volume,) = spec["volumes"]
+            (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == MODELS_MOUNT]
+            (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
             assert volume["persistentVolumeClaim"]["claimName"] == "espro-models"
-            (mount,) = container["volumeMounts"]
-            assert mount["name"] == volume["name"] and mount["mountPath"] == MODELS_MOUNT
 
 
 KUBERAY_LABELS = {
@@ -346,9 +402,296 @@ def test_training_job_writes_a_bundle_to_the_volume() -> None:
     output = command[command.index("-o") + 1]
     assert Path(output).is_relative_to(MODELS_MOUNT)
     (head,) = pods(job["spec"]["rayClusterSpec"])
-    (mount,) = head["spec"]["containers"][0]["volumeMounts"]
+    mounts = head["spec"]["containers"][0]["volumeMounts"]
+    (mount,) = [m for m in mounts if m["mountPath"] == MODELS_MOUNT]
     assert not mount.get("readOnly")
     assert job["spec"]["shutdownAfterJobFinishes"] is True
+
+
+# Pod Security Standards, "restricted" profile (which includes "baseline"), as of Kubernetes
+# 1.30: https://kubernetes.io/docs/concepts/security/pod-security-standards/
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+}
+SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
+
+
+def restricted_violations(spec: dict[str, Any]) -> list[str]:
+    """What in a pod spec the Pod Security "restricted" profile refuses."""
+    found = []
+    pod = spec.get("securityContext") or {}
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(key):
+            found.append(key)
+    for volume in spec.get("volumes", []):
+        if kinds := set(volume) - {"name"} - RESTRICTED_VOLUMES:
+            found.append(f"volume {volume['name']}: {sorted(kinds)}")
+    for sysctl in pod.get("sysctls", []):
+        if sysctl["name"] not in SAFE_SYSCTLS:
+            found.append(f"sysctl {sysctl['name']}")
+
+    def common(where: str, context: dict[str, Any]) -> None:
+        if context.get("runAsUser") == 0:
+            found.append(f"{where}: runAsUser 0")
+        selinux = context.get("seLinuxOptions") or {}
+        if selinux.get("type", "") not in SELINUX_TYPES or {"user", "role"} & set(selinux):
+            found.append(f"{where}: seLinuxOptions")
+        if (context.get("appArmorProfile") or {}).get("type") == "Unconfined":
+            found.append(f"{where}: appArmorProfile Unconfined")
+        if (context.get("windowsOptions") or {}).get("hostProcess"):
+            found.append(f"{where}: hostProcess")
+
+    common("pod", pod)
+    containers = [
+        *spec.get("containers", []),
+        *spec.get("initContainers", []),
+        *spec.get("ephemeralContainers", []),
+    ]
+    for container in containers:
+        where = f"container {container['name']}"
+        context = container.get("securityContext") or {}
+        common(where, context)
+        if context.get("privileged"):
+            found.append(f"{where}: privileged")
+        if context.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{where}: allowPrivilegeEscalation is not false")
+        capabilities = context.get("capabilities") or {}
+        if "ALL" not in capabilities.get("drop", []):
+            found.append(f"{where}: capabilities not dropped")
+        if set(capabilities.get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{where}: capabilities added")
+        if context.get("runAsNonRoot", pod.get("runAsNonRoot")) is not True:
+            found.append(f"{where}: runAsNonRoot is not true")
+        seccomp = (context.get("seccompProfile") or pod.get("seccompProfile") or {}).get("type")
+        if seccomp not in {"RuntimeDefault", "Localhost"}:
+            found.append(f"{where}: seccompProfile {seccomp}")
+        if context.get("procMount", "Default") != "Default":
+            found.append(f"{where}: procMount")
+        if any(port.get("hostPort") for port in container.get("ports", [])):
+            found.append(f"{where}: hostPort")
+    return found
+
+
+def ray_pod_specs(kustomization: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every pod that a kustomization makes Kubernetes or KubeRay create, as KubeRay 1.7
+    builds them from the templates: the autoscaler sidecar on the head (the security context
+    and mounts of ``autoscalerOptions``), a RayJob's submitter pod (``submitterPodTemplate``,
+    or KubeRay's default one with no security context), and the built-in kinds' templates.
+    KubeRay's own init container on workers copies the Ray container's security context."""
+    found = []
+    for obj in render(kustomization):
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        spec = obj.get("spec", {})
+        cluster = spec.get("rayClusterConfig") or spec.get("rayClusterSpec")
+        if cluster is not None:
+            head, *workers = pods(cluster)
+            head_spec = json.loads(json.dumps(head["spec"]))
+            if cluster.get("enableInTreeAutoscaling"):
+                options = cluster.get("autoscalerOptions") or {}
+                head_spec["containers"].append(
+                    {
+                        "name": "autoscaler",
+                        "securityContext": options.get("securityContext"),
+                        "volumeMounts": options.get("volumeMounts", []),
+                    }
+                )
+            default_submitter = {"name": "ray-job-submitter"}  # KubeRay's: no security context
+            mode = spec.get("submissionMode", "K8sJobMode")
+            if kind == "RayJob" and mode == "SidecarMode":
+                head_spec["containers"].append(default_submitter)
+            found.append((f"{kind}/{name} head", head_spec))
+            found += [(f"{kind}/{name} worker", worker["spec"]) for worker in workers]
+            if kind == "RayJob" and mode == "K8sJobMode":
+                template = spec.get("submitterPodTemplate") or {
+                    "spec": {"containers": [default_submitter]}
+                }
+                found.append((f"{kind}/{name} submitter", template["spec"]))
+        elif "template" in spec:  # Deployment, StatefulSet, DaemonSet, Job
+            found.append((f"{kind}/{name}", spec["template"]["spec"]))
+        elif "jobTemplate" in spec:
+            found.append((f"{kind}/{name}", spec["jobTemplate"]["spec"]["template"]["spec"]))
+    return found
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_every_pod_meets_pod_security_restricted(kustomization: str) -> None:
+    specs = ray_pod_specs(kustomization)
+    assert specs
+    for where, spec in specs:
+        assert not restricted_violations(spec), f"{kustomization}: {where}"
+
+
+def test_the_restricted_check_refuses_what_the_profile_refuses() -> None:
+    (service,) = objects("overlays/cpu-dev", "RayService")
+    (head,) = pods({"headGroupSpec": service["spec"]["rayClusterConfig"]["headGroupSpec"]})
+    assert not restricted_violations(head["spec"])
+    for change, expected in [
+        (lambda s: s["securityContext"].pop("seccompProfile"), "seccompProfile None"),
+        (lambda s: s["securityContext"].pop("runAsNonRoot"), "runAsNonRoot is not true"),
+        (lambda s: s["containers"][0]["securityContext"].pop("capabilities"), "not dropped"),
+        (
+            lambda s: s["containers"][0]["securityContext"].update(allowPrivilegeEscalation=True),
+            "allowPrivilegeEscalation",
+        ),
+        (lambda s: s["volumes"].append({"name": "h", "hostPath": {"path": "/"}}), "hostPath"),
+        (lambda s: s.update(hostNetwork=True), "hostNetwork"),
+    ]:
+        spec = json.loads(json.dumps(head["spec"]))
+        change(spec)
+        assert any(expected in v for v in restricted_violations(spec)), expected
+
+
+def test_the_documented_copy_pod_meets_pod_security_restricted() -> None:
+    """docs/deploy.md copies a bundle onto the PVC through a pod of its own, in the namespace
+    that enforces the profile."""
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    (overrides,) = re.findall(r"kubectl -n espro run copy .*?--overrides='(.*?)'", docs, re.DOTALL)
+    spec = json.loads(overrides)["spec"]
+    assert not restricted_violations(spec)
+    assert "pod-security.kubernetes.io/enforce=restricted" in docs
+
+
+def image_home() -> str:
+    """The home directory of the images' user (deploy/Dockerfile.*: useradd --create-home)."""
+    homes = set()
+    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        runs = " ".join(a for i, a in dockerfile(name) if i == "RUN")
+        user = re.search(r"useradd --create-home --uid 1000 --user-group (\w+)", runs)
+        assert user, name
+        homes.add(f"/home/{user[1]}")
+    (home,) = homes
+    return home
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_root_filesystems_are_read_only_with_writable_scratch(kustomization: str) -> None:
+    """Every container's root filesystem is read-only; what Ray and espro write lies on
+    emptyDir volumes: /tmp (Ray's session under /tmp/ray among it) and $HOME (caches). With
+    the autoscaler, the head's /tmp/ray is the `ray-logs` volume, which KubeRay then mounts
+    into the autoscaler too instead of adding one of its own."""
+    for where, spec in ray_pod_specs(kustomization):
+        empty = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v}
+        for container in spec["containers"]:
+            context = container.get("securityContext") or {}
+            assert context.get("readOnlyRootFilesystem") is True, f"{where}: {container['name']}"
+            mounts = {
+                m["mountPath"]: m["name"]
+                for m in container.get("volumeMounts", [])
+                if m["name"] in empty and not m.get("readOnly")
+            }
+            assert {"/tmp", image_home()} <= set(mounts), f"{where}: {container['name']}"
+        if any(c["name"] == "autoscaler" for c in spec["containers"]):
+            ray_mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+            assert ray_mounts["/tmp/ray"] == "ray-logs", where
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_upgrades_and_failures(overlay: str) -> None:
+    """An upgrade strategy that KubeRay knows, and in gpu-prod one that never brings up a
+    second GPU cluster by itself; in gpu-prod, GCS fault tolerance with the Redis password
+    from a Secret; workers spread over nodes and zones, preferably."""
+    (ray_service,) = objects(f"overlays/{overlay}", "RayService")
+    strategy = ray_service["spec"]["upgradeStrategy"]
+    assert strategy["type"] in {"NewCluster", "NewClusterWithIncrementalUpgrade", "None"}
+    if strategy["type"] == "NewClusterWithIncrementalUpgrade":
+        assert strategy["clusterUpgradeOptions"]["maxSurgePercent"] < 100
+    else:
+        assert "clusterUpgradeOptions" not in strategy
+    cluster = ray_service["spec"]["rayClusterConfig"]
+    if overlay == "gpu-prod":
+        assert strategy["type"] == "None"
+        fault_tolerance = cluster["gcsFaultToleranceOptions"]
+        assert fault_tolerance.get("backend", "redis") == "redis"
+        assert fault_tolerance["redisAddress"]
+        password = fault_tolerance["redisPassword"]
+        assert set(password) == {"valueFrom"} and "secretKeyRef" in password["valueFrom"]
+        # KubeRay sets the Redis address and password on the head itself.
+        head_env = {e["name"] for e in pods(cluster)[0]["spec"]["containers"][0]["env"]}
+        assert not head_env & {"RAY_REDIS_ADDRESS", "REDIS_PASSWORD"}
+    for group in cluster["workerGroupSpecs"]:
+        spec = group["template"]["spec"]
+        keys = set()
+        for constraint in spec["topologySpreadConstraints"]:
+            workers = {"headGroupSpec": cluster["headGroupSpec"], "workerGroupSpecs": [group]}
+            assert selected(workers, constraint["labelSelector"]["matchLabels"]) == {"worker"}
+            assert constraint["maxSkew"] == 1
+            assert constraint["whenUnsatisfiable"] == "ScheduleAnyway"  # never blocks a scale-up
+            assert constraint.get("matchLabelKeys") == ["ray.io/cluster"]
+            keys.add(constraint["topologyKey"])
+        assert keys == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+
+
+def test_gpu_prod_replicas_check_bearer_tokens_from_a_secret() -> None:
+    """auth_token_file names a file of a Secret mounted read-only in every Ray pod, which
+    the replicas read; the readiness probes use the health endpoints, which stay open."""
+    (ray_service,) = objects("overlays/gpu-prod", "RayService")
+    (app,) = serve_config(ray_service)["applications"]
+    token_file = Path(AppConfig.model_validate(app["args"]).auth_token_file)
+    for template in pods(ray_service["spec"]["rayClusterConfig"]):
+        spec = template["spec"]
+        (container,) = spec["containers"]
+        (mount,) = [
+            m for m in container["volumeMounts"] if token_file.is_relative_to(m["mountPath"])
+        ]
+        assert mount["readOnly"] is True
+        (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        secret = volume["secret"]
+        assert secret["secretName"] and not secret.get("optional")
+        assert token_file.relative_to(mount["mountPath"]).parts == ("tokens",)
+        probe = container.get("readinessProbe", {}).get("httpGet", {})
+        assert probe.get("path", "/v2/health/ready").startswith("/v2/health/")
+    for overlay in ("cpu-dev", "cpu-direct"):  # open, as `espro serve` is by default
+        (other,) = objects(f"overlays/{overlay}", "RayService")
+        (other_app,) = serve_config(other)["applications"]
+        assert AppConfig.model_validate(other_app["args"]).auth_token_file is None
+
+
+def helm_release(chart: str) -> str:
+    """The release name docs/deploy.md installs ``chart`` under."""
+    found = re.search(
+        rf"helm install (\S+) {re.escape(chart)}\b", (ROOT / "docs/deploy.md").read_text()
+    )
+    assert found, chart
+    return found[1]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_prometheus_operator_selects_the_monitor_and_the_rules(overlay: str) -> None:
+    """kube-prometheus-stack's Prometheus selects ServiceMonitors and PrometheusRules by the
+    label ``release: <its Helm release>`` unless told otherwise."""
+    release = helm_release("prometheus-community/kube-prometheus-stack")
+    for kind in ("ServiceMonitor", "PrometheusRule"):
+        (obj,) = objects(f"overlays/{overlay}", kind)
+        assert obj["metadata"]["labels"]["release"] == release, kind
+
+
+def test_kuberay_version_of_the_docs_is_the_crds() -> None:
+    (version,) = set(
+        re.findall(r"kuberay-operator --version (\S+)", (ROOT / "docs/deploy.md").read_text())
+    )
+    for name in set(CRD_FILES.values()):
+        header = (K8S / "crds" / name).read_text().split("\napiVersion:", 1)[0]
+        if "kuberay" in header:
+            assert f"kuberay v{version}," in header, name
 
 
 # ---------------------------------------------------------------------------- images
@@ -376,20 +719,33 @@ def test_dockerfile(name: str, extras: str) -> None:
             image = arguments.split()[0]
             assert ":" in image and not image.endswith(":latest"), f"unpinned base {image}"
     runs = " && ".join(arguments for instruction, arguments in instructions if instruction == "RUN")
-    # The project is installed from pyproject.toml, so its pins are the image's; any package
-    # a Dockerfile names itself carries the same pin.
+    # The project is installed with constraints.txt, so its pins are the image's, checked
+    # afterwards; any package a Dockerfile names itself carries the same pin.
     args = dict(a.split("=", 1) for i, a in instructions if i == "ARG" and "=" in a)
-    installed = re.search(r"pip install --no-cache-dir [\"']\.\[([^\]]+)\][\"']", runs)
+    installed = re.search(
+        r"pip install --no-cache-dir -c constraints\.txt [\"']\.\[([^\]]+)\][\"'] && pip check",
+        runs,
+    )
     assert installed, runs
     assert installed[1].replace("${EXTRAS}", args.get("EXTRAS", "")) == extras
-    for package, version in re.findall(r"([A-Za-z0-9_.\-\[\]]+)==([^\s'\"]+)", runs):
-        assert pins()[Requirement(package).name.lower()] == version, package
+    named = re.findall(r"([A-Za-z0-9_.\-\[\]]+)==([^\s'\"]+)", runs)
+    for package, version in named:
+        assert pins()[canonicalize_name(Requirement(package).name)] == version, package
     if name == "Dockerfile.cpu":
-        assert "--index-url https://download.pytorch.org/whl/cpu" in runs
+        # Only torch and torchvision from PyTorch's index; their dependencies from PyPI, pinned.
+        assert "--no-deps --index-url https://download.pytorch.org/whl/cpu" in runs
+        assert {package for package, _ in named} == {"torch", "torchvision"}
     else:
         assert "download.pytorch.org" not in runs  # PyPI's default CUDA wheel
     # Never a bundle in the image: only the sources pip needs and the entrypoint.
-    allowed = {"pyproject.toml", "README.md", "serving", "training", "deploy/entrypoint.sh"}
+    allowed = {
+        "pyproject.toml",
+        "README.md",
+        "constraints.txt",
+        "serving",
+        "training",
+        "deploy/entrypoint.sh",
+    }
     for instruction, arguments in instructions:
         if instruction in {"ADD", "COPY"}:
             words = [w for w in arguments.split() if not w.startswith("--")]
@@ -492,10 +848,16 @@ def test_compose_stack() -> None:
         image = service["image"]
         assert ":" in image and not image.endswith(":latest"), image
     assert espro["image"] == f"espro:{pyproject()['project']['version']}-cpu"
-    assert {p.rsplit(":", 1)[1] for p in espro["ports"]} == {"8000", "9000"}
-    assert all(p.startswith("127.0.0.1:") for s in services.values() for p in s["ports"])
-    # Prometheus scrapes Ray's metrics port of the espro service.
-    mounts = dict(v.split(":")[:2] for v in services["prometheus"]["volumes"])
+    # Prometheus's UI is published through espro, whose network it shares.
+    assert {p.rsplit(":", 1)[1] for p in espro["ports"]} == {"8000", "9000", "9090"}
+    assert all(p.startswith("127.0.0.1:") for s in services.values() for p in s.get("ports", []))
+    # A Ray that `espro serve` starts exports its metrics on the container's loopback only
+    # (as its other ports), so Prometheus runs in espro's network namespace and scrapes them
+    # there, and evaluates the alert rules.
+    prometheus_service = services["prometheus"]
+    assert prometheus_service["network_mode"] == "service:espro"
+    assert "ports" not in prometheus_service
+    mounts = dict(v.split(":")[:2] for v in prometheus_service["volumes"])
     assert mounts["./prometheus/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
     prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = [
@@ -504,40 +866,154 @@ def test_compose_stack() -> None:
         for s in job["static_configs"]
         for t in s["targets"]
     ]
-    assert targets == ["espro:8080"]
-    # Grafana provisions the Prometheus data source the dashboard names, and the dashboard.
+    metrics_port = LaunchConfig.model_fields["metrics_port"].default
+    assert targets == [f"127.0.0.1:{metrics_port}"]
+    assert [mounts[f"./prometheus/{Path(f).name}"] for f in prometheus["rule_files"]] == [
+        "/etc/prometheus/alerts.yml"
+    ]
+    # Grafana provisions the Prometheus data source, the dashboard's default, and the dashboard.
     mounts = dict(v.split(":")[:2] for v in services["grafana"]["volumes"])
     assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
     provisioning = DEPLOY / "grafana" / "provisioning"
     (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
         "datasources"
     ]
-    assert source["url"] == "http://prometheus:9090"
+    assert source["url"] == "http://espro:9090" and source["type"] == "prometheus"
+    assert source["isDefault"] is True
     (provider,) = yaml.safe_load((provisioning / "dashboards" / "espro.yml").read_text())[
         "providers"
     ]
     assert mounts["./grafana/dashboards"] == provider["options"]["path"]
-    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "espro.json").read_text())
-    for panel in dashboard["panels"]:
-        assert panel["datasource"]["uid"] == source["uid"]
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+@cache
+def espro_metrics() -> frozenset[str]:
+    """The names espro records (serving/app/metrics.py), as Ray exports them."""
+    source = (ROOT / "serving" / "app" / "metrics.py").read_text()
+    return frozenset(f"ray_{name}" for name in re.findall(r"\"(espro_[a-z_]+)\"", source))
+
+
+@cache
+def ray_serve_metrics() -> tuple[re.Pattern[str], ...]:
+    """The names of the metrics Ray Serve records, from the installed Ray's sources: each
+    ``"serve_..."`` string literal, an f-string's fields matching any name part."""
+    import ray.serve
+
+    found = set()
+    for path in Path(ray.serve.__file__).parent.rglob("*.py"):
+        found |= set(re.findall(r"[\"'](serve_[a-z0-9_{}]+)[\"']", path.read_text()))
+    return tuple(re.compile("ray_" + re.sub(r"\{[a-z_]*\}", "[a-z]+", name)) for name in found)
+
+
+def known_metric(name: str) -> bool:
+    """Whether ``name`` (a series name: a histogram's ``_bucket``, a counter's ``_total``...) is
+    one that espro or Ray Serve exports."""
+    bases = {name, re.sub(r"_(bucket|sum|count)$", "", name), re.sub(r"_total$", "", name)}
+    if name.startswith("ray_espro_"):
+        return bool(bases & espro_metrics())
+    return name.startswith("ray_serve_") and any(
+        pattern.fullmatch(base) for pattern in ray_serve_metrics() for base in bases
+    )
+
+
+def metric_names(expr: str) -> set[str]:
+    return set(re.findall(r"\bray_[a-z_]+", expr))
+
+
+def test_known_metrics_are_what_espro_and_serve_export() -> None:
+    assert len(espro_metrics()) == 13
+    for name in [
+        "ray_espro_requests_total",
+        "ray_espro_request_latency_seconds_bucket",
+        "ray_espro_bundles_refused",
+        "ray_serve_num_http_requests_total",
+        "ray_serve_num_grpc_error_requests_total",
+        "ray_serve_http_request_latency_ms_bucket",
+        "ray_serve_deployment_replica_healthy",
+    ]:
+        assert known_metric(name), name
+    for name in ["ray_espro_request_total", "ray_serve_num_http_request_total", "ray_node_cpu"]:
+        assert not known_metric(name), name
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads((DEPLOY / "grafana" / "dashboards" / "espro.json").read_text())
 
 
 def test_dashboard_queries_espro_metrics() -> None:
-    source = (ROOT / "serving" / "app" / "metrics.py").read_text()
-    metrics = {f"ray_{name}" for name in re.findall(r"\"(espro_[a-z_]+)\"", source)}
-    assert len(metrics) == 13
-    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "espro.json").read_text())
     used = set()
-    for panel in dashboard["panels"]:
+    for panel in dashboard()["panels"]:
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
-            names = set(re.findall(r"\bray_espro_[a-z_]+", target["expr"]))
+            names = metric_names(target["expr"])
             assert names, f"{panel['title']}: {target['expr']}"
             for name in names:
-                base = re.sub(r"_(bucket|sum|count)$", "", name)
-                assert base in metrics, f"{panel['title']}: unknown metric {name}"
-                used.add(base)
-    assert used == metrics, f"not on the dashboard: {sorted(metrics - used)}"
+                assert known_metric(name), f"{panel['title']}: unknown metric {name}"
+                used.add(re.sub(r"_(bucket|sum|count)$", "", name))
+    assert espro_metrics() <= used, f"not on the dashboard: {sorted(espro_metrics() - used)}"
+
+
+def test_dashboard_variables_pick_the_data_source_namespace_and_model() -> None:
+    """No data source uid is built in: a ``datasource`` variable picks one, in Grafana's
+    default Prometheus; ``namespace`` and ``model`` filter every query of espro's metrics
+    (``All`` also matches series without the label, as in the compose stack)."""
+    board = dashboard()
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert set(variables) == {"datasource", "namespace", "model"}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    source = {"type": "prometheus", "uid": "${datasource}"}
+    for name in ("namespace", "model"):
+        variable = variables[name]
+        assert variable["type"] == "query" and variable["datasource"] == source
+        assert re.fullmatch(rf"label_values\(ray_espro_model_info.*, {name}\)", variable["query"])
+        assert variable["includeAll"] and variable["allValue"] == ".*"
+    assert '$namespace"' in variables["model"]["query"]
+    for panel in board["panels"]:
+        assert panel["datasource"] == source, panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == source, panel["title"]
+            # Every selector of a metric names the namespace, and the model where it has one.
+            for name, labels in re.findall(r"\b(ray_[a-z_]+)(\{[^}]*\})?", target["expr"]):
+                assert 'namespace=~"$namespace"' in labels, f"{panel['title']}: {name}"
+                if name.startswith("ray_espro_") and "bundles_refused" not in name:
+                    assert 'model=~"$model"' in labels, f"{panel['title']}: {name}"
+    assert "uid" not in json.dumps(board["panels"]).replace('"uid": "${datasource}"', "")
+
+
+def alert_groups() -> list[dict[str, Any]]:
+    return yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"]
+
+
+def test_alert_rules_cover_refusals_errors_and_latency() -> None:
+    """The compose stack's rules and the PrometheusRule are the same; every rule names only
+    metrics that espro or Ray Serve export, and there are alerts on refused bundles (the gauge
+    docs/serving.md says to alert on), on 5xx answers, and on latency."""
+    groups = alert_groups()
+    for overlay in OVERLAYS:
+        (rule,) = objects(f"overlays/{overlay}", "PrometheusRule")
+        assert rule["spec"]["groups"] == groups
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert len({rule["alert"] for rule in rules}) == len(rules)
+    for rule in rules:
+        names = metric_names(rule["expr"])
+        assert names and all(known_metric(n) for n in names), (rule["alert"], names)
+        assert rule["labels"]["severity"] in {"warning", "critical"}
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+        assert rule["for"]
+
+    def alerting(pattern: str) -> list[str]:
+        return [r["alert"] for r in rules if re.search(pattern, r["expr"], re.DOTALL)]
+
+    assert alerting(r"ray_espro_bundles_refused\b.*> 0")
+    assert "`ray_espro_bundles_refused`" in (ROOT / "docs" / "serving.md").read_text()
+    assert alerting(r'ray_espro_requests_total\{status=~"5\.\."\}')
+    assert alerting(r'ray_serve_num_http_requests_total\{status_code=~"5\.\."\}')
+    assert alerting(r"histogram_quantile\(0\.99, .*ray_espro_request_latency_seconds_bucket")
+    assert alerting(r"histogram_quantile\(0\.99, .*ray_serve_http_request_latency_ms_bucket")
 
 
 def test_entrypoint_is_executable_shell() -> None:

@@ -27,18 +27,23 @@ ADDRESS = f"127.0.0.1:{PORT}"
 
 
 class Replica:
-    """Methods like the replica's: ``ModelInfer`` names the door that answered, refuses an
-    unknown model with NOT_FOUND, and waits ``delay`` seconds."""
+    """Methods like the replica's: ``ModelInfer`` names the door that answered and refuses an
+    unknown model with NOT_FOUND; the first ``held`` calls wait until :attr:`release` is set.
+    :attr:`entered` counts the calls that reached ``ModelInfer``."""
 
-    def __init__(self, name: str, delay: float = 0.0) -> None:
-        self.name, self.delay = name, delay
+    def __init__(self, name: str, held: int = 0) -> None:
+        self.name, self.held = name, held
+        self.entered = 0
+        self.release = asyncio.Event()
 
     def methods(self) -> dict[str, Callable[[Any, Any], Awaitable[Any]]]:
         async def live(request: Any, context: Any) -> pb.ServerLiveResponse:
             return pb.ServerLiveResponse(live=True)
 
         async def infer(request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-            await asyncio.sleep(self.delay)
+            self.entered += 1
+            if self.entered <= self.held:
+                await self.release.wait()
             if request.model_name != "m":
                 context.set_code(grpc.StatusCode.NOT_FOUND)
                 context.set_details(f"unknown model {request.model_name!r}")
@@ -50,6 +55,12 @@ class Replica:
 
 def run(test: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(test(), timeout=30))
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Return once ``condition()`` holds (``run``'s timeout bounds a hang)."""
+    while not condition():
+        await asyncio.sleep(0.005)
 
 
 async def start(replica: Replica, port: int, **limits: int) -> grpc.aio.Server:
@@ -98,9 +109,11 @@ def test_the_door_answers_with_the_methods_and_their_status_codes():
 
 def test_calls_past_the_concurrency_bound_are_refused_not_queued():
     async def test() -> None:
-        bound = doors(Replica("a", delay=0.5), max_in_flight=2)
-        async with bound, grpc.aio.insecure_channel(ADDRESS) as channel:
-            calls = [infer(channel) for _ in range(4)]
+        replica = Replica("a", held=2)
+        async with doors(replica, max_in_flight=2), grpc.aio.insecure_channel(ADDRESS) as channel:
+            calls = [asyncio.ensure_future(infer(channel)) for _ in range(4)]
+            await until(lambda: replica.entered == 2 and sum(c.done() for c in calls) == 2)
+            replica.release.set()
             answers = await asyncio.gather(*calls, return_exceptions=True)
         refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
         assert sum(isinstance(a, pb.ModelInferResponse) for a in answers) == 2
@@ -123,11 +136,17 @@ def test_replicas_share_the_port_and_a_stopped_one_leaves_it_to_the_other():
 
 def test_a_stopping_door_finishes_the_calls_in_flight():
     async def test() -> None:
-        slow = doors(Replica("a", delay=0.5))
-        async with slow as (server,), grpc.aio.insecure_channel(ADDRESS) as channel:
+        replica = Replica("a", held=1)
+        async with doors(replica) as (server,), grpc.aio.insecure_channel(ADDRESS) as channel:
             call = asyncio.ensure_future(infer(channel))
-            await asyncio.sleep(0.2)
-            await server.stop(5.0)
+            await until(lambda: replica.entered == 1)
+            stopping = asyncio.ensure_future(server.stop(5.0))
+            await asyncio.sleep(0)  # the stop begins
+            with pytest.raises(grpc.aio.AioRpcError):  # no new connection is taken
+                await infer_on_a_new_connection()
+            assert not call.done()
+            replica.release.set()
+            await stopping
             assert (await call).id == "a"
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await infer(channel, timeout=2)

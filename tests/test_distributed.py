@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import yaml
 
+from helpers import tiny_config
 from serving.bundle import load_bundle
-from test_pipeline import tiny_config
 from training.espro import SequentialRunner
 from training.pipeline import train
 

@@ -16,19 +16,22 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import batchnorm_mlp
+from helpers import batchnorm_mlp
 from serving.architectures import create_model
 from serving.bundle import load_bundle
-from serving.engine import EngineSpec, create_engine, parse_engine
-from serving.engine.shortcut import ShortcutEnsemble, split_at_first_layer
-from serving.ensemble import MemberEnsemble, Origin
+from serving.engine import ENGINES, EngineSpec, create_engine, parse_engine
+from serving.engine.base import Engine, Origin
+from serving.engine.fused import FusedEngine
+from serving.engine.onnx import OnnxEngine
+from serving.engine.reference import ReferenceEngine
+from serving.engine.shortcut import ShortcutEngine, split_at_first_layer
 from serving.manifest import InputSpec
 from serving.predictor import Predictor
 from serving.settings import AppConfig
 from serving.simplex import mix_vertices, sample_dirichlet
 
 if TYPE_CHECKING:
-    from conftest import TinyBundle
+    from helpers import TinyBundle
 
 MakeBundle = Callable[..., "TinyBundle"]
 FP32_ENGINES = ["fused", "shortcut"]
@@ -72,15 +75,15 @@ class Residual(nn.Module):
         return self.head(x + torch.relu(self.inner(x)))
 
 
-def _ensemble(
+def _engines(
     build: Callable[[], nn.Module],
     input_shape: Sequence[int],
-    engine: str,
+    engine: EngineSpec | str,
     *,
     num_vertices: Sequence[int] = (2, 3),
     draws: int = 4,
     **kwargs: Any,
-) -> tuple[MemberEnsemble, MemberEnsemble]:
+) -> tuple[ReferenceEngine, Engine]:
     """(reference, engine) over the members of simplexes of independently initialised vertices
     (PyTorch's initialisation: realistic scales), each member with its own random buffers."""
     torch.manual_seed(0)
@@ -102,7 +105,7 @@ def _ensemble(
         shape=tuple(input_shape), mean=(0.5,) * input_shape[0], std=(2.0,) * input_shape[0]
     )
     common = {"vertices": vertices, "origins": origins} | kwargs
-    return MemberEnsemble(model, members, spec), create_engine(
+    return ReferenceEngine(model, members, spec), create_engine(
         engine, model, members, spec, **common
     )
 
@@ -133,6 +136,28 @@ def test_app_config_validates_the_engine() -> None:
         AppConfig(bundles=["b"], engine="fused:int8")
 
 
+@pytest.mark.parametrize("name", ENGINES)
+def test_every_engine_is_an_engine(name: str) -> None:
+    if name == "onnx":
+        pytest.importorskip("onnxruntime")
+    reference, engine = _engines(MLP, (4,), name)
+    classes = {
+        "reference": ReferenceEngine,
+        "fused": FusedEngine,
+        "shortcut": ShortcutEngine,
+        "onnx": OnnxEngine,
+    }
+    assert type(engine) is classes[name]
+    assert isinstance(engine, Engine) and isinstance(reference, Engine)
+    assert not isinstance(reference.model, Engine)
+
+
+def test_create_engine_takes_a_spec_or_its_string() -> None:
+    for spec in (EngineSpec("fused", "bf16"), "fused:bf16"):
+        _, engine = _engines(MLP, (4,), spec)
+        assert type(engine) is FusedEngine and engine.dtype == torch.bfloat16  # type: ignore[attr-defined]
+
+
 # --- every back end against the reference -----------------------------------------------------
 
 
@@ -148,9 +173,9 @@ def test_fp32_engines_equal_the_reference(
         expected = _probs(reference.outputs(x, draws))
         torch.testing.assert_close(_probs(other.outputs(x, draws)), expected, atol=1e-5, rtol=0)
     members = [7, 0, 3]  # any subset, in any order
-    expected = _probs(reference.ensemble.outputs(x, members))
+    expected = _probs(reference.member_outputs(x, members))
     torch.testing.assert_close(
-        _probs(other.ensemble.outputs(x, members)), expected, atol=1e-5, rtol=0
+        _probs(other.member_outputs(x, members)), expected, atol=1e-5, rtol=0
     )
 
 
@@ -164,7 +189,7 @@ def test_fresh_members_are_seen_after_a_first_run(
     for draws in (4, 8):  # fresh members added after construction, and after a first run
         expected = _probs(reference.outputs(x, draws))
         torch.testing.assert_close(_probs(other.outputs(x, draws)), expected, atol=1e-5, rtol=0)
-    assert len(other.ensemble) == len(reference.ensemble) == 2 * 8
+    assert other.num_members == reference.num_members == 2 * 8
 
 
 @pytest.mark.parametrize("engine", FP32_ENGINES)
@@ -172,7 +197,7 @@ def test_chunks_of_rows_and_members(engine: str) -> None:
     build = functools.partial(
         create_model, "cnn", input_shape=(2, 9), num_outputs=3, channels=(4, 5)
     )
-    reference, other = _ensemble(build, (2, 9), engine, chunk_size=3)
+    reference, other = _engines(build, (2, 9), engine, chunk_size=3)
     x = _inputs((2, 9), batch=8)  # chunks of 3, 3 and 2 rows; groups of 1 or 3 members
     torch.testing.assert_close(
         _probs(other.outputs(x)), _probs(reference.outputs(x)), atol=1e-5, rtol=0
@@ -183,7 +208,7 @@ def test_chunks_of_rows_and_members(engine: str) -> None:
 @pytest.mark.parametrize("engine", FP32_ENGINES)
 def test_vmapped_and_member_by_member_runs_agree(engine: str, max_vmap_batch: int | None) -> None:
     build = functools.partial(batchnorm_mlp, input_shape=(4,), num_outputs=3)
-    reference, other = _ensemble(build, (4,), engine, max_vmap_batch=max_vmap_batch)
+    reference, other = _engines(build, (4,), engine, max_vmap_batch=max_vmap_batch)
     x = _inputs()
     torch.testing.assert_close(
         _probs(other.outputs(x)), _probs(reference.outputs(x)), atol=1e-5, rtol=0
@@ -200,7 +225,7 @@ def test_on_the_cpu_only_convolutional_models_leave_vmap_past_one_row(
     build = functools.partial(
         create_model, architecture, input_shape=(2, 9), num_outputs=3, **kwargs
     )
-    _, fused = _ensemble(build, (2, 9), "fused")
+    _, fused = _engines(build, (2, 9), "fused")
     assert fused.max_vmap_batch == expected  # type: ignore[attr-defined]
 
 
@@ -213,7 +238,7 @@ def test_bf16_engines_are_within_2e_3(
     architecture: str, shape: tuple[int, ...], engine: str
 ) -> None:
     build = functools.partial(create_model, architecture, input_shape=shape, num_outputs=5)
-    reference, other = _ensemble(build, shape, engine)
+    reference, other = _engines(build, shape, engine)
     x = _inputs(shape)
     error = (_probs(other.outputs(x)) - _probs(reference.outputs(x))).abs().max()
     assert error <= 2e-3
@@ -241,8 +266,8 @@ def test_shortcut_applies_only_where_exact(
     build: Callable[[], nn.Module], shape: tuple[int, ...], applies: bool
 ) -> None:
     assert (split_at_first_layer(build()) is not None) is applies
-    reference, shortcut = _ensemble(build, shape, "shortcut")
-    assert isinstance(shortcut, ShortcutEnsemble) and shortcut.applies is applies
+    reference, shortcut = _engines(build, shape, "shortcut")
+    assert isinstance(shortcut, ShortcutEngine) and shortcut.applies is applies
     x = _inputs(shape)
     torch.testing.assert_close(
         _probs(shortcut.outputs(x)), _probs(reference.outputs(x)), atol=1e-5, rtol=0
@@ -250,13 +275,13 @@ def test_shortcut_applies_only_where_exact(
 
 
 def test_shortcut_mixes_outputs_only_when_there_are_fewer_vertices_than_members() -> None:
-    _, shortcut = _ensemble(MLP, (4,), "shortcut", num_vertices=(2,), draws=4)
+    _, shortcut = _engines(MLP, (4,), "shortcut", num_vertices=(2,), draws=4)
     assert not isinstance(shortcut.prepare((0, 1, 2)), dict)  # 2 vertices for 3 members: mixed
     assert isinstance(shortcut.prepare((0, 1)), dict)  # 2 vertices for 2 members: stacked
 
 
 def test_shortcut_without_origins_runs_fused() -> None:
-    reference, shortcut = _ensemble(MLP, (4,), "shortcut", num_vertices=(2,), draws=4)
+    reference, shortcut = _engines(MLP, (4,), "shortcut", num_vertices=(2,), draws=4)
     index = shortcut.add(reference.members[0])  # a member of unknown origin
     reference.add(reference.members[0])
     assert isinstance(shortcut.prepare((0, 1, 2, index)), dict)
@@ -284,7 +309,7 @@ def test_onnx_graph_equals_the_reference_with_its_pooling(
     torch.testing.assert_close(  # the batch dimension is dynamic
         _probs(onnx.outputs(x[:1])), _probs(expected[:, :1]), atol=1e-5, rtol=0
     )
-    graph = onnx.ensemble.run(x, temperature=1.5)  # type: ignore[attr-defined]
+    graph = onnx.engine.run(x, temperature=1.5)  # type: ignore[attr-defined]
     pooled = classify(expected, temperature=1.5)
     for name in ("probs", "entropy", "expected_entropy", "mutual_information"):
         torch.testing.assert_close(graph[name], getattr(pooled, name), atol=1e-5, rtol=0)
@@ -300,7 +325,7 @@ def test_onnx_sessions_use_torchs_thread_count(
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)  # ONNX Runtime's default would be one thread per core
-        options = onnx.ensemble.session([0]).get_session_options()  # type: ignore[attr-defined]
+        options = onnx.engine.session([0]).get_session_options()  # type: ignore[attr-defined]
     finally:
         torch.set_num_threads(threads)
     assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
@@ -360,7 +385,7 @@ def test_quick_benchmark_writes_sane_json(tmp_path: Path) -> None:
 def test_graphs_and_compile_are_ignored_on_the_cpu() -> None:
     shape = (3, 8, 8)
     build = functools.partial(create_model, "cnn", input_shape=shape, num_outputs=5)
-    reference, engine = _ensemble(build, shape, "fused:graphs,compile")
+    reference, engine = _engines(build, shape, "fused:graphs,compile")
     assert not engine.cuda_graphs and not engine.torch_compile  # type: ignore[attr-defined]
     assert engine._run == engine.run  # type: ignore[attr-defined]  # nothing was compiled
     x = _inputs(shape, batch=3, seed=0)
@@ -411,7 +436,7 @@ def test_cuda_engines_equal_the_cpu_reference(engine: str, tolerance: float) -> 
             pytest.skip("onnxruntime has no CUDA provider")
     shape = (3, 8, 8)
     build = functools.partial(create_model, "cnn", input_shape=shape, num_outputs=5)
-    reference, other = _ensemble(build, shape, engine, device="cuda")
+    reference, other = _engines(build, shape, engine, device="cuda")
     assert other.device.type == "cuda"
     cases = [(batch, members) for batch in (1, 3, 64, 65) for members in (None, [5, 0, 2, 7])]
     # graphs: padded to 1, 4, 64 (65 runs eagerly) and captured in this order; replaying them
@@ -427,7 +452,7 @@ def test_cuda_engines_equal_the_cpu_reference(engine: str, tolerance: float) -> 
 def test_graphs_are_captured_while_another_thread_synchronises_on_cuda(engine: str) -> None:
     shape = (3, 8, 8)
     build = functools.partial(create_model, "cnn", input_shape=shape, num_outputs=5)
-    reference, graphs = _ensemble(build, shape, engine, device="cuda")
+    reference, graphs = _engines(build, shape, engine, device="cuda")
     stop, failures = threading.Event(), []
 
     def serve_another_bundle() -> None:  # a replica answering while a new bundle warms up

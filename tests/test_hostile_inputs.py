@@ -25,8 +25,9 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_bundle
-from serving.bundle import BundleError, load_bundle, write_bundle
+from helpers import tiny_bundle
+from serving.bundle import load_bundle, write_bundle
+from serving.errors import BundleError
 from serving.manifest import MANIFEST_FILE, TENSORS_FILE, InputSpec, Manifest, vertex_key
 from serving.predictor import Predictor
 
@@ -195,7 +196,7 @@ def test_a_broken_bundle_is_refused_naming_the_problem(broken: dict[str, Path], 
 
 
 def test_the_good_bundle_loads(broken: dict[str, Path]) -> None:
-    assert len(Predictor.from_path(broken["good"]).ensemble) == 4
+    assert Predictor.from_path(broken["good"]).num_members == 4
 
 
 def test_a_sparse_tensor_file_is_refused_from_its_header(broken: dict[str, Path]) -> None:
@@ -474,7 +475,7 @@ def test_client_refuses_a_broken_input_in_one_line(
             "--token-file: /nonexistent/token: cannot be read",
         ),
         (["--chunk-size", "0"], "--chunk-size: must be at least 1"),
-        (["--version", "1"], "--version: the native JSON door answers with the newest version"),
+        (["--version", "1"], "--version: the native protocol answers with the newest version"),
         (["--draws", "many"], "--draws: invalid int value"),
     ],
 )

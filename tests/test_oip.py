@@ -17,7 +17,7 @@ from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.grpc._utils import _get_inference_request as triton_grpc_request
 
 from serving import oip
-from serving.oip import OIPError
+from serving.errors import ServiceError
 from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -60,8 +60,8 @@ def fp32_input(**fields) -> dict:
     return {"name": "x", "shape": [2, 2], "datatype": "FP32", **fields}
 
 
-def expect_error(fn, *args, match: str, status: int = 400) -> OIPError:
-    with pytest.raises(OIPError, match=match) as info:
+def expect_error(fn, *args, match: str, status: int = 400) -> ServiceError:
+    with pytest.raises(ServiceError, match=match) as info:
         fn(*args)
     assert info.value.status == status
     return info.value
@@ -658,12 +658,12 @@ def test_metadata_models_convert_to_wire_compatible_grpc():
 
 
 def test_errors_carry_status_grpc_code_and_rest_body():
-    error = OIPError(400, "input 'x': no data")
+    error = ServiceError(400, "input 'x': no data")
     assert str(error) == "input 'x': no data"
     assert json.loads(error.rest_body()) == {"error": "input 'x': no data"}
-    assert OIPError(404, "").grpc_code is grpc.StatusCode.NOT_FOUND
-    assert OIPError(503, "").grpc_code is grpc.StatusCode.UNAVAILABLE
-    assert OIPError(500, "").grpc_code is grpc.StatusCode.INTERNAL
+    assert ServiceError(404, "").grpc_code is grpc.StatusCode.NOT_FOUND
+    assert ServiceError(503, "").grpc_code is grpc.StatusCode.UNAVAILABLE
+    assert ServiceError(500, "").grpc_code is grpc.StatusCode.INTERNAL
 
 
 @pytest.mark.parametrize("binary", [True, False])

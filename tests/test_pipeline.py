@@ -6,32 +6,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers import tiny_config
 from serving.bundle import load_bundle, sha256_file
 from serving.manifest import TENSORS_FILE, Task
 from serving.predictive import RegressionPrediction
 from serving.predictor import Predictor
-from training.checkpoint import CheckpointError
-from training.config import TrainConfig, parse_config
+from training.config import parse_config
+from training.errors import CheckpointError
 from training.pipeline import train
 from training.spro import SimplexTrainer
-
-TINY = {
-    "name": "tiny",
-    "seed": 3,
-    "data": {"name": "two_spirals", "options": {"n_samples": 300}},
-    "model": {"architecture": "mlp", "kwargs": {"hidden": [16]}},
-    "modes": {"count": 2, "epochs": 3, "lr": 0.05, "batch_size": 64},
-    "simplex": {"vertices": 1, "epochs": 2, "lr": 0.02, "samples": 2, "lambda": 0.1},
-    "draws": {"per_simplex": 3},
-    "evaluation": {"noise_severities": [0.5]},
-}
-
-
-def tiny_config(**sections: dict) -> TrainConfig:
-    data = {key: dict(value) if isinstance(value, dict) else value for key, value in TINY.items()}
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    return parse_config(data)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +121,7 @@ def test_a_deep_ensemble_is_espro_without_extra_vertices(tmp_path):
 def test_batchnorm_draws_get_their_own_statistics(tmp_path):
     config = tiny_config(
         model={
-            "architecture": "conftest:batchnorm_mlp",
+            "architecture": "helpers:batchnorm_mlp",
             "kwargs": {"hidden": 8},
             "allow_custom": True,
         },

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from serving.bundle import Bundle, load_bundle
+from serving.errors import InputError
 from serving.manifest import (
     AbstentionSpec,
     ArchitectureSpec,
     ConformalSpec,
-    InputError,
     InputSpec,
     buffer_key,
     draw_buffer_key,
@@ -26,7 +26,7 @@ from serving.manifest import (
 from serving.predictor import Predictor
 
 if TYPE_CHECKING:
-    from conftest import TinyBundle
+    from helpers import TinyBundle
 
 MakeBundle = Callable[..., "TinyBundle"]
 
@@ -108,18 +108,18 @@ def test_prediction_equals_hand_computation(
 def test_warm_up_prepares_the_default_members_before_the_first_request(
     tmp_path: Path, make_tiny_bundle: MakeBundle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from serving.engine.fused import FusedEnsemble
+    from serving.engine.fused import FusedEngine
 
     tiny = make_tiny_bundle()
     predictor = Predictor(_load(tiny, tmp_path / "b"), engine="fused")
     stacked: list[tuple[int, ...]] = []
-    stack = FusedEnsemble.stack
+    stack = FusedEngine.stack
 
-    def counting(self: FusedEnsemble, members: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    def counting(self: FusedEngine, members: tuple[int, ...]) -> dict[str, torch.Tensor]:
         stacked.append(tuple(members))
         return stack(self, members)
 
-    monkeypatch.setattr(FusedEnsemble, "stack", counting)
+    monkeypatch.setattr(FusedEngine, "stack", counting)
     predictor.warm_up()
     assert stacked == [tuple(predictor.member_indices())]
     predictor.predict(_inputs())
@@ -397,7 +397,7 @@ def test_custom_architecture_needs_explicit_permission(
         Predictor.from_path(path)
     with pytest.raises(ValueError, match="must be allowed explicitly"):
         Predictor(load_bundle(path))
-    assert len(Predictor.from_path(path, allow_custom_architecture=True).ensemble) == 4
+    assert Predictor.from_path(path, allow_custom_architecture=True).num_members == 4
 
 
 @pytest.mark.parametrize(
@@ -483,3 +483,44 @@ def test_fresh_draws_need_a_model_without_batchnorm(tmp_path, make_tiny_bundle):
     predictor = Predictor(bundle, allow_custom_architecture=True)
     with pytest.raises(InputError, match=r"between 1 and 2, got 3$"):
         predictor.member_indices(3)
+
+
+# --- what callers use instead of the engine -------------------------------------------------
+
+
+def test_check_inputs_returns_float32_or_an_input_error(tiny_bundle_dir: Path) -> None:
+    predictor = Predictor.from_path(tiny_bundle_dir)
+    x = torch.randint(-3, 4, (5, 4))
+    checked = predictor.check_inputs(x)
+    assert checked.dtype == torch.float32 and torch.equal(checked, x.float())
+    with pytest.raises(InputError, match=re.escape("shape [batch, 4], got [5, 3]")):
+        predictor.check_inputs(torch.zeros(5, 3))
+
+
+def test_member_outputs_follow_the_members_asked_for(
+    tmp_path: Path, make_tiny_bundle: MakeBundle
+) -> None:
+    predictor = _predictor(make_tiny_bundle(draws=3), tmp_path / "b")
+    x = _inputs()
+    every = predictor.outputs(x)
+    assert every.shape == (6, 6, 3) and predictor.num_members == 6
+    assert torch.equal(predictor.member_outputs(x, [4, 0, 2]), every[[4, 0, 2]])
+    one = predictor.member_outputs(x, predictor.member_indices(1))
+    assert torch.equal(one, predictor.outputs(x, 1)) and one.device.type == "cpu"
+
+
+def test_added_members_run_only_when_asked_for(
+    tmp_path: Path, make_tiny_bundle: MakeBundle
+) -> None:
+    tiny = make_tiny_bundle()
+    predictor = _predictor(tiny, tmp_path / "b")
+    stored = predictor.member_indices()
+    state = {
+        k: v.float() if v.is_floating_point() else v
+        for k, v in _hand_member_states(tiny)[2].items()
+    }
+    added = predictor.add_members([state, state])
+    assert added == [len(stored), len(stored) + 1] and predictor.num_members == len(stored) + 2
+    assert predictor.member_indices() == stored  # requests never reach them
+    outputs = predictor.member_outputs(_inputs(), [added[1], 2])
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=0)

@@ -21,10 +21,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_bundle
+from helpers import tiny_bundle
 from serving.bundle import load_bundle
-from serving.jsonarray import OTHER_LIMIT, JSONArray, JSONError, read_json
-from serving.oip import OIPError, RequestOptions
+from serving.errors import JSONError, ServiceError
+from serving.jsonarray import OTHER_LIMIT, JSONArray, read_json
+from serving.oip import RequestOptions
 from serving.predictor import Predictor
 from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.quoting import QUOTE_LIMIT
@@ -44,11 +45,12 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> InferenceService:
 
 
 def peak_ratio(call: Callable[[], Any], body: bytes) -> tuple[Any, float]:
-    """``call()``'s result (or the OIPError it raised) and its peak memory over ``len(body)``."""
+    """``call()``'s result (or the ServiceError it raised) and its peak memory over
+    ``len(body)``."""
     tracemalloc.start()
     try:
         result: Any = call()
-    except OIPError as err:
+    except ServiceError as err:
         result = err
     finally:
         peak = tracemalloc.get_traced_memory()[1]
@@ -75,11 +77,11 @@ def refusal(call: Callable[[], Any], body: bytes) -> float:
     """Check that ``call`` refuses ``body`` with a 400 in bounded memory; return the peak
     memory as a multiple of the body's size. (Its time is a benchmark's:
     benchmarks/request_decode.py.)"""
-    with pytest.raises(OIPError) as err:
+    with pytest.raises(ServiceError) as err:
         call()
     assert err.value.status == 400, err.value.message
     error, ratio = peak_ratio(call, body)
-    assert isinstance(error, OIPError) and error.status == 400
+    assert isinstance(error, ServiceError) and error.status == 400
     return ratio
 
 
@@ -151,7 +153,7 @@ def test_arrays_read_to_the_numbers_json_loads_gives(shape, data, separators):
         with np.errstate(over="raise"):
             want = np.asarray(json.loads(body)["inputs"], dtype=np.float32)
     except (FloatingPointError, OverflowError):
-        with pytest.raises(OIPError, match="float32's range"):
+        with pytest.raises(ServiceError, match="float32's range"):
             native_inputs(document["inputs"])
         return
     got = native_inputs(document["inputs"])
@@ -227,7 +229,7 @@ def test_text_outside_arrays_of_numbers_is_limited():
     ],
 )
 def test_the_native_door_takes_json_types_strictly(service, body, status, message):
-    with pytest.raises(OIPError) as err:
+    with pytest.raises(ServiceError) as err:
         service.native("tiny", json.dumps(body).encode())
     assert err.value.status == status, err.value.message
     assert message in err.value.message
@@ -237,7 +239,7 @@ def test_complex_inputs_are_refused_not_cut_to_their_real_part(service):
     """Every door's arrays go through ``InferenceService.job``."""
     predictor = service.repository.get("tiny")
     x = np.ones((1, 4), dtype=np.complex64)
-    with pytest.raises(OIPError, match="inputs must be real numbers, got complex64"):
+    with pytest.raises(ServiceError, match="inputs must be real numbers, got complex64"):
         service.job(predictor, x, RequestOptions(), lambda prediction: prediction)
 
 
@@ -256,7 +258,7 @@ def test_complex_inputs_are_refused_not_cut_to_their_real_part(service):
 )
 def test_a_key_repeated_in_one_object_is_refused(service, door, body):
     repeated = r"the body repeats the key '(draws|inputs|datatype)' in one object"
-    with pytest.raises(OIPError, match=repeated) as err:
+    with pytest.raises(ServiceError, match=repeated) as err:
         if door == "native":
             service.native("tiny", body)
         else:
@@ -323,7 +325,7 @@ def grpc_request(**fields: Any) -> pb.ModelInferRequest:
     ],
 )
 def test_client_text_is_quoted_cut_short_in_refusals(service, call):
-    with pytest.raises(OIPError) as err:
+    with pytest.raises(ServiceError) as err:
         call(service)
     message = err.value.message
     assert 400 <= err.value.status < 500

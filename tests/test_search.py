@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from helpers import tiny_config
 from serving.bundle import load_bundle
-from test_pipeline import tiny_config
 from training.pipeline import train
 from training.spro import SimplexTrainer
 

@@ -14,9 +14,10 @@ import tritonclient.http as thttp
 from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.grpc._utils import _get_inference_request as triton_grpc_request
 
-from serving.bundle import BundleError, load_bundle
+from helpers import FP32_ATOL
+from serving.bundle import load_bundle
+from serving.errors import BundleError, ServiceError
 from serving.manifest import Manifest
-from serving.oip import OIPError
 from serving.predictor import Prediction, Predictor
 from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.service import (
@@ -30,12 +31,6 @@ from serving.service import (
 )
 
 X = (torch.randn(6, 4, generator=torch.Generator().manual_seed(0)) * 2).numpy()
-
-FP32_ATOL = 1e-5
-"""How far float32 outputs may differ when computed through other batch shapes, kernels or
-engines: the tolerance the product documents (docs/performance.md, every engine against the
-reference; docs/client.md, every transport against the in-process Predictor). The last bits
-of a float change with the batch shape on some CPUs (AVX-512 and AMX kernels)."""
 
 
 def assert_same_answer(got: object, want: object) -> None:
@@ -194,7 +189,7 @@ def test_requested_outputs_only(service):
     ],
 )
 def test_bad_requests_are_refused_with_a_status_and_a_message(service, call, status, message):
-    with pytest.raises(OIPError) as err:
+    with pytest.raises(ServiceError) as err:
         call(service)
     assert err.value.status == status
     assert message in err.value.message
@@ -207,7 +202,7 @@ def test_metadata_describes_inputs_outputs_and_versions(service):
     assert [t.name for t in metadata.outputs] == list(CLASSIFICATION_OUTPUTS)
     assert metadata.outputs[0].shape == [-1, 3] and metadata.outputs[1].shape == [-1]
     assert service.server_metadata().extensions == ["binary_tensor_data"]
-    with pytest.raises(OIPError, match="unknown model"):
+    with pytest.raises(ServiceError, match="unknown model"):
         model_metadata(service.repository, "nope", None)
 
 
@@ -235,13 +230,13 @@ def test_inputs_that_overflow_the_network_are_refused_not_answered_nan(service):
     refused with a 400 naming the instance, and a job batched with it still gets its answer."""
     huge = [[3e38, 3e38, -3e38, 3e38]]
     for body in ({"inputs": X[:1].tolist() + huge}, {"inputs": huge, "return_members": True}):
-        with pytest.raises(OIPError, match=r"instance \d+ .* not finite") as refused:
+        with pytest.raises(ServiceError, match=r"instance \d+ .* not finite") as refused:
             service.native("tiny", json.dumps(body))
         assert refused.value.status == 400
     good, bad = (service.native_job("tiny", json.dumps({"inputs": x})) for x in (X.tolist(), huge))
     outputs = good.member_outputs(torch.cat([good.inputs, bad.inputs]))
     answered, refused = Job.predictions([good, bad], outputs)
-    assert isinstance(refused, OIPError) and "instance 0" in refused.message
+    assert isinstance(refused, ServiceError) and "instance 0" in refused.message
     assert_same_answer(json.loads(good.encode(answered)), json.loads(good.run()))
 
 
@@ -321,7 +316,7 @@ def test_a_non_finite_prediction_is_refused_for_its_job_alone(service, engine_ru
     huge = [[3e38, 3e38, -3e38, 3e38]]
     good, refused = submit_all(service, [{"inputs": X.tolist()}, {"inputs": huge}])
     assert engine_runs == [4]
-    assert isinstance(refused, OIPError) and refused.status == 400
+    assert isinstance(refused, ServiceError) and refused.status == 400
     assert "instance 0" in refused.message
     want = service.native("tiny", json.dumps({"inputs": X.tolist()}))
     assert_same_answer(json.loads(good), json.loads(want))

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from serving.cli import build_parser
 from serving.serve_flags import FLAGS, serve_configs
-from serving.settings import AppConfig, LaunchConfig, Tuning
+from serving.settings import AppConfig, DeploymentOptions, LaunchConfig, ServeSettings, Tuning
 
 SERVE_YAML = Path(__file__).parents[1] / "deploy" / "serve.yaml"
 
@@ -21,18 +21,33 @@ def test_defaults_bind_loopback_and_batch_within_the_replica_limit():
     assert launch.host == "127.0.0.1" and launch.address is None
     app = AppConfig(bundles=["b"])
     assert app.direct_grpc_port is None and app.direct_grpc_host == "127.0.0.1"
-    assert app.max_ongoing_requests >= app.max_batch_size
+    assert DeploymentOptions().max_ongoing_requests >= app.max_batch_size
     assert app.tuning() == Tuning(bundles=["b"])
+
+
+def test_serve_knobs_live_only_in_the_deployment_options():
+    """Replicas, CPUs and queue bounds are Serve's: the app's args cannot carry a second copy,
+    and the options are exactly ``Deployment.options`` keywords."""
+    for name in ("replicas", "num_replicas", "num_cpus", "max_ongoing_requests"):
+        with pytest.raises(ValidationError, match="Extra inputs"):
+            AppConfig.model_validate({"bundles": ["b"], name: 1})
+    options = DeploymentOptions(num_replicas=3, num_cpus=0.5, retry_after_s=2)
+    assert options.serve_options(num_gpus=1) == {
+        "num_replicas": 3,
+        "max_ongoing_requests": 256,
+        "max_queued_requests": 256,
+        "backpressure_config": {"retry_after_s": 2.0},
+        "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 1},
+    }
 
 
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"max_batch_size": 64, "max_ongoing_requests": 8}, "at least max_batch_size"),
-        ({"max_batch_size": 300}, "at least max_batch_size"),
+        ({"max_batch_size": 5000}, "less than or equal to 4096"),
         ({"bundles": []}, "at least 1"),
         ({"device": "tpu"}, "cpu"),
-        ({"replicas": 0}, "greater than or equal to 1"),
+        ({"max_direct_rpcs": 0}, "greater than or equal to 1"),
         ({"batch_wait_timeout_s": -1}, "greater than or equal to 0"),
         ({"max_batch": 3}, "Extra inputs"),
         ({"direct_grpc_port": 0}, "greater than or equal to 1"),
@@ -48,15 +63,28 @@ def test_serve_flags_become_validated_configs():
     args = build_parser().parse_args(
         ["serve", "a", "b", "--http-port", "8100", "--batch-wait-ms", "5", "--max-body-mb", "2"]
     )
-    app, launch = serve_configs(args)
+    app, deployment, launch = serve_configs(args)
+    assert deployment == DeploymentOptions()
     assert app.bundles == ["a", "b"] and app.batch_wait_timeout_s == 0.005
     assert app.max_body_bytes == 2 << 20 and launch.http_port == 8100 and launch.grpc_port == 9000
     assert app.direct_grpc_port is None
     direct = ["serve", "a", "--direct-grpc-port", "9100", "--host", "0.0.0.0"]
-    app, launch = serve_configs(build_parser().parse_args(direct))
+    app, _, launch = serve_configs(build_parser().parse_args(direct))
     assert (app.direct_grpc_host, app.direct_grpc_port, launch.host) == ("0.0.0.0", 9100, "0.0.0.0")
+    scaled = [
+        "serve",
+        "a",
+        "--replicas",
+        "2",
+        "--replica-cpus",
+        "0.5",
+        "--max-queued-requests",
+        "9",
+    ]
+    _, deployment, _ = serve_configs(build_parser().parse_args(scaled))
+    assert deployment == DeploymentOptions(num_replicas=2, num_cpus=0.5, max_queued_requests=9)
     bad = build_parser().parse_args(["serve", "a", "--max-batch-size", "300"])
-    with pytest.raises(ValidationError, match="max_ongoing_requests"):
+    with pytest.raises(ValueError, match=r"max_ongoing_requests \(256\) must be at least"):
         serve_configs(bad)
 
 
@@ -84,9 +112,8 @@ def test_serve_flags_keep_their_names(flag):
 def test_serve_flags_carry_the_settings_docstrings_and_defaults():
     helps = _serve_help()
     fields = {(model, name) for flag in FLAGS.values() for model, name in flag.fields}
-    every = {(m, n) for m in (AppConfig, LaunchConfig) for n in m.model_fields} - {
-        (AppConfig, "bundles")
-    }
+    models = (AppConfig, DeploymentOptions, LaunchConfig)
+    every = {(m, n) for m in models for n in m.model_fields} - {(AppConfig, "bundles")}
     assert fields == every  # the bundles are the positional arguments
     for flag in FLAGS.values():
         model, name = flag.fields[0]
@@ -110,8 +137,8 @@ def test_serve_flags_at_their_defaults_give_the_default_configs():
         if flag.info.get_default() not in (None, False):
             *_, shown = re.findall(r"\(default: ([^)]+)\)", _serve_help()[flag.name])
             argv += [flag.name, shown]
-    app, launch = serve_configs(build_parser().parse_args(argv))
-    assert (app, launch) == (AppConfig(bundles=["b"]), LaunchConfig())
+    settings = serve_configs(build_parser().parse_args(argv))
+    assert settings == ServeSettings(AppConfig(bundles=["b"]), DeploymentOptions(), LaunchConfig())
 
 
 def test_the_committed_serve_config_is_a_valid_app(tiny_bundle_dir):
@@ -127,15 +154,18 @@ def test_the_committed_serve_config_is_a_valid_app(tiny_bundle_dir):
     (app,) = config["applications"]
     assert app["import_path"] == "serving.app:build_app"
     args = AppConfig.model_validate(app["args"] | {"bundles": [str(tiny_bundle_dir)]})
+    (override,) = app["deployments"]
+    defaults = DeploymentOptions()
+    assert override == {"name": "espro", **defaults.serve_options(num_gpus=0)}
     deployment = build_app(args)._bound_deployment
     assert deployment.name == "espro"
     assert deployment._deployment_config.user_config == args.tuning().model_dump()
-    assert deployment._deployment_config.max_queued_requests == args.max_queued_requests
-    assert deployment.ray_actor_options["num_gpus"] == 0
+    assert deployment._deployment_config.max_queued_requests == defaults.max_queued_requests
+    assert deployment.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0}
     assert deployment.init_kwargs["direct_grpc_port"] is None
     direct = build_app(args.model_copy(update={"direct_grpc_port": 9100}))._bound_deployment
     assert direct.init_kwargs["direct_grpc_port"] == 9100
-    assert direct.init_kwargs["max_direct_rpcs"] == args.max_ongoing_requests
+    assert direct.init_kwargs["max_direct_rpcs"] == args.max_direct_rpcs
 
 
 def test_cuda_replicas_ask_ray_for_a_gpu():

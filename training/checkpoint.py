@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from training.exceptions import CheckpointError
+from training.errors import CheckpointError
 
 RUN_FILE = "run.json"
 

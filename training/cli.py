@@ -5,8 +5,8 @@ through the ``espro.commands`` entry point. ``espro --help`` imports this module
 neither torch nor the trainer's dependencies (the ``train`` extra): each command imports what it
 needs when it runs, once :func:`_command` has checked that the extra is installed.
 
-A refusal of a file or flag reaches ``espro`` as a :class:`~serving.cli.CommandError`: one
-line, exit status 2.
+A refusal of a file or flag is an :class:`~serving.errors.EsproError` (the trainer's are in
+:mod:`training.errors`), which ``espro`` prints as one line, exit status 2.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serving.bundle import BundleError, load_bundle
-from serving.cli import CommandError, launcher, parse_device, print_predictions, strict_json
-from serving.manifest import InputError, Task
-from training.exceptions import CheckpointError, ConfigError, DataError
+from serving.bundle import load_bundle
+from serving.cli import launcher, print_predictions, strict_json
+from serving.devices import resolve_device
+from serving.errors import BundleError, CommandError, InputError
+from serving.manifest import Task
+from training.errors import ConfigError
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
@@ -35,25 +37,19 @@ log = logging.getLogger("espro")
 DEMO_CONFIG = "mnist1d-demo"
 TRAINING_EXTRA = ("sklearn", "mnist1d", "matplotlib", "yaml", "tqdm")
 """What the ``train`` extra installs, by import name (a test holds it to pyproject.toml)."""
-REFUSALS = (CheckpointError, ConfigError, DataError, FileExistsError)
-"""The trainer's errors that a file or flag causes."""
 
 Command = Callable[[argparse.Namespace], int]
 
 
 def _command(run: Command) -> Command:
-    """``run``, refused in one line where the training extra is missing, with the trainer's
-    refusals raised as :class:`~serving.cli.CommandError`."""
+    """``run``, refused in one line where the training extra is missing."""
 
     @functools.wraps(run)
     def command(args: argparse.Namespace) -> int:
         if not all(importlib.util.find_spec(name) for name in TRAINING_EXTRA):
             extra = "pip install 'espro[train]'"
             raise CommandError(f"espro {args.command} needs the training extra: {extra}")
-        try:
-            return run(args)
-        except REFUSALS as err:
-            raise CommandError(str(err)) from None
+        return run(args)
 
     return command
 
@@ -61,7 +57,6 @@ def _command(run: Command) -> Command:
 def _ray_runner(config: TrainConfig, address: str | None) -> Any:
     """Ray tasks for the simplexes, one GPU each when training on CUDA."""
     from serving.cluster import connect
-    from training.config import resolve_device
     from training.distributed import RayRunner
 
     connect(address)
@@ -128,7 +123,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from training.data import load_dataset
     from training.evaluation import evaluate
 
-    device = parse_device(args.device)
+    device = resolve_device(args.device, source="--device")
     bundle = load_bundle(args.bundle)
     config = parse_config(bundle.manifest.training.get("config"), f"{args.bundle} training config")
     severities = args.severities or config.evaluation.noise_severities

@@ -12,14 +12,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from serving.architectures import ARCHITECTURES
-from serving.manifest import ConformalMethod, describe_validation_error
+from serving.errors import describe_validation_error
+from serving.manifest import ConformalMethod
 from training.data import DataConfig
-from training.exceptions import ConfigError
+from training.errors import ConfigError
 from training.spro import OptimSettings
 
 BUILTIN_CONFIGS = "configs"
@@ -166,16 +166,6 @@ class TrainConfig(_Section):
     draws: DrawsConfig = Field(default_factory=DrawsConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device a config or command line names; ``auto`` picks CUDA when it is available."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} was asked for but CUDA is not available here")
-    return device
 
 
 def parse_config(data: Any, source: str = "config") -> TrainConfig:

@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from serving.manifest import Task
-from training.exceptions import DataError
+from training.errors import DataError
 
 # scikit-learn, like torchvision, takes seconds to import: only the functions that use it do,
 # so that `espro serve`, which reads this module's config types, starts without it.
@@ -36,7 +36,6 @@ if TYPE_CHECKING:  # torchvision takes seconds to import: only the CIFAR builder
 __all__ = [
     "DATASETS",
     "DataConfig",
-    "DataError",
     "Dataset",
     "DatasetBuilder",
     "RawDataset",

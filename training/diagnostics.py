@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from serving.ensemble import MemberEnsemble
+from serving.engine.reference import ReferenceEngine
 from serving.manifest import InputSpec, Task
 from training.data import Split
 from training.espro import Draw, TrainedSimplex, member_states
@@ -89,8 +89,8 @@ def diagnose(
     mode = {**simplex.vertices[0], **simplex.buffers}
     device = next(iter(mode.values())).device
     members = [mode, *member_states([simplex], [list(draws)])]
-    ensemble = MemberEnsemble(model, members, input_spec, device=device)
-    train_out, val_out = ensemble.outputs(train.x).cpu(), ensemble.outputs(val.x).cpu()
+    engine = ReferenceEngine(model, members, input_spec, device=device)
+    train_out, val_out = engine.outputs(train.x).cpu(), engine.outputs(val.x).cpu()
     norm = math.sqrt(squared_norm(simplex.vertices[0]))
     distances = squared_distances(simplex.vertices).sqrt()
     n = len(simplex.vertices)

@@ -8,14 +8,15 @@ the validation split. The outputs of all members are computed once per input set
 
 from __future__ import annotations
 
+import functools
 import statistics
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
 import torch
 
 from serving.bundle import Bundle
-from serving.ensemble import MemberEnsemble
 from serving.manifest import Task, buffer_key
 from serving.predictive import (
     ClassificationPrediction,
@@ -25,10 +26,10 @@ from serving.predictive import (
 )
 from serving.predictor import Predictor, calibrated_prediction
 from training.calibration import fit_temperature, fit_variance_scale
+from training.corruptions import gaussian_noise
 from training.data import Dataset
 from training.espro import generator
 from training.metrics import classification_metrics, regression_metrics
-from training.shift import gaussian_noise
 
 
 class Method(StrEnum):
@@ -42,29 +43,30 @@ class Method(StrEnum):
     """Every draw of every simplex."""
 
 
-def _comparison_ensemble(
+def _comparison(
     bundle: Bundle, device: torch.device | str, allow_custom_architecture: bool
-) -> tuple[MemberEnsemble, dict[Method, list[int]]]:
-    """One ensemble holding the M modes followed by the ESPRO members, and who is who."""
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[Method, list[int]]]:
+    """Outputs ``[M + S, N, ·]`` of the M modes followed by the S ESPRO members, and which
+    rows belong to which method."""
     predictor = Predictor(
         bundle, device=device, allow_custom_architecture=allow_custom_architecture
     )
     manifest = bundle.manifest
-    modes = [
-        {
-            **bundle.vertices(m)[0],
-            **{n: bundle.tensors[buffer_key(m, n)] for n in manifest.buffer_names},
-        }
-        for m in range(len(manifest.simplexes))
-    ]
-    ensemble = MemberEnsemble(
-        predictor.ensemble.model, modes + predictor.ensemble.members, manifest.input, device=device
+    modes = predictor.add_members(
+        [
+            {
+                **bundle.vertices(m)[0],
+                **{n: bundle.tensors[buffer_key(m, n)] for n in manifest.buffer_names},
+            }
+            for m in range(len(manifest.simplexes))
+        ]
     )
+    members = modes + predictor.member_indices()
     count = len(modes)
-    return ensemble, {
+    return functools.partial(predictor.member_outputs, members=members), {
         Method.SINGLE: [0],
         Method.DEEP_ENSEMBLE: list(range(count)),
-        Method.ESPRO: list(range(count, len(ensemble))),
+        Method.ESPRO: list(range(count, len(members))),
     }
 
 
@@ -95,11 +97,7 @@ def evaluate(
     """Scores of single, deep ensemble and ESPRO, clean and shifted, raw and calibrated."""
     manifest = bundle.manifest
     task = manifest.task
-    ensemble, methods = _comparison_ensemble(bundle, device, allow_custom_architecture)
-
-    def outputs(x: torch.Tensor) -> torch.Tensor:
-        return ensemble.outputs(x).cpu()
-
+    outputs, methods = _comparison(bundle, device, allow_custom_architecture)
     val = outputs(dataset.val.x)
     scales = {
         method: manifest.temperature

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from serving.conformal import check_floating, check_labels
+from serving.checks import check_floating, check_labels
 
 
 def _checked(probs: Tensor, labels: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ import torch
 
 from serving.architectures import create_model
 from serving.bundle import Bundle, write_bundle
+from serving.devices import resolve_device
 from serving.manifest import InputSpec, Manifest, Task, buffer_key, draw_buffer_key, vertex_key
 from serving.predictive import member_probabilities, pool
 from serving.predictor import Predictor
@@ -22,7 +23,7 @@ from training.calibration import (
     calibrate_conformal,
 )
 from training.checkpoint import Checkpoints
-from training.config import TrainConfig, resolve_device
+from training.config import TrainConfig
 from training.data import Dataset, Split, load_dataset
 from training.diagnostics import diagnose
 from training.espro import (
@@ -61,14 +62,12 @@ def calibrate(
     predictor = Predictor(
         bundle, device=device, allow_custom_architecture=config.model.allow_custom
     )
-    val = predictor.ensemble.outputs(dataset.val.x).cpu()
+    val = predictor.outputs(dataset.val.x)
     cal = config.calibration
     temperature = fit_scale(manifest.task, val, dataset.val.y) if cal.temperature else 1.0
     if manifest.task is Task.REGRESSION:
         return manifest.model_copy(update={"temperature": temperature})
-    cal_probs = pool(
-        member_probabilities(predictor.ensemble.outputs(dataset.calibration.x).cpu(), temperature)
-    )
+    cal_probs = pool(member_probabilities(predictor.outputs(dataset.calibration.x), temperature))
     labels = dataset.calibration.y
     return manifest.model_copy(
         update={

@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
-from serving.ensemble import MemberEnsemble
+from serving.engine.reference import ReferenceEngine
 from serving.manifest import InputSpec
 from training.data import Split
 from training.espro import ComplexTrainer, draw_members, member_states
@@ -52,10 +52,10 @@ def search_lambda(trainer: ComplexTrainer, val: Split, input_spec: InputSpec) ->
     for lam, simplexes in zip(search.grid, trainer.train_grid(search.grid, modes), strict=True):
         model = trainer.make_model()
         draws = draw_members(config, model, simplexes, trainer.x)
-        ensemble = MemberEnsemble(
+        engine = ReferenceEngine(
             model, member_states(simplexes, draws), input_spec, device=trainer.x.device
         )
-        outputs = ensemble.outputs(val.x).cpu()
+        outputs = engine.outputs(val.x).cpu()
         scores.append(score(task, outputs, val.y, fit_scale(task, outputs, val.y))["nll"])
         log.info("λ = %g: validation NLL %.4f", lam, scores[-1])
     best = search.grid[min(range(len(scores)), key=scores.__getitem__)]

@@ -1,17 +1,16 @@
 """The direct gRPC door: each replica serves the OIP gRPC service itself, past Serve's proxy.
 
-Through Serve, a one-image request cost about 4.5 ms of proxy CPU and 6 ms of request
-handling in the replica, against 3.3 ms for its share of the engine (docs/performance.md).
-The direct door is a ``grpc.aio`` server on the replica's event loop that hands each call to
-the same methods Serve's gRPC proxy calls, so its answers, refusals, batching and metrics are
-the same; only the hops are gone.
+Through Serve, a one-image request costs more CPU in the proxy hop and the replica's request
+handling than its share of the engine (docs/performance.md). The direct door is a ``grpc.aio``
+server on the replica's event loop that hands each call to the same methods Serve's gRPC proxy
+calls, so its answers, refusals, batching and metrics are the same; only the hops are gone.
 
 What it gives up: Serve neither routes nor counts these requests (its autoscaling and queue
-bounds do not see them; the door refuses calls past its own bound with ``RESOURCE_EXHAUSTED``
-and details naming backpressure, as Serve's proxy does past a full queue), and clients balance
-across replicas by connection. Replicas on one node share the port (``SO_REUSEPORT``), so the
-kernel spreads new connections over them and a replica that starts while an old one drains
-binds it too.
+bounds do not see them; the door refuses calls past its own bound with ``RESOURCE_EXHAUSTED``,
+as Serve's proxy does past a full queue, and 503 in the :data:`~serving.errors.STATUS_TRAILER`
+trailer), and clients balance across replicas by connection. Replicas on one node share the
+port (``SO_REUSEPORT``), so the kernel spreads new connections over them and a replica that
+starts while an old one drains binds it too.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from serving.errors import STATUS_TRAILER
 from serving.proto.grpc_predict_v2_pb2_grpc import (
     GRPCInferenceServiceServicer,
     add_GRPCInferenceServiceServicer_to_server,
@@ -42,6 +42,7 @@ def _delegate(name: str) -> Callable[[DirectServicer, Any, Any], Awaitable[Any]]
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"request dropped due to backpressure: the replica holds {self.in_flight} "
                 "direct calls, its bound; retry",
+                trailing_metadata=((STATUS_TRAILER, "503"),),
             )
         self.in_flight += 1
         try:

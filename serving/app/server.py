@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+import ray
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -24,7 +25,8 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from serving import __version__
 from serving.auth import BearerTokens
-from serving.oip import INTERNAL_ERROR, InferenceRequest, InferenceResponse, OIPError
+from serving.errors import STATUS_TRAILER, ServiceError
+from serving.oip import INTERNAL_ERROR, InferenceRequest, InferenceResponse
 from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.quoting import quote
 from serving.service import (
@@ -54,7 +56,7 @@ api = FastAPI(
 )
 
 
-def _error(err: OIPError) -> Response:
+def _error(err: ServiceError) -> Response:
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
     return Response(
         err.rest_body(), status_code=err.status, media_type="application/json", headers=headers
@@ -65,9 +67,12 @@ GrpcContext = RayServegRPCContext | grpc.aio.ServicerContext
 """Serve's proxy hands the replica its own context; the direct door, gRPC's."""
 
 
-def _grpc_error(context: GrpcContext, err: OIPError) -> None:
+def _grpc_error(context: GrpcContext, err: ServiceError) -> None:
+    """Answer ``err`` with its gRPC code, and its HTTP status in the :data:`~serving.errors.
+    STATUS_TRAILER` trailer, which tells a client that espro answered, not a proxy."""
     context.set_code(err.grpc_code)
     context.set_details(err.message)
+    context.set_trailing_metadata([(STATUS_TRAILER, str(err.status))])
 
 
 def _grpc_authorization(context: GrpcContext) -> str | None:
@@ -79,10 +84,15 @@ def _header_length(request: Request) -> int | None:
     if value is None:
         return None
     if not (value.isascii() and value.isdigit()):
-        raise OIPError(
+        raise ServiceError(
             400, f"Inference-Header-Content-Length must be a byte count, got {quote(value)}"
         )
     return int(value)
+
+
+def _reserved_cpus() -> int:
+    """The whole CPUs Ray reserved for this replica, at least 1."""
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
 
 
 @serve.deployment(name="espro")
@@ -107,8 +117,7 @@ class ModelServer:
         direct_grpc_port: int | None = None,
         max_direct_rpcs: int = 256,
     ) -> None:
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
+        torch.set_num_threads(torch_threads or _reserved_cpus())
         self.device = device
         self.allow_custom_architecture = allow_custom_architecture
         self.max_body_bytes = max_body_bytes
@@ -187,11 +196,11 @@ class ModelServer:
         try:
             self.tokens.check(request.headers.get("authorization"))
             response = await work()
-        except OIPError as err:
+        except ServiceError as err:
             response = _error(err)
         except Exception:
             logger.exception("%s request for model %s failed", door, quote(model))
-            response = _error(OIPError(500, INTERNAL_ERROR))
+            response = _error(ServiceError(500, INTERNAL_ERROR))
         self.metrics.request(
             door, self._model_tag(model), response.status_code, time.perf_counter() - start
         )
@@ -213,14 +222,14 @@ class ModelServer:
         try:
             self.tokens.check(request.headers.get("authorization"))
             return JSONResponse(answer())
-        except OIPError as err:
+        except ServiceError as err:
             return _error(err)
 
     def _grpc_denied(self, context: GrpcContext) -> bool:
         """Refuse a gRPC call without a valid token (UNAUTHENTICATED); True if refused."""
         try:
             self.tokens.check(_grpc_authorization(context))
-        except OIPError as err:
+        except ServiceError as err:
             _grpc_error(context, err)
             return True
         return False
@@ -233,11 +242,11 @@ class ModelServer:
         limit = self.max_body_bytes
         header = request.headers.get("content-length", "")
         if header.isascii() and header.isdigit() and int(header) > limit:
-            raise OIPError(413, f"the body has {header} bytes; the limit is {limit}")
+            raise ServiceError(413, f"the body has {header} bytes; the limit is {limit}")
         body = bytearray()
         async for chunk in request.stream():
             if len(body) + len(chunk) > limit:
-                raise OIPError(413, f"the body exceeds the limit of {limit} bytes")
+                raise ServiceError(413, f"the body exceeds the limit of {limit} bytes")
             body += chunk
         return body
 
@@ -336,7 +345,7 @@ class ModelServer:
             return pb.ModelReadyResponse()
         try:
             self.service.repository.get(request.name, request.version)
-        except OIPError:
+        except ServiceError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
@@ -354,7 +363,7 @@ class ModelServer:
             return pb.ModelMetadataResponse()
         try:
             return model_metadata(self.service.repository, request.name, request.version).to_grpc()
-        except OIPError as err:
+        except ServiceError as err:
             _grpc_error(grpc_context, err)
             return pb.ModelMetadataResponse()
 
@@ -372,17 +381,17 @@ class ModelServer:
         try:
             self.tokens.check(_grpc_authorization(grpc_context))
             if (size := request.ByteSize()) > self.max_body_bytes:
-                raise OIPError(
+                raise ServiceError(
                     413, f"the message has {size} bytes; the limit is {self.max_body_bytes}"
                 )
             response = await self.service.submit(self.service.grpc_job(request))
-        except OIPError as err:
+        except ServiceError as err:
             status = err.status
             _grpc_error(grpc_context, err)
         except Exception:
             logger.exception("%s request for model %s failed", door, quote(request.model_name))
             status = 500
-            _grpc_error(grpc_context, OIPError(500, INTERNAL_ERROR))
+            _grpc_error(grpc_context, ServiceError(500, INTERNAL_ERROR))
         model = self._model_tag(request.model_name)
         self.metrics.request(door, model, status, time.perf_counter() - start)
         return response

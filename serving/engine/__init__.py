@@ -1,15 +1,14 @@
-"""Member engines: ways to compute every member's outputs, chosen by a configuration string.
+"""Engines: ways to compute every member's outputs, chosen by a configuration string.
 
-An engine is a :class:`~serving.ensemble.MemberEnsemble` (the reference: one
-``functional_call`` per member) or a subclass answering ``outputs(x, members) -> [S, B, ·]``
-alike. The string is ``NAME[:OPTION,...]``:
+Every engine satisfies :class:`~serving.engine.base.Engine`: it answers a raw batch with the
+outputs ``[S, B, ·]`` of any subset of its members. The string is ``NAME[:OPTION,...]``:
 
-============  =================================================================================
-``reference``  the loop over members (:class:`~serving.ensemble.MemberEnsemble`)
+=============  ================================================================================
+``reference``  one ``functional_call`` per member (:mod:`.reference`); the others build on it
 ``fused``      members stacked and run at once by ``torch.func.vmap`` (:mod:`.fused`)
 ``shortcut``   ``fused``, with the first layer computed once per vertex and mixed (:mod:`.shortcut`)
 ``onnx``       the ensemble exported as one ONNX graph, run by ONNX Runtime (:mod:`.onnx`)
-============  =================================================================================
+=============  ================================================================================
 
 Options of ``fused`` and ``shortcut``: ``bf16`` or ``fp16`` (weights and activations in that
 precision, outputs in float32), ``graphs`` (CUDA graphs for batches up to 64) and ``compile``
@@ -21,11 +20,15 @@ This module imports neither torch nor ONNX Runtime: settings validate strings wi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from serving.ensemble import MemberEnsemble
+    from torch import nn
+
+    from serving.engine.base import Engine, MemberState
+    from serving.manifest import InputSpec
 
 ENGINES = ("reference", "fused", "shortcut", "onnx")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -69,24 +72,37 @@ def parse_engine(spec: str) -> EngineSpec:
     return EngineSpec(name, precision, "graphs" in options, "compile" in options)  # type: ignore[arg-type]
 
 
-def create_engine(spec: str | EngineSpec, *args: Any, **kwargs: Any) -> MemberEnsemble:
-    """The engine ``spec`` over ``MemberEnsemble``'s arguments (model, members, input spec, …)."""
+def create_engine(
+    spec: EngineSpec | str,
+    model: nn.Module,
+    members: Sequence[MemberState],
+    input_spec: InputSpec,
+    **options: Any,
+) -> Engine:
+    """The engine ``spec`` over a module and its members' states. ``options`` are the engine
+    class's keywords: ``device``, ``chunk_size``, ``vertices``, ``origins``, …"""
     spec = parse_engine(spec) if isinstance(spec, str) else spec
     if spec.name == "reference":
-        from serving.ensemble import MemberEnsemble
+        from serving.engine.reference import ReferenceEngine
 
-        return MemberEnsemble(*args, **kwargs)
+        return ReferenceEngine(model, members, input_spec, **options)
     if spec.name == "onnx":
-        from serving.engine.onnx import OnnxEnsemble
+        from serving.engine.onnx import OnnxEngine
 
-        return OnnxEnsemble(*args, **kwargs)
+        return OnnxEngine(model, members, input_spec, **options)
     import torch
 
-    from serving.engine.fused import FusedEnsemble
-    from serving.engine.shortcut import ShortcutEnsemble
+    from serving.engine.fused import FusedEngine
+    from serving.engine.shortcut import ShortcutEngine
 
-    engine = FusedEnsemble if spec.name == "fused" else ShortcutEnsemble
+    engine = FusedEngine if spec.name == "fused" else ShortcutEngine
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.precision]
     return engine(
-        *args, dtype=dtype, cuda_graphs=spec.cuda_graphs, torch_compile=spec.torch_compile, **kwargs
+        model,
+        members,
+        input_spec,
+        dtype=dtype,
+        cuda_graphs=spec.cuda_graphs,
+        torch_compile=spec.torch_compile,
+        **options,
     )

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from serving.engine.base import MemberState
 from serving.engine.cuda_graphs import CapturedForward, padded_batch
-from serving.ensemble import MemberEnsemble, MemberState
+from serving.engine.reference import ReferenceEngine
 
 Prepared = Any
-"""What :meth:`FusedEnsemble.prepare` makes of a set of members (stacked states, …)."""
+"""What :meth:`FusedEngine.prepare` makes of a set of members (stacked states, …)."""
 
 
 def cpu_max_vmap_batch(model: nn.Module) -> int | None:
@@ -42,8 +43,8 @@ def map_members(
     """``fn(state, x)`` for every member of a stack, stacked ``[S, ...]``: vmapped, or one call
     per member on views of the stack. ``per_member_input``: ``x`` is ``[S, ...]`` too.
 
-    Member by member, image batches go channels-last: oneDNN's convolutions and max pools are
-    2-3x faster so at batch 8 and more on this project's CPU (docs/performance.md).
+    Member by member, image batches go channels-last, the layout oneDNN's convolutions and max
+    pools run fastest in at larger batches (docs/performance.md).
     """
     if vectorise:
         return vmap(fn, in_dims=(0, 0 if per_member_input else None))(stacked, x)
@@ -58,7 +59,7 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
-class FusedEnsemble(MemberEnsemble):
+class FusedEngine(ReferenceEngine):
     """Runs the members from one stack of their states: vmapped, or member by member.
 
     ``dtype`` is the precision of weights and activations (outputs are always float32).

@@ -5,7 +5,7 @@ normalisation, every member's forward pass, and for classification the pooling: 
 ``x`` (raw, ``[B, *input_shape]``) and ``temperature`` (a scalar), outputs
 ``member_outputs`` ``[S, B, ·]``, ``probs``, ``entropy``, ``expected_entropy`` and
 ``mutual_information``. One graph is exported per set of members on first use and cached.
-ONNX Runtime runs on CUDA where the ensemble's device is CUDA, else on the CPU with as many
+ONNX Runtime runs on CUDA where the engine's device is CUDA, else on the CPU with as many
 intra-op threads as torch has (``torch.get_num_threads()`` when the session is made), so a
 replica's ``torch_threads`` bounds every engine alike; ONNX Runtime's own default is a thread
 per core.
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from serving.ensemble import MemberEnsemble
+from serving.engine.reference import ReferenceEngine
 from serving.manifest import InputSpec
 from serving.predictive import entropy, expected_entropy, mutual_information, pool
 
@@ -84,7 +84,7 @@ def check_providers(device: torch.device, available: Sequence[str]) -> None:
     """Refuse a CUDA device when ONNX Runtime cannot run on one, rather than fall back quietly.
 
     ONNX Runtime only warns when a session asks for a provider it lacks, and then runs on the
-    CPU: an ensemble placed on CUDA would be served from the CPU without anybody noticing.
+    CPU: an engine placed on CUDA would be served from the CPU without anybody noticing.
     """
     if device.type == "cuda" and "CUDAExecutionProvider" not in available:
         raise RuntimeError(
@@ -93,7 +93,7 @@ def check_providers(device: torch.device, available: Sequence[str]) -> None:
         )
 
 
-class OnnxEnsemble(MemberEnsemble):
+class OnnxEngine(ReferenceEngine):
     """Answers through ONNX Runtime sessions, one per set of members (see the module)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from serving.engine.fused import FusedEnsemble, Prepared, map_members
-from serving.ensemble import MemberState
+from serving.engine.base import MemberState
+from serving.engine.fused import FusedEngine, Prepared, map_members
 
 LINEAR_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -70,10 +70,10 @@ class _Mixed:
     members: dict[str, torch.Tensor]
 
 
-class ShortcutEnsemble(FusedEnsemble):
+class ShortcutEngine(FusedEngine):
     """A fused engine that computes an exact first layer once per vertex.
 
-    Needs ``vertices`` and the members' ``origins`` (see :class:`~serving.ensemble.Origin`).
+    Needs ``vertices`` and the members' ``origins`` (see :class:`~serving.engine.base.Origin`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -3,7 +3,7 @@
 Modes and simplexes are trained by :class:`training.espro.ComplexTrainer` (SPRO in
 :mod:`training.spro`), members are scored by :func:`training.evaluation.score` after the
 temperature (or variance scale) of :func:`training.evaluation.fit_scale`, and outputs come
-from :class:`serving.ensemble.MemberEnsemble`, exactly as ``espro train`` does.
+from :class:`serving.engine.reference.ReferenceEngine`, exactly as ``espro train`` does.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from serving.architectures import create_model
-from serving.ensemble import MemberEnsemble
+from serving.engine.reference import ReferenceEngine
 from serving.manifest import InputSpec, Task
 from serving.simplex import mix_vertices, sample_dirichlet
 from training.checkpoint import Checkpoints
@@ -147,7 +147,7 @@ def draw(
 
 def member_outputs(s: Setup, members: Sequence[Params], x: torch.Tensor) -> torch.Tensor:
     """Outputs ``[S, N, ·]`` of members on raw inputs ``x``."""
-    return MemberEnsemble(s.make_model(), list(members), s.input_spec).outputs(x)
+    return ReferenceEngine(s.make_model(), list(members), s.input_spec).outputs(x)
 
 
 def scores(

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from training.corruptions import CORRUPTIONS
 from training.espro import generator
 from training.evaluation import fit_scale, score
 from training.experiments.common import draw, make_config, member_outputs, setup, train_simplexes
-from training.experiments.corruptions import CORRUPTIONS
 from training.experiments.report import Context, pyplot, table
 
 TITLE = "Dataset shift: accuracy, NLL and ECE against corruption severity (MNIST-1D)"

@@ -5,7 +5,7 @@
 ...     prediction = client.predict("mnist1d", x)
 """
 
-from espro_client.client import AsyncClient, Client, Transport
+from espro_client.client import AsyncClient, Client, Protocol
 from espro_client.errors import (
     BadRequest,
     EsproError,
@@ -29,10 +29,10 @@ __all__ = [
     "ModelVersion",
     "NotFound",
     "Prediction",
+    "Protocol",
     "Retry",
     "TensorSpec",
     "Timeout",
-    "Transport",
     "Unauthorized",
     "Unavailable",
 ]

@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 from espro_client import _oip
 from espro_client._proto import grpc_predict_v2_pb2 as pb
 from espro_client._proto.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
-from espro_client.errors import EsproError, Unavailable, error_for_status
+from espro_client.errors import EsproError, Unavailable, error_class, error_for_status
 from espro_client.result import ModelMetadata, Prediction, TensorSpec
 
 T = TypeVar("T")
@@ -106,22 +106,40 @@ def _read_infer(response: pb.ModelInferResponse) -> Prediction:
     )
 
 
+STATUS_TRAILER = "espro-status"
+"""The trailing metadata in which espro sends the HTTP status of a call it refuses or fails;
+an error without it is not espro's answer (``serving.errors.STATUS_TRAILER``)."""
 NO_ANSWER = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
-"""Codes that, unless espro sent them (details starting ``internal error``), mean no replica
-answered the RPC: Serve's proxy failed it because the replica died."""
+"""Codes that, without espro's trailer, mean no replica answered the RPC: Serve's proxy failed
+it because the replica died."""
+BACKPRESSURE = "backpressure"
+"""What the details of Serve's proxy name when it refuses a call past a full queue."""
+
+
+def _espro_status(err: grpc.RpcError) -> int | None:
+    """The HTTP status in espro's trailer of a failed RPC; ``None`` if espro did not answer."""
+    trailers = err.trailing_metadata() or ()  # type: ignore[attr-defined]
+    for key, value in trailers:
+        if key == STATUS_TRAILER and isinstance(value, str) and value.isdigit():
+            return int(value)
+    return None
 
 
 def _rpc_error(err: grpc.RpcError) -> EsproError:
-    """The exception for a failed RPC, with the server's details."""
+    """The exception for a failed RPC, with the server's details; its kind follows from the
+    status espro sent, or else from the code."""
     code: grpc.StatusCode = err.code()  # type: ignore[attr-defined]
     details: str = err.details() or code.name  # type: ignore[attr-defined]
-    if code in NO_ANSWER and not details.startswith("internal error"):
-        # Serve's gRPC proxy passes no trailers, so the details are all that tell it from
-        # espro's own failure. Predictions are idempotent: a retry is safe.
+    status = _espro_status(err)
+    if status is not None:
+        return error_class(status)(details, code.name)
+    if code in NO_ANSWER:
+        # Predictions are idempotent: a retry is safe.
         return Unavailable(f"no model answered ({code.name}): {details}", code.name)
-    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and "backpressure" in details:
-        # Serve's proxy past a full queue uses the code that otherwise means "message too
-        # large"; only its details tell them apart.
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and BACKPRESSURE in details:
+        # Serve's proxy past a full queue sends the code that gRPC uses for a message over
+        # the size limit, and neither sends a trailer: gRPC leaves only the details to tell
+        # them apart.
         return Unavailable(details, code.name)
     return error_for_status(code.name, details)
 

@@ -42,8 +42,9 @@ class HttpCall(Generic[T]):
         return self.read(response)
 
 
-NO_ANSWER = frozenset({500, 502, 504})
-"""Statuses that, without espro's JSON error body, mean no replica answered the request."""
+NO_ANSWER = frozenset({500, 502})
+"""Statuses that, without espro's JSON error body, mean no replica answered the request (a
+504 without it is a gateway's timeout: :class:`~espro_client.errors.Timeout`)."""
 
 
 def http_error(response: httpx.Response) -> EsproError:
@@ -111,8 +112,8 @@ class NativeDoor(HttpDoor):
     ) -> HttpCall[Prediction]:
         if version is not None:
             raise ValueError(
-                "the native door answers with the newest version; use transport 'rest' or "
-                "'grpc' to pick a version"
+                "the native protocol answers with the newest version; use protocol 'oip-rest' "
+                "or 'oip-grpc' to pick a version"
             )
         body = {"inputs": x.tolist(), "draws": draws, "return_members": return_members}
         return HttpCall("POST", f"/v1/models/{quote(model, safe='')}/predict", _read_native, body)

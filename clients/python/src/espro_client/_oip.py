@@ -1,4 +1,4 @@
-"""Open Inference Protocol v2 tensors, shared by the REST and gRPC transports."""
+"""Open Inference Protocol v2 tensors, shared by the ``oip-rest`` and ``oip-grpc`` protocols."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from espro_client.client import Client, Transport
+from espro_client.client import Client, Protocol
 from espro_client.errors import EsproError
 from espro_client.result import Prediction
 
@@ -48,9 +48,9 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.add_argument("url", help="http://host:port, or grpc://host:port for gRPC")
         sub.add_argument(
-            "--transport",
-            choices=["http", "rest", "grpc"],
-            help="default: grpc for grpc:// URLs, else http (native JSON)",
+            "--protocol",
+            choices=["native", "oip-rest", "oip-grpc"],
+            help="the API to speak; default: oip-grpc for grpc:// URLs, else native (JSON)",
         )
         sub.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
         sub.add_argument(
@@ -60,8 +60,10 @@ def _parser() -> argparse.ArgumentParser:
 
     predict = command("predict", "predict the instances of a .npy file [B, *input_shape]")
     predict.add_argument("inputs", help="a .npy file")
-    predict.add_argument("--model", help="default: the only model served (HTTP transports)")
-    predict.add_argument("--version", help="a model version (rest and grpc)")
+    predict.add_argument(
+        "--model", help="default: the only model served (native and oip-rest protocols)"
+    )
+    predict.add_argument("--version", help="a model version (oip-rest and oip-grpc protocols)")
     predict.add_argument("--draws", type=int, help="draws per simplex")
     predict.add_argument("--members", action="store_true", help="return member probabilities")
     predict.add_argument("--chunk-size", type=int, default=1024, help="instances per request")
@@ -116,10 +118,10 @@ def _read_token(path: Path) -> str:
         raise UsageError(f"--token-file: {path}: cannot be read: {err}") from None
 
 
-def _transport(args: argparse.Namespace) -> Transport:
-    if args.transport is not None:
-        return args.transport  # type: ignore[no-any-return]
-    return "grpc" if args.url.startswith("grpc://") else "http"
+def _protocol(args: argparse.Namespace) -> Protocol:
+    if args.protocol is not None:
+        return args.protocol  # type: ignore[no-any-return]
+    return "oip-grpc" if args.url.startswith("grpc://") else "native"
 
 
 def _only_model(client: Client) -> str:
@@ -171,12 +173,12 @@ def _run(args: argparse.Namespace) -> tuple[str, int]:
         inputs = _read_inputs(args.inputs)
         if args.chunk_size < 1:
             raise UsageError(f"--chunk-size: must be at least 1, got {args.chunk_size}")
-        if args.version is not None and _transport(args) == "http":
+        if args.version is not None and _protocol(args) == "native":
             raise UsageError(
-                "--version: the native JSON door answers with the newest version; "
-                "pass --transport rest or grpc"
+                "--version: the native protocol answers with the newest version; "
+                "pass --protocol oip-rest or oip-grpc"
             )
-    with Client(args.url, transport=_transport(args), timeout=args.timeout, token=token) as client:
+    with Client(args.url, protocol=_protocol(args), timeout=args.timeout, token=token) as client:
         if args.command == "health":
             live, ready = client.health(), client.ready()
             return json.dumps({"live": live, "ready": ready}), 0 if live and ready else 1

@@ -1,4 +1,4 @@
-"""``Client`` and ``AsyncClient``: one API over three transports.
+"""``Client`` and ``AsyncClient``: one API over three protocols.
 
 Both build the same calls (``_ClientBase``) and differ only in how they send them.
 """
@@ -16,8 +16,10 @@ from espro_client.errors import Unavailable
 from espro_client.result import Model, ModelMetadata, Prediction, concatenate
 from espro_client.retry import Retry
 
-Transport = Literal["http", "rest", "grpc"]
-"""``http``: espro's native JSON; ``rest``: OIP v2 REST; ``grpc``: OIP v2 gRPC."""
+Protocol = Literal["native", "oip-rest", "oip-grpc"]
+"""The API a client speaks: ``native``, espro's own JSON API (``/v1``); ``oip-rest``, the Open
+Inference Protocol v2 over REST (``/v2``); ``oip-grpc``, the Open Inference Protocol v2 over
+gRPC."""
 
 
 class _ClientBase:
@@ -27,7 +29,7 @@ class _ClientBase:
         self,
         url: str,
         *,
-        transport: Transport = "http",
+        protocol: Protocol = "native",
         timeout: float | None = 30.0,
         retry: Retry | None = None,
         chunk_size: int = 1024,
@@ -37,21 +39,23 @@ class _ClientBase:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
         self.url = url
-        self.transport = transport
+        self.protocol = protocol
         self.timeout = timeout
         self.retry = Retry() if retry is None else retry
         self.chunk_size = chunk_size
         self._door: Any
-        if transport == "http":
+        if protocol == "native":
             self._door = NativeDoor()
-        elif transport == "rest":
+        elif protocol == "oip-rest":
             self._door = RestDoor(binary)
-        elif transport == "grpc":
+        elif protocol == "oip-grpc":
             from espro_client._grpc import GrpcDoor
 
             self._door = GrpcDoor()
         else:
-            raise ValueError(f"transport must be 'http', 'rest' or 'grpc', got {transport!r}")
+            raise ValueError(
+                f"protocol must be 'native', 'oip-rest' or 'oip-grpc', got {protocol!r}"
+            )
         headers = {} if token is None else {"authorization": f"Bearer {token}"}
         self._transport = self._open(url, timeout, headers)
 
@@ -60,7 +64,7 @@ class _ClientBase:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.url!r}, transport={self.transport!r})"
+        return f"{type(self).__name__}({self.url!r}, protocol={self.protocol!r})"
 
     def _predict_calls(
         self,
@@ -82,7 +86,7 @@ class _ClientBase:
     def _models_call(self) -> Any:
         if not self._door.lists_models:
             raise NotImplementedError(
-                "OIP gRPC has no model list; ask an HTTP transport ('http' or 'rest')"
+                "OIP gRPC has no model list; use protocol 'native' or 'oip-rest'"
             )
         return self._door.models()
 
@@ -93,8 +97,9 @@ class Client(_ClientBase):
     >>> with Client("http://127.0.0.1:8000") as client:
     ...     prediction = client.predict("mnist1d", x)
 
-    ``url`` is ``http://host:port`` for ``http`` and ``rest``, ``grpc://host:port`` (or
-    ``host:port``) for ``grpc``. ``timeout`` bounds each request in seconds (``None``: no
+    ``protocol`` is the API spoken (:data:`Protocol`). ``url`` is ``http://host:port`` for
+    ``native`` and ``oip-rest``, ``grpc://host:port`` (or ``host:port``) for ``oip-grpc``.
+    ``timeout`` bounds each request in seconds (``None``: no
     bound); ``retry`` says how to retry 503 / ``UNAVAILABLE`` and connection failures;
     ``predict`` sends at most ``chunk_size`` instances per request; ``binary=False`` sends
     OIP REST tensors as JSON instead of binary; ``token`` is sent as ``Authorization: Bearer``
@@ -102,7 +107,7 @@ class Client(_ClientBase):
     """
 
     def _open(self, url: str, timeout: float | None, headers: dict[str, str]) -> Any:
-        if self.transport == "grpc":
+        if self.protocol == "oip-grpc":
             from espro_client._grpc import GrpcTransport
 
             return GrpcTransport(url, timeout, headers)
@@ -121,7 +126,7 @@ class Client(_ClientBase):
         return_members: bool = False,
     ) -> Prediction:
         """Predict raw instances ``[B, *input_shape]`` with ``model`` (its newest version
-        unless ``version`` is given; the ``http`` transport cannot pick one).
+        unless ``version`` is given; the ``native`` protocol cannot pick one).
 
         ``draws`` uses that many members per simplex; ``return_members`` also returns every
         member's probabilities.
@@ -144,7 +149,8 @@ class Client(_ClientBase):
             return False
 
     def models(self) -> list[Model]:
-        """The served models, their versions and bundle hashes (HTTP transports only)."""
+        """The served models, their versions and bundle hashes (``native`` and ``oip-rest``
+        only)."""
         models: list[Model] = self._send(self._models_call())
         return models
 
@@ -172,7 +178,7 @@ class Client(_ClientBase):
 class AsyncClient(_ClientBase):
     """The asyncio twin of :class:`Client`: the same arguments, methods and results.
 
-    >>> async with AsyncClient("grpc://127.0.0.1:9000", transport="grpc") as client:
+    >>> async with AsyncClient("grpc://127.0.0.1:9000", protocol="oip-grpc") as client:
     ...     prediction = await client.predict("mnist1d", x)
 
     The chunks of one ``predict`` go one after another; run several ``predict`` calls with
@@ -180,7 +186,7 @@ class AsyncClient(_ClientBase):
     """
 
     def _open(self, url: str, timeout: float | None, headers: dict[str, str]) -> Any:
-        if self.transport == "grpc":
+        if self.protocol == "oip-grpc":
             from espro_client._grpc import AsyncGrpcTransport
 
             return AsyncGrpcTransport(url, timeout, headers)

@@ -1,4 +1,17 @@
-"""The exceptions a client raises, one per kind of answer the caller handles differently."""
+"""The exceptions a client raises, one per kind of answer the caller handles differently.
+
+The kind follows from the HTTP status or the gRPC status code, not from the message::
+
+    EsproError        anything else, e.g. espro's own 500 / INTERNAL
+    ├── BadRequest    400, 413, 422 / INVALID_ARGUMENT, RESOURCE_EXHAUSTED
+    ├── Unauthorized  401, 403 / UNAUTHENTICATED, PERMISSION_DENIED
+    ├── NotFound      404 / NOT_FOUND
+    ├── Unavailable   429, 503 / UNAVAILABLE; no connection; no model answered (retried)
+    └── Timeout       408, 504 / DEADLINE_EXCEEDED; no answer in time (retried)
+
+"No model answered" is a failure that a proxy, not espro, sent: the transports tell them apart
+by espro's JSON error body (HTTP) or its ``espro-status`` trailer (gRPC).
+"""
 
 from __future__ import annotations
 
@@ -21,7 +34,8 @@ class BadRequest(EsproError):
 
 
 class Unauthorized(EsproError):
-    """The server requires a bearer token (``Client(token=...)``) and got none or a wrong one."""
+    """The server requires a bearer token (``Client(token=...)``) and got none or a wrong one,
+    or refuses this one."""
 
 
 class NotFound(EsproError):
@@ -42,33 +56,41 @@ class Unavailable(EsproError):
 
 
 class Timeout(EsproError):
-    """No answer in time: the client's timeout passed, or the server's (HTTP 408, gRPC
-    ``DEADLINE_EXCEEDED``). The client retries these unless ``Retry(timeouts=False)``."""
+    """No answer in time: the client's timeout passed, or the server's or a gateway's (HTTP 408
+    or 504, gRPC ``DEADLINE_EXCEEDED``). The client retries these unless
+    ``Retry(timeouts=False)``."""
 
 
 _BY_HTTP_STATUS: dict[int, type[EsproError]] = {
     400: BadRequest,
     401: Unauthorized,
+    403: Unauthorized,
     404: NotFound,
     408: Timeout,
     413: BadRequest,
     422: BadRequest,
+    429: Unavailable,
     503: Unavailable,
+    504: Timeout,
 }
 _BY_GRPC_CODE: dict[str, type[EsproError]] = {
     "INVALID_ARGUMENT": BadRequest,
     "RESOURCE_EXHAUSTED": BadRequest,
     "NOT_FOUND": NotFound,
     "UNAUTHENTICATED": Unauthorized,
+    "PERMISSION_DENIED": Unauthorized,
     "UNAVAILABLE": Unavailable,
     "DEADLINE_EXCEEDED": Timeout,
 }
 
 
-def error_for_status(status: int | str, message: str) -> EsproError:
-    """The exception for an HTTP status or gRPC code name (``EsproError`` for the rest)."""
+def error_class(status: int | str) -> type[EsproError]:
+    """The exception class for an HTTP status or gRPC code name (``EsproError`` for the rest)."""
     if isinstance(status, int):
-        kind = _BY_HTTP_STATUS.get(status, EsproError)
-    else:
-        kind = _BY_GRPC_CODE.get(status, EsproError)
-    return kind(message, status)
+        return _BY_HTTP_STATUS.get(status, EsproError)
+    return _BY_GRPC_CODE.get(status, EsproError)
+
+
+def error_for_status(status: int | str, message: str) -> EsproError:
+    """The exception for an HTTP status or gRPC code name, with the server's ``message``."""
+    return error_class(status)(message, status)

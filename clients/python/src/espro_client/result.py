@@ -13,9 +13,9 @@ from espro_client.errors import EsproError
 class Prediction:
     """Calibrated predictions for a batch of ``B`` instances over ``C`` classes.
 
-    Every transport fills the same fields with the same numbers, except where the protocol
-    does not carry a value (see docs/client.md): ``prediction_set_names`` come only from the
-    native JSON transport, and ``prediction_sets`` only from the OIP ones.
+    Every protocol fills the same fields with the same numbers, except where it does not
+    carry a value (see docs/client.md): ``prediction_set_names`` come only from the
+    ``native`` protocol, and ``prediction_sets`` only from the OIP ones.
     """
 
     probabilities: np.ndarray
@@ -37,11 +37,11 @@ class Prediction:
     bundle_sha256: str | None = None
     """The served bundle's hash (``None`` over gRPC, which does not carry it)."""
     class_names: np.ndarray | None = None
-    """Str ``[B]``: the name of each label (native transport only)."""
+    """Str ``[B]``: the name of each label (``native`` protocol only)."""
     prediction_sets: np.ndarray | None = None
-    """Bool ``[B, C]``: the conformal prediction sets (OIP transports, calibrated bundles)."""
+    """Bool ``[B, C]``: the conformal prediction sets (OIP protocols, calibrated bundles)."""
     prediction_set_names: list[list[str]] | None = None
-    """The class names in each prediction set (native transport, calibrated bundles)."""
+    """The class names in each prediction set (``native`` protocol, calibrated bundles)."""
     abstain: np.ndarray | None = None
     """Bool ``[B]``: whether to abstain on each instance (bundles with an abstention rule)."""
     member_probabilities: np.ndarray | None = None

@@ -17,9 +17,10 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class Retry:
     """How often and how long to retry :class:`~espro_client.errors.Unavailable` answers
-    (HTTP 503, gRPC ``UNAVAILABLE``, connection failures, a replica that died mid-request) and,
-    unless ``timeouts`` is off, :class:`~espro_client.errors.Timeout` (no answer within the
-    client's timeout, HTTP 408, gRPC ``DEADLINE_EXCEEDED``); nothing else is retried.
+    (HTTP 429 and 503, gRPC ``UNAVAILABLE``, connection failures, a replica that died
+    mid-request) and, unless ``timeouts`` is off, :class:`~espro_client.errors.Timeout` (no
+    answer within the client's timeout, HTTP 408 and 504, gRPC ``DEADLINE_EXCEEDED``); nothing
+    else is retried.
     Predictions change nothing on the server, so sending one again is always safe.
 
     Before retry ``n`` (from 0) the client sleeps a uniformly random time in

@@ -1,33 +1,24 @@
-"""Run one architecture under many weight settings: the reference member engine.
+"""The reference engine: one ``torch.func.functional_call`` per member.
 
 Every member is a dictionary of parameters and buffers materialised once; a forward pass is a
-``torch.func.functional_call`` of the shared module under each member's state, so no module
-is copied per member and no layer is rewritten.
+``functional_call`` of the shared module under each member's state, so no module is copied per
+member and no layer is rewritten. The other engines build on it and are tested against it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from serving.manifest import InputError, InputSpec
-
-MemberState = Mapping[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Origin:
-    """Where a member lies: its simplex and its coordinates, ``θ = Σ_j alpha_j θ_j``."""
-
-    simplex: int
-    alpha: tuple[float, ...]
+from serving.engine.base import MemberState, Origin
+from serving.errors import InputError
+from serving.manifest import InputSpec
 
 
-class MemberEnsemble:
+class ReferenceEngine:
     """A module and the states of its members, answering raw (unnormalised) inputs.
 
     ``vertices`` (the parameters of every simplex's vertices) and ``origins`` (one per member)
@@ -46,7 +37,7 @@ class MemberEnsemble:
         origins: Sequence[Origin | None] | None = None,
     ) -> None:
         if not members:
-            raise ValueError("an ensemble needs at least one member")
+            raise ValueError("an engine needs at least one member")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if origins is not None and len(origins) != len(members):
@@ -63,7 +54,7 @@ class MemberEnsemble:
         return len(self.members)
 
     def add(self, member: MemberState, origin: Origin | None = None) -> int:
-        """Materialise one more member on the ensemble's device; returns its index."""
+        """Materialise one more member on the engine's device; returns its index."""
         self.members.append({k: v.to(self.device) for k, v in member.items()})
         self.origins.append(origin)
         return len(self.members) - 1

@@ -1,7 +1,8 @@
-"""Corruptions of raw test inputs beyond :func:`training.shift.gaussian_noise`.
+"""Dataset shift: corruptions of raw test inputs at increasing severities.
 
-Each takes raw inputs ``[N, C, ...]``, a severity and a generator, and returns corrupted raw
-inputs; severity 0 returns the inputs unchanged.
+Each takes raw inputs ``[N, C, ...]``, a severity, the input spec and a generator, and returns
+corrupted raw inputs; severity 0 returns the inputs unchanged. Evaluation reports
+:func:`gaussian_noise`; the shift experiment runs every one of :data:`CORRUPTIONS`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,22 @@ from collections.abc import Callable
 import torch
 
 from serving.manifest import InputSpec
-from training.shift import gaussian_noise
+
+
+def gaussian_noise(
+    x: torch.Tensor, severity: float, input_spec: InputSpec, generator: torch.Generator
+) -> torch.Tensor:
+    """Add Gaussian noise whose standard deviation is ``severity`` per-channel stds of the data.
+
+    ``severity`` is therefore in units of the normalised input: 1.0 adds noise as large as
+    the data's own spread.
+    """
+    if severity < 0:
+        raise ValueError(f"severity must be >= 0, got {severity}")
+    view = (-1,) + (1,) * (len(input_spec.shape) - 1)
+    std = torch.tensor(input_spec.std, dtype=x.dtype).view(view)
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    return x + severity * std * noise
 
 
 def masking(
