@@ -19,6 +19,7 @@ from ray import serve
 from serving.bundle import load_bundle, read_manifest
 from serving.cluster import connect
 from serving.errors import DeployError
+from serving.fetch import is_url, resolve_bundle
 from serving.metrics_relay import MetricsRelay
 from serving.settings import AppConfig, DeploymentOptions, LaunchConfig, ServeSettings, is_loopback
 
@@ -33,13 +34,15 @@ _relay: MetricsRelay | None = None
 def check_bundles(config: AppConfig) -> AppConfig:
     """Verify every bundle here before deploying, and make their paths absolute, so that a
     wrong path, a corrupt bundle or one its architecture does not fit is a clear error now
-    rather than a failing replica later."""
+    rather than a failing replica later. A URL is fetched into this machine's cache to be
+    verified and stays a URL: each replica fetches it where it runs."""
     from serving.predictor import check_architecture  # torch: not before Ray starts
 
-    bundles = [str(Path(path).resolve()) for path in config.bundles]
-    for path in bundles:
+    bundles = [b if is_url(b) else str(Path(b).resolve()) for b in config.bundles]
+    for location in bundles:
         check_architecture(
-            load_bundle(path), allow_custom_architecture=config.allow_custom_architecture
+            load_bundle(resolve_bundle(location)),
+            allow_custom_architecture=config.allow_custom_architecture,
         )
     return config.model_copy(update={"bundles": bundles})
 
@@ -60,9 +63,10 @@ def start(
     """Verify the bundles, start or join Ray, start Serve's doors, and deploy ``app`` with
     Serve's ``deployment`` options; returns once it is ready.
 
-    Every bundle's manifest is read before Ray starts, so a wrong path fails at once; the
-    application is imported and the weights verified while Ray and Serve start. A bundle
-    that fails that check is a :class:`~serving.errors.BundleError` once they are up.
+    Every local bundle's manifest is read before Ray starts, so a wrong path fails at once;
+    the application is imported, bundle URLs fetched and the weights verified while Ray and
+    Serve start. A bundle that fails that check is a :class:`~serving.errors.BundleError` once
+    they are up.
 
     ``stop_requested``, if given, is set by SIGINT and SIGTERM once Ray is up, replacing the
     handlers ``ray.init`` installs, which end the process at once: ``espro serve`` aborted
@@ -71,12 +75,17 @@ def start(
 
     Replicas that fail to start are a :class:`~serving.errors.DeployError` naming what they
     raised. Whatever stops the start, Serve and a Ray started here are shut down first."""
-    for path in app.bundles:
-        read_manifest(path)
+    for location in app.bundles:
+        if not is_url(location):
+            read_manifest(location)
     # The proxy refuses larger gRPC messages with RESOURCE_EXHAUSTED before they reach us.
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(app.max_body_bytes))
     ray_started_here = launch.address is None and not ray.is_initialized()
     relayed = ray_started_here and not is_loopback(launch.host)
+    # Serve's serialisation setup imports pydantic.v1 while the loader imports FastAPI, which
+    # imports it too; two threads importing that package at once failed with KeyError.
+    import pydantic.v1.fields  # noqa: F401
+
     with ThreadPoolExecutor(1, thread_name_prefix="espro-load") as loader:
         loading = loader.submit(_load, app)
         connect(

@@ -162,10 +162,9 @@ def test_the_committed_serve_config_is_a_valid_app(tiny_bundle_dir):
     assert deployment._deployment_config.user_config == args.tuning().model_dump()
     assert deployment._deployment_config.max_queued_requests == defaults.max_queued_requests
     assert deployment.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0}
-    assert deployment.init_kwargs["direct_grpc_port"] is None
+    assert deployment.init_args == (args, "cpu")
     direct = build_app(args.model_copy(update={"direct_grpc_port": 9100}))._bound_deployment
-    assert direct.init_kwargs["direct_grpc_port"] == 9100
-    assert direct.init_kwargs["max_direct_rpcs"] == args.max_direct_rpcs
+    assert direct.init_args[0].direct_grpc_port == 9100
 
 
 def test_cuda_replicas_ask_ray_for_a_gpu():

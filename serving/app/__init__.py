@@ -34,17 +34,7 @@ def application(config: AppConfig, options: DeploymentOptions | None = None) -> 
     return ModelServer.options(
         **options.serve_options(num_gpus=1 if device == "cuda" else 0),
         user_config=config.tuning().model_dump(),
-    ).bind(
-        device=device,
-        allow_custom_architecture=config.allow_custom_architecture,
-        max_body_bytes=config.max_body_bytes,
-        auth_token_file=config.auth_token_file,
-        engine=config.engine,
-        torch_threads=config.torch_threads,
-        direct_grpc_host=config.direct_grpc_host,
-        direct_grpc_port=config.direct_grpc_port,
-        max_direct_rpcs=config.max_direct_rpcs,
-    )
+    ).bind(config, device)
 
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:

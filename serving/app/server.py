@@ -21,11 +21,18 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
-from ray.serve.grpc_util import RayServegRPCContext
 
 from serving import __version__
 from serving.auth import BearerTokens
-from serving.errors import STATUS_TRAILER, ServiceError
+from serving.doors import (
+    GrpcContext,
+    grpc_authorization,
+    grpc_error,
+    http_error,
+    inference_header_length,
+    read_body,
+)
+from serving.errors import ServiceError
 from serving.oip import INTERNAL_ERROR, InferenceRequest, InferenceResponse
 from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.quoting import quote
@@ -35,7 +42,7 @@ from serving.service import (
     model_list,
     model_metadata,
 )
-from serving.settings import Tuning
+from serving.settings import AppConfig, Tuning
 from serving.wire import PredictRequest, PredictResponse
 
 from .direct import RPCS, start_direct_door
@@ -56,40 +63,6 @@ api = FastAPI(
 )
 
 
-def _error(err: ServiceError) -> Response:
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return Response(
-        err.rest_body(), status_code=err.status, media_type="application/json", headers=headers
-    )
-
-
-GrpcContext = RayServegRPCContext | grpc.aio.ServicerContext
-"""Serve's proxy hands the replica its own context; the direct door, gRPC's."""
-
-
-def _grpc_error(context: GrpcContext, err: ServiceError) -> None:
-    """Answer ``err`` with its gRPC code, and its HTTP status in the :data:`~serving.errors.
-    STATUS_TRAILER` trailer, which tells a client that espro answered, not a proxy."""
-    context.set_code(err.grpc_code)
-    context.set_details(err.message)
-    context.set_trailing_metadata([(STATUS_TRAILER, str(err.status))])
-
-
-def _grpc_authorization(context: GrpcContext) -> str | None:
-    return dict(context.invocation_metadata()).get("authorization")
-
-
-def _header_length(request: Request) -> int | None:
-    value = request.headers.get("inference-header-content-length")
-    if value is None:
-        return None
-    if not (value.isascii() and value.isdigit()):
-        raise ServiceError(
-            400, f"Inference-Header-Content-Length must be a byte count, got {quote(value)}"
-        )
-    return int(value)
-
-
 def _reserved_cpus() -> int:
     """The whole CPUs Ray reserved for this replica, at least 1."""
     return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
@@ -104,26 +77,10 @@ class ModelServer:
     defined above it.
     """
 
-    def __init__(
-        self,
-        *,
-        device: str = "cpu",
-        allow_custom_architecture: bool = False,
-        max_body_bytes: int = 64 << 20,
-        torch_threads: int | None = None,
-        auth_token_file: str | None = None,
-        engine: str = "fused:graphs",
-        direct_grpc_host: str = "127.0.0.1",
-        direct_grpc_port: int | None = None,
-        max_direct_rpcs: int = 256,
-    ) -> None:
-        torch.set_num_threads(torch_threads or _reserved_cpus())
-        self.device = device
-        self.allow_custom_architecture = allow_custom_architecture
-        self.max_body_bytes = max_body_bytes
-        self.auth_token_file = auth_token_file
-        self.engine = engine
-        self.direct_grpc = (direct_grpc_host, direct_grpc_port, max_direct_rpcs)
+    def __init__(self, config: AppConfig, device: str) -> None:
+        """``config`` as validated where the app was built; ``device`` resolved there."""
+        torch.set_num_threads(config.torch_threads or _reserved_cpus())
+        self.config, self.device = config, device
         self._direct: grpc.aio.Server | None = None
         self.tokens = self._read_tokens()
         self.metrics = ServerMetrics()
@@ -147,8 +104,8 @@ class ModelServer:
             ModelRepository.load,
             tuning.bundles,
             device=self.device,
-            allow_custom_architecture=self.allow_custom_architecture,
-            engine=self.engine,
+            allow_custom_architecture=self.config.allow_custom_architecture,
+            engine=self.config.engine,
             max_fresh_draws=tuning.max_fresh_draws,
             reuse=self.service.repository.predictors(),
         )
@@ -161,16 +118,16 @@ class ModelServer:
         )
         if self._model_info is None:
             self._model_info = asyncio.create_task(self._refresh_model_info())
-        host, port, max_rpcs = self.direct_grpc
+        port = self.config.direct_grpc_port
         if port is not None and self._direct is None:
             methods = {name: getattr(self, name) for name in RPCS}
             methods["ModelInfer"] = functools.partial(self._grpc_infer, door="grpc-direct")
             self._direct = await start_direct_door(
                 methods,
-                host=host,
+                host=self.config.direct_grpc_host,
                 port=port,
-                max_message_bytes=self.max_body_bytes,
-                max_in_flight=max_rpcs,
+                max_message_bytes=self.config.max_body_bytes,
+                max_in_flight=self.config.max_direct_rpcs,
             )
         served = (f"{p.manifest.name}:{p.manifest.version}" for p in repository.predictors())
         logger.info("serving %s on %s", ", ".join(served), self.device)
@@ -197,10 +154,10 @@ class ModelServer:
             self.tokens.check(request.headers.get("authorization"))
             response = await work()
         except ServiceError as err:
-            response = _error(err)
+            response = http_error(err)
         except Exception:
             logger.exception("%s request for model %s failed", door, quote(model))
-            response = _error(ServiceError(500, INTERNAL_ERROR))
+            response = http_error(ServiceError(500, INTERNAL_ERROR))
         self.metrics.request(
             door, self._model_tag(model), response.status_code, time.perf_counter() - start
         )
@@ -212,9 +169,9 @@ class ModelServer:
         return name if name in self.service.repository.names() else "unknown"
 
     def _read_tokens(self) -> BearerTokens:
-        if self.auth_token_file is None:
+        if self.config.auth_token_file is None:
             return BearerTokens()
-        return BearerTokens.from_file(self.auth_token_file)
+        return BearerTokens.from_file(self.config.auth_token_file)
 
     def _json(self, request: Request, answer: Callable[[], Any]) -> Response:
         """A metadata route's JSON answer, once the request's token is accepted; a refusal
@@ -223,32 +180,20 @@ class ModelServer:
             self.tokens.check(request.headers.get("authorization"))
             return JSONResponse(answer())
         except ServiceError as err:
-            return _error(err)
+            return http_error(err)
 
     def _grpc_denied(self, context: GrpcContext) -> bool:
         """Refuse a gRPC call without a valid token (UNAUTHENTICATED); True if refused."""
         try:
-            self.tokens.check(_grpc_authorization(context))
+            self.tokens.check(grpc_authorization(context))
         except ServiceError as err:
-            _grpc_error(context, err)
+            grpc_error(context, err)
             return True
         return False
 
     async def _body(self, request: Request) -> bytearray:
-        """The request body, refused with 413 past ``max_body_bytes`` before it is all read.
-
-        Chunks are appended to one buffer as they arrive, so a body is held once rather than
-        as chunks and their join; it grows with what arrives, not with what a header claims."""
-        limit = self.max_body_bytes
-        header = request.headers.get("content-length", "")
-        if header.isascii() and header.isdigit() and int(header) > limit:
-            raise ServiceError(413, f"the body has {header} bytes; the limit is {limit}")
-        body = bytearray()
-        async for chunk in request.stream():
-            if len(body) + len(chunk) > limit:
-                raise ServiceError(413, f"the body exceeds the limit of {limit} bytes")
-            body += chunk
-        return body
+        limit = self.config.max_body_bytes
+        return await read_body(request.stream(), request.headers.get("content-length"), limit)
 
     # -- native JSON ---------------------------------------------------------------------
 
@@ -313,7 +258,7 @@ class ModelServer:
     )
     async def infer(self, name: str, request: Request, version: str | None = None) -> Response:
         async def work() -> Response:
-            length = _header_length(request)
+            length = inference_header_length(request.headers)
             job = self.service.rest_job(name, version, await self._body(request), length)
             body, json_length = await self.service.submit(job)
             if json_length is None:
@@ -364,7 +309,7 @@ class ModelServer:
         try:
             return model_metadata(self.service.repository, request.name, request.version).to_grpc()
         except ServiceError as err:
-            _grpc_error(grpc_context, err)
+            grpc_error(grpc_context, err)
             return pb.ModelMetadataResponse()
 
     async def ModelInfer(
@@ -379,19 +324,17 @@ class ModelServer:
         start = time.perf_counter()
         response, status = pb.ModelInferResponse(), 200
         try:
-            self.tokens.check(_grpc_authorization(grpc_context))
-            if (size := request.ByteSize()) > self.max_body_bytes:
-                raise ServiceError(
-                    413, f"the message has {size} bytes; the limit is {self.max_body_bytes}"
-                )
+            self.tokens.check(grpc_authorization(grpc_context))
+            if (size := request.ByteSize()) > (limit := self.config.max_body_bytes):
+                raise ServiceError(413, f"the message has {size} bytes; the limit is {limit}")
             response = await self.service.submit(self.service.grpc_job(request))
         except ServiceError as err:
             status = err.status
-            _grpc_error(grpc_context, err)
+            grpc_error(grpc_context, err)
         except Exception:
             logger.exception("%s request for model %s failed", door, quote(request.model_name))
             status = 500
-            _grpc_error(grpc_context, ServiceError(500, INTERNAL_ERROR))
+            grpc_error(grpc_context, ServiceError(500, INTERNAL_ERROR))
         model = self._model_tag(request.model_name)
         self.metrics.request(door, model, status, time.perf_counter() - start)
         return response
