@@ -217,7 +217,7 @@ def _refuse_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _parse_json(raw: bytes, name: str, root: Path) -> Any:
+def _parse_json(raw: bytes, name: str, root: str | Path) -> Any:
     """Strict JSON (no NaN or Infinity), nested at most ``MAX_MANIFEST_DEPTH`` deep."""
     try:
         data = json.loads(raw, parse_float=_finite_float, parse_constant=_refuse_constant)
@@ -240,22 +240,27 @@ def read_manifest(path: str | Path) -> tuple[Manifest, str]:
         raw = file.read_bytes()
     except OSError as err:
         raise BundleError(f"{root}: {MANIFEST_FILE} cannot be read: {err}") from None
-    data = _parse_json(raw, MANIFEST_FILE, root)
+    return parse_manifest(raw, root), hashlib.sha256(raw).hexdigest()
+
+
+def parse_manifest(raw: bytes, source: str | Path) -> Manifest:
+    """Validate the bytes of ``manifest.json``, from a bundle directory or a bundle URL named
+    by ``source`` in every refusal."""
+    data = _parse_json(raw, MANIFEST_FILE, source)
     if not isinstance(data, dict) or "schema_version" not in data:
         raise BundleError(
-            f"{root}: {MANIFEST_FILE} has no schema_version; is this an espro bundle?"
+            f"{source}: {MANIFEST_FILE} has no schema_version; is this an espro bundle?"
         )
     if data["schema_version"] != SCHEMA_VERSION:
         raise BundleError(
-            f"{root}: unsupported bundle schema version {data['schema_version']!r}: "
+            f"{source}: unsupported bundle schema version {data['schema_version']!r}: "
             f"this espro reads version {SCHEMA_VERSION}"
         )
     try:
-        manifest = Manifest.model_validate(data)
+        return Manifest.model_validate(data)
     except ValidationError as err:
         message = describe_validation_error(err)
-        raise BundleError(f"{root}: {MANIFEST_FILE} is invalid: {message}") from None
-    return manifest, hashlib.sha256(raw).hexdigest()
+        raise BundleError(f"{source}: {MANIFEST_FILE} is invalid: {message}") from None
 
 
 def _safetensors_size(header: bytes) -> int:

@@ -31,6 +31,7 @@ from serving import __version__
 from serving.batching import Batcher
 from serving.bundle import load_bundle
 from serving.errors import BundleError, InputError, ServiceError, describe_validation_error
+from serving.fetch import resolve_bundle
 from serving.jsonarray import NOT_AN_ARRAY, JSONArray, read_json
 from serving.manifest import Manifest, Task
 from serving.oip import (
@@ -99,7 +100,8 @@ class ModelRepository:
         max_fresh_draws: int = 0,
         reuse: Iterable[Predictor] = (),
     ) -> tuple[ModelRepository, list[str]]:
-        """The bundles at ``paths`` that load, built and warmed up, and why each other one was
+        """The bundles at ``paths`` (directories, or URLs fetched into this machine's cache,
+        :mod:`serving.fetch`) that load, built and warmed up, and why each other one was
         refused, so that one bad bundle leaves the others serving.
 
         A bundle whose digest matches a predictor of ``reuse`` keeps that predictor: reloading
@@ -110,7 +112,7 @@ class ModelRepository:
         repository, refused = cls(), []
         for path in paths:
             try:
-                bundle = load_bundle(path)
+                bundle = load_bundle(resolve_bundle(path))
                 predictor = reused.get(bundle.digest)
                 if predictor is None:
                     predictor = Predictor(

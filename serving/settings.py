@@ -28,7 +28,9 @@ class Tuning(_Config):
     """What every replica reloads without a restart (Serve ``user_config``)."""
 
     bundles: list[str] = Field(min_length=1)
-    """Bundle directories, as the replicas see them; a model's newest version is listed last."""
+    """Bundle directories, as the replicas see them, or their URLs (``s3://``, ``gs://``,
+    ``https://``, ``file://``), which each replica fetches into its cache (:mod:`serving.fetch`);
+    a model's newest version is listed last."""
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     """The most requests one engine run takes together."""
     batch_wait_timeout_s: float = Field(default=0.002, ge=0.0, le=10.0)

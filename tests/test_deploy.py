@@ -7,16 +7,12 @@ Prometheus Operator objects against the CRD schemas committed in ``k8s/crds``.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
-import sys
-import tarfile
 import tomllib
 from functools import cache
 from itertools import chain
@@ -33,6 +29,7 @@ from packaging.utils import canonicalize_name
 from ray.serve.schema import ServeDeploySchema
 
 from serving import proxy_headers
+from serving.fetch import is_url
 from serving.settings import AppConfig, LaunchConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +45,7 @@ CRD_FILES = {
     ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_prometheusrules.yaml",
 }
 MODELS_MOUNT = "/models"
+BUNDLE_STORE_SECRET = "espro-bundle-store"
 
 
 @cache
@@ -215,7 +213,16 @@ def test_serve_config_is_the_espro_app(overlay: str) -> None:
     for key in ("name", "route_prefix", "import_path"):
         assert app[key] == reference_app[key], key
     args = AppConfig.model_validate(app["args"])
-    assert all(Path(path).is_relative_to(MODELS_MOUNT) for path in args.bundles)
+    # Bundle URLs that every replica fetches itself, or paths on a volume every Ray pod mounts.
+    mounted = all(
+        any(m["mountPath"] == MODELS_MOUNT for m in pod["spec"]["containers"][0]["volumeMounts"])
+        for pod in pods(service["spec"]["rayClusterConfig"])
+    )
+    for bundle in args.bundles:
+        if is_url(bundle):
+            assert bundle.split("://")[0] in {"s3", "gs", "https"}, bundle
+        else:
+            assert Path(bundle).is_relative_to(MODELS_MOUNT) and mounted, bundle
     assert args.device == ("cuda" if overlay == "gpu-prod" else "cpu")
     # The deployment entry names the one deployment build_app makes and holds Serve's options:
     # autoscaled replicas, except with the direct door, whose calls Serve's autoscaler does
@@ -252,7 +259,10 @@ def test_serve_config_is_the_espro_app(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
-def test_ray_pods_use_the_project_image_and_the_models_volume(kustomization: str) -> None:
+def test_ray_pods_use_the_project_image_and_any_models_volume(kustomization: str) -> None:
+    """Every Ray pod runs the project's image; a pod that mounts /models mounts the
+    espro-models PVC there; the RayService's pods read the bundle store's credentials from
+    their optional Secret."""
     project = pyproject()["project"]
     ray_pin = pins()["ray"]
     clusters = [o["spec"]["rayClusterConfig"] for o in objects(kustomization, "RayService")]
@@ -271,9 +281,28 @@ def test_ray_pods_use_the_project_image_and_the_models_volume(kustomization: str
             )
             assert {"cpu", "memory"} <= set(container["resources"]["requests"])
             assert {"cpu", "memory"} <= set(container["resources"]["limits"])
-            (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == MODELS_MOUNT]
-            (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
-            assert volume["persistentVolumeClaim"]["claimName"] == "espro-models"
+            for mount in container["volumeMounts"]:
+                if mount["mountPath"] == MODELS_MOUNT:
+                    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+                    assert volume["persistentVolumeClaim"]["claimName"] == "espro-models"
+    for service in objects(kustomization, "RayService"):
+        for template in pods(service["spec"]["rayClusterConfig"]):
+            secret = {"secretRef": {"name": BUNDLE_STORE_SECRET, "optional": True}}
+            assert template["spec"]["containers"][0]["envFrom"] == [secret]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_the_dev_overlay_has_a_models_volume(overlay: str) -> None:
+    """Replicas fetch bundle URLs into $HOME, so no overlay needs a volume; cpu-dev adds
+    one (k8s/components/models-volume) for bundles trained in the cluster, ReadWriteOnce as
+    one node's pods can share it."""
+    claims = objects(f"overlays/{overlay}", "PersistentVolumeClaim")
+    if overlay == "cpu-dev":
+        (pvc,) = claims
+        assert pvc["metadata"]["name"] == "espro-models"
+        assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    else:
+        assert claims == []
 
 
 KUBERAY_LABELS = {
@@ -306,8 +335,6 @@ def service(overlay: str, name: str) -> dict[str, Any]:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_services_monitoring_and_budget_select_the_serving_pods(overlay: str) -> None:
     (ray_service,) = objects(f"overlays/{overlay}", "RayService")
-    (pvc,) = objects(f"overlays/{overlay}", "PersistentVolumeClaim")
-    assert pvc["metadata"]["name"] == "espro-models"
     cluster = ray_service["spec"]["rayClusterConfig"]
     head, *workers = pods(cluster)
     # KubeRay's <name>-serve-svc exposes the head container's `serve` and `serve-*` ports.
@@ -710,7 +737,8 @@ def dockerfile(name: str) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize(
-    ("name", "extras"), [("Dockerfile.cpu", "serving"), ("Dockerfile.gpu", "serving,onnx")]
+    ("name", "extras"),
+    [("Dockerfile.cpu", "serving,remote"), ("Dockerfile.gpu", "serving,onnx,remote")],
 )
 def test_dockerfile(name: str, extras: str) -> None:
     instructions = dockerfile(name)
@@ -759,80 +787,49 @@ def test_dockerfile(name: str, extras: str) -> None:
     assert "http://127.0.0.1:8000/v2/health/ready" in healthcheck
     (entrypoint,) = [a for i, a in instructions if i == "ENTRYPOINT"]
     assert json.loads(entrypoint) == ["espro-entrypoint"]
+    # Flags only: the entrypoint picks the bundle ($ESPRO_BUNDLE_URL or /models/bundle).
+    for command in [a for i, a in instructions if i == "CMD"]:
+        assert json.loads(command)[0].startswith("-"), command
     exposed = {int(port) for i, a in instructions if i == "EXPOSE" for port in a.split()}
     assert exposed == {8000, 9000, 8080}
 
 
-def bundle_archive(directory: Path, members: dict[str, bytes], prefix: str = "") -> Path:
-    archive = directory / "bundle.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(prefix + name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return archive
-
-
-def run_entrypoint(
-    tmp_path: Path, archive: Path, sha256: str | None
-) -> subprocess.CompletedProcess:
-    """deploy/entrypoint.sh with a stub `espro` that records its arguments."""
+def run_entrypoint(tmp_path: Path, args: list[str], env: dict[str, str] | None = None) -> list[str]:
+    """The `espro` command line deploy/entrypoint.sh runs, through a stub that records it."""
     stub = tmp_path / "bin"
     stub.mkdir(exist_ok=True)
-    (stub / "espro").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "args"}\n')
+    (stub / "espro").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path / "args"}\n')
     (stub / "espro").chmod(0o755)
-    env = {
-        "PATH": f"{stub}:{Path(sys.executable).parent}:/usr/bin:/bin",
-        "ESPRO_BUNDLE_URL": archive.as_uri(),
-        "ESPRO_BUNDLE_DIR": str(tmp_path / "models" / "bundle"),
-    }
-    if sha256:
-        env["ESPRO_BUNDLE_SHA256"] = sha256
-    return subprocess.run(
-        [
-            "sh",
-            str(DEPLOY / "entrypoint.sh"),
-            str(tmp_path / "models" / "bundle"),
-            "--replicas",
-            "2",
-        ],
-        env=env,
+    subprocess.run(
+        ["sh", str(DEPLOY / "entrypoint.sh"), *args],
+        env={"PATH": f"{stub}:/usr/bin:/bin", **(env or {})},
         capture_output=True,
-        text=True,
+        check=True,
         timeout=60,
-        check=False,
     )
+    return (tmp_path / "args").read_text().splitlines()
 
 
-@pytest.mark.parametrize("prefix", ["", "mnist1d-demo/"])
-def test_entrypoint_fetches_and_verifies_the_bundle(tmp_path: Path, prefix: str) -> None:
-    files = {"manifest.json": b"{}", "vertices.safetensors": b"tensors"}
-    archive = bundle_archive(tmp_path, files, prefix)
-    wrong = run_entrypoint(tmp_path, archive, "0" * 64)
-    assert wrong.returncode != 0 and "sha256" in wrong.stderr
-    assert not (tmp_path / "models" / "bundle").exists() and not (tmp_path / "args").exists()
-    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-    result = run_entrypoint(tmp_path, archive, digest)
-    assert result.returncode == 0, result.stderr
-    for name, data in files.items():
-        assert (tmp_path / "models" / "bundle" / name).read_bytes() == data
-    assert [p.name for p in (tmp_path / "models").iterdir()] == ["bundle"]  # no leftovers
-    args = (tmp_path / "args").read_text().split()
-    assert args == [
-        "serve",
-        "--host",
-        "0.0.0.0",
-        str(tmp_path / "models" / "bundle"),
+def test_entrypoint_serves_the_bundles_named_or_the_default(tmp_path: Path) -> None:
+    """The arguments' bundles, directories or URLs, as they are (espro serve fetches and
+    verifies URLs itself); with none, ESPRO_BUNDLE_URL, or /models/bundle without it."""
+    serve = ["serve", "--host", "0.0.0.0"]
+    url = "s3://bucket/mnist1d-demo"
+    named = ["/models/a", "gs://bucket/b", "--replicas", "2"]
+    assert run_entrypoint(tmp_path, named, {"ESPRO_BUNDLE_URL": url}) == serve + named
+    assert run_entrypoint(tmp_path, ["--device", "cuda"], {"ESPRO_BUNDLE_URL": url}) == [
+        *serve,
+        url,
+        "--device",
+        "cuda",
+    ]
+    assert run_entrypoint(tmp_path, []) == [*serve, "/models/bundle"]
+    assert run_entrypoint(tmp_path, ["--replicas", "2"], {"ESPRO_BUNDLE_URL": ""}) == [
+        *serve,
+        "/models/bundle",
         "--replicas",
         "2",
     ]
-
-
-def test_entrypoint_refuses_paths_outside_the_bundle(tmp_path: Path) -> None:
-    archive = bundle_archive(tmp_path, {"manifest.json": b"{}", "../escape": b"x"})
-    result = run_entrypoint(tmp_path, archive, None)
-    assert result.returncode != 0 and "refusing" in result.stderr
-    assert not (tmp_path / "escape").exists() and not (tmp_path / "args").exists()
 
 
 # ---------------------------------------------------------------------------- local stack
@@ -848,15 +845,18 @@ def test_compose_stack() -> None:
         image = service["image"]
         assert ":" in image and not image.endswith(":latest"), image
     assert espro["image"] == f"espro:{pyproject()['project']['version']}-cpu"
-    # Prometheus's UI is published through espro, whose network it shares.
-    assert {p.rsplit(":", 1)[1] for p in espro["ports"]} == {"8000", "9000", "9090"}
+    published = {
+        name: {p.rsplit(":", 1)[1] for p in service.get("ports", [])}
+        for name, service in services.items()
+    }
+    assert published["espro"] == {"8000", "9000"}  # the metrics stay on the stack's network
     assert all(p.startswith("127.0.0.1:") for s in services.values() for p in s.get("ports", []))
-    # A Ray that `espro serve` starts exports its metrics on the container's loopback only
-    # (as its other ports), so Prometheus runs in espro's network namespace and scrapes them
-    # there, and evaluates the alert rules.
+    # `espro serve --host 0.0.0.0` (the entrypoint) relays its Ray's loopback exporter to
+    # espro:8080 on the stack's network, where Prometheus scrapes it and evaluates the rules.
     prometheus_service = services["prometheus"]
-    assert prometheus_service["network_mode"] == "service:espro"
-    assert "ports" not in prometheus_service
+    assert "network_mode" not in prometheus_service
+    assert published["prometheus"] == {"9090"}
+    assert "--host 0.0.0.0" in (DEPLOY / "entrypoint.sh").read_text()
     mounts = dict(v.split(":")[:2] for v in prometheus_service["volumes"])
     assert mounts["./prometheus/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
     prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
@@ -867,7 +867,7 @@ def test_compose_stack() -> None:
         for t in s["targets"]
     ]
     metrics_port = LaunchConfig.model_fields["metrics_port"].default
-    assert targets == [f"127.0.0.1:{metrics_port}"]
+    assert targets == [f"espro:{metrics_port}"]
     assert [mounts[f"./prometheus/{Path(f).name}"] for f in prometheus["rule_files"]] == [
         "/etc/prometheus/alerts.yml"
     ]
@@ -878,7 +878,7 @@ def test_compose_stack() -> None:
     (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
         "datasources"
     ]
-    assert source["url"] == "http://espro:9090" and source["type"] == "prometheus"
+    assert source["url"] == "http://prometheus:9090" and source["type"] == "prometheus"
     assert source["isDefault"] is True
     (provider,) = yaml.safe_load((provisioning / "dashboards" / "espro.yml").read_text())[
         "providers"
