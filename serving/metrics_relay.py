@@ -112,7 +112,7 @@ class MetricsRelay:
     def __init__(self, host: str, port: int, exporter_port: int) -> None:
         self._server = _Server(host, port, exporter_port)
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="espro-metrics-relay", daemon=True
+            target=self._server.serve_forever, args=(0.1,), name="espro-metrics-relay", daemon=True
         )
         self._thread.start()
 

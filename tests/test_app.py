@@ -623,6 +623,45 @@ def test_espro_serve_starts_answers_and_drains_on_sigterm(server, tmp_path):
     assert "draining" in log.read_text()
 
 
+def test_espro_serve_beyond_loopback_relays_metrics_and_keeps_ray_on_loopback(server, tmp_path):
+    """``--host 0.0.0.0``: the doors and the metrics port listen on every interface, the
+    metrics through the relay in the ``espro serve`` process, while Ray's own ports, its
+    exporter among them, stay on loopback. (Only the listening sockets are inspected: no
+    traffic goes to the namespace's second address.)"""
+    command = [sys.executable, "-m", "serving.cli", "serve", str(server.bundles["tiny/1"])]
+    command += ["--host", "0.0.0.0", "--ray-cpus", "1", "--allow-custom-architecture"]
+    command += ["--http-port", "18500", "--grpc-port", "19500", "--metrics-port", "18580"]
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(
+            lambda: process.poll() is not None or "Ctrl-C stops it" in log.read_text(),
+            "espro serve to start",
+            timeout_s=120,
+        )
+        assert process.poll() is None, log.read_text()
+        assert "metrics  http://0.0.0.0:18580/metrics" in log.read_text()
+        beyond = {x.port: x for x in reachable_beyond_loopback()}
+        assert {18500, 19500, 18580} <= set(beyond)
+        assert beyond[18580].command == " ".join(command)  # the relay
+        # Beyond the doors and the relay, only the replicas' internal gRPC servers (bound
+        # to --host, behind Ray's token): none of Ray's own ports.
+        others = [x for x in beyond.values() if x.port not in {18500, 19500, 18580}]
+        assert all("ServeReplica" in x.command for x in others), others
+        answer = requests.post(
+            "http://127.0.0.1:18500/v1/models/tiny/predict", json={"inputs": X.tolist()}
+        )
+        assert answer.status_code == 200
+        metrics = "http://127.0.0.1:18580/metrics"
+        wait_until(lambda: "ray_serve_" in requests.get(metrics).text, "Serve's metrics")
+        assert requests.get("http://127.0.0.1:18580/").status_code == 404
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log.read_text()
+    assert reachable_beyond_loopback() == []  # the relay closed with the rest
+
+
 def test_espro_serve_stopped_while_it_deploys_still_exits_cleanly(server, tmp_path):
     """SIGTERM while the application deploys (its replica's warm-up held by a gate): Ray's own
     SIGTERM handlers would end the process mid-deploy (exit -6); espro's let the deploy

@@ -311,7 +311,7 @@ def test_the_oip_grpc_request_and_its_token(in_process: InProcess) -> None:
 
 
 def test_a_token_is_sent_as_a_bearer_header_on_every_http_call(http: EsproHttp) -> None:
-    with Client(HTTP_URL, token="tok") as c:
+    with Client(HTTP_URL, token="tok", allow_insecure=True) as c:  # a mock: nothing leaves
         assert c.health() and c.models()[0].name == "tiny" and len(c.predict("tiny", X)) == 5
     assert [r.headers["authorization"] for r in http.requests] == ["Bearer tok"] * 3
     with Client(HTTP_URL) as c:

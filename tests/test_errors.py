@@ -16,11 +16,20 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from espro_client import BadRequest, NotFound, Retry, Timeout, Unauthorized, Unavailable
+from espro_client import (
+    BadRequest,
+    NotFound,
+    Retry,
+    Timeout,
+    TLSError,
+    Unauthorized,
+    Unavailable,
+)
 from espro_client import EsproError as ClientError
 from espro_client import _grpc as client_grpc
 from espro_client._http import http_error
 from espro_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from espro_client._tls import Tls
 from espro_client.errors import error_class
 
 from serving import cli
@@ -239,6 +248,34 @@ def test_serves_backpressure_is_unavailable() -> None:
     assert isinstance(err, Unavailable)
 
 
+HANDSHAKE = (
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:9000: Tls "
+    "handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL "
+    "routines:OPENSSL_internal:{}: OK"
+)
+"""gRPC's details for a failed TLS handshake."""
+
+
+@pytest.mark.parametrize(
+    ("details", "kind", "message"),
+    [
+        (
+            HANDSHAKE.format("CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate"),
+            TLSError,
+            "certificate does not verify (unable to get local issuer certificate)",
+        ),
+        (HANDSHAKE.format("WRONG_VERSION_NUMBER"), TLSError, "TLS handshake failed"),
+        ("failed to connect to all addresses; last error: Socket closed", Unavailable, "Socket"),
+    ],
+)
+def test_a_failed_tls_handshake_is_a_tls_error(
+    details: str, kind: type[ClientError], message: str
+) -> None:
+    """Told by gRPC's details alone: it has no other sign of one."""
+    err = client_grpc._rpc_error(FakeRpcError(Code.UNAVAILABLE, details))
+    assert type(err) is kind and message in err.message
+
+
 class Refusing(pb_grpc.GRPCInferenceServiceServicer):
     """``ModelMetadata`` answered as espro's doors refuse: the code, the details and the HTTP
     status in the trailer; ``ServerLive`` fails as a proxy does, without the trailer."""
@@ -275,7 +312,7 @@ def test_espros_internal_error_is_not_retried_and_a_proxys_is(
     url, servicer = refusing
     retry = Retry(attempts=3, backoff=0.0)
     door = client_grpc.GrpcDoor()
-    transport = client_grpc.GrpcTransport(url, timeout=10, headers={})
+    transport = client_grpc.GrpcTransport(url, timeout=10, headers={}, tls=Tls())
     try:
         with pytest.raises(ClientError, match="internal error") as err:
             retry.call(lambda: transport.send(door.metadata("m", None)))
@@ -292,7 +329,7 @@ def test_the_async_client_reads_the_trailer_too(refusing: tuple[str, Refusing]) 
     door = client_grpc.GrpcDoor()
 
     async def send() -> None:
-        transport = client_grpc.AsyncGrpcTransport(url, timeout=10, headers={})
+        transport = client_grpc.AsyncGrpcTransport(url, timeout=10, headers={}, tls=Tls())
         try:
             await transport.send(door.metadata("m", None))
         finally:

@@ -11,6 +11,7 @@ from espro_client.errors import (
     EsproError,
     NotFound,
     Timeout,
+    TLSError,
     Unauthorized,
     Unavailable,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "Prediction",
     "Protocol",
     "Retry",
+    "TLSError",
     "TensorSpec",
     "Timeout",
     "Unauthorized",

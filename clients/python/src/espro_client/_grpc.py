@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 from espro_client import _oip
 from espro_client._proto import grpc_predict_v2_pb2 as pb
 from espro_client._proto.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+from espro_client._tls import Tls, grpc_tls_error, is_secure
 from espro_client.errors import EsproError, Unavailable, error_class, error_for_status
 from espro_client.result import ModelMetadata, Prediction, TensorSpec
 
@@ -36,8 +37,14 @@ class GrpcCall(Generic[T]):
 
 
 def target(url: str) -> str:
-    """The ``host:port`` of ``grpc://host:port`` (or of ``host:port`` itself)."""
-    return url.removeprefix("grpc://").rstrip("/")
+    """The ``host:port`` of ``grpc://host:port``, ``grpcs://host:port`` or ``host:port``."""
+    return url.removeprefix("grpc://").removeprefix("grpcs://").rstrip("/")
+
+
+def credentials(url: str, tls: Tls) -> grpc.ChannelCredentials | None:
+    """The TLS credentials of a ``grpcs://`` URL (no ``ca_cert``: gRPC's default roots,
+    which ``GRPC_DEFAULT_SSL_ROOTS_FILE_PATH`` overrides); ``None``: no TLS."""
+    return grpc.ssl_channel_credentials(*tls.pem()) if is_secure(url) else None
 
 
 class GrpcDoor:
@@ -133,6 +140,8 @@ def _rpc_error(err: grpc.RpcError) -> EsproError:
     status = _espro_status(err)
     if status is not None:
         return error_class(status)(details, code.name)
+    if code is grpc.StatusCode.UNAVAILABLE and (tls := grpc_tls_error(details)):
+        return tls
     if code in NO_ANSWER:
         # Predictions are idempotent: a retry is safe.
         return Unavailable(f"no model answered ({code.name}): {details}", code.name)
@@ -147,8 +156,13 @@ def _rpc_error(err: grpc.RpcError) -> EsproError:
 class GrpcTransport:
     """Sends calls over one ``grpc.Channel``."""
 
-    def __init__(self, url: str, timeout: float | None, headers: dict[str, str]) -> None:
-        self._channel = grpc.insecure_channel(target(url), options=_UNLIMITED)
+    def __init__(self, url: str, timeout: float | None, headers: dict[str, str], tls: Tls) -> None:
+        secure = credentials(url, tls)
+        self._channel = (
+            grpc.insecure_channel(target(url), options=_UNLIMITED)
+            if secure is None
+            else grpc.secure_channel(target(url), secure, options=_UNLIMITED)
+        )
         self._stub = GRPCInferenceServiceStub(self._channel)
         self._timeout = timeout
         self._metadata = tuple(headers.items())
@@ -169,8 +183,9 @@ class GrpcTransport:
 class AsyncGrpcTransport:
     """Sends calls over one ``grpc.aio.Channel``, opened on the first call (in its loop)."""
 
-    def __init__(self, url: str, timeout: float | None, headers: dict[str, str]) -> None:
+    def __init__(self, url: str, timeout: float | None, headers: dict[str, str], tls: Tls) -> None:
         self._target = target(url)
+        self._credentials = credentials(url, tls)
         self._timeout = timeout
         self._metadata = tuple(headers.items())
         self._channel: grpc.aio.Channel | None = None
@@ -178,7 +193,11 @@ class AsyncGrpcTransport:
 
     async def send(self, call: GrpcCall[T]) -> T:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self._target, options=_UNLIMITED)
+            self._channel = (
+                grpc.aio.insecure_channel(self._target, options=_UNLIMITED)
+                if self._credentials is None
+                else grpc.aio.secure_channel(self._target, self._credentials, options=_UNLIMITED)
+            )
             self._stub = GRPCInferenceServiceStub(self._channel)
         try:
             response = await getattr(self._stub, call.rpc)(

@@ -7,6 +7,7 @@ I/O; :class:`HttpTransport` and :class:`AsyncHttpTransport` send it.
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import httpx
 import numpy as np
 
 from espro_client import _oip
+from espro_client._tls import Tls, is_secure, tls_error
 from espro_client.errors import EsproError, Timeout, Unavailable, error_for_status
 from espro_client.result import Model, ModelMetadata, ModelVersion, Prediction, TensorSpec
 
@@ -222,20 +224,28 @@ def _read_infer(response: httpx.Response) -> Prediction:
 
 @contextmanager
 def _connection_errors() -> Iterator[None]:
-    """httpx's failures to get an answer as :class:`Timeout` or :class:`Unavailable`."""
+    """httpx's failures to get an answer as :class:`Timeout`, :class:`TLSError` or
+    :class:`Unavailable`."""
     try:
         yield
     except httpx.TimeoutException as err:
         raise Timeout(f"no answer in time ({type(err).__name__})") from err
     except httpx.TransportError as err:
-        raise Unavailable(f"{type(err).__name__}: {err}") from err
+        raise tls_error(err) or Unavailable(f"{type(err).__name__}: {err}") from err
+
+
+def _verify(url: str, tls: Tls) -> ssl.SSLContext | bool:
+    """How httpx verifies the server: with ``tls`` for an ``https://`` URL."""
+    return tls.ssl_context() if is_secure(url) else True
 
 
 class HttpTransport:
     """Sends calls over one pooled ``httpx.Client``."""
 
-    def __init__(self, url: str, timeout: float | None, headers: dict[str, str]) -> None:
-        self._client = httpx.Client(base_url=url, timeout=timeout, headers=headers)
+    def __init__(self, url: str, timeout: float | None, headers: dict[str, str], tls: Tls) -> None:
+        self._client = httpx.Client(
+            base_url=url, timeout=timeout, headers=headers, verify=_verify(url, tls)
+        )
 
     def send(self, call: HttpCall[T]) -> T:
         with _connection_errors():
@@ -251,8 +261,10 @@ class HttpTransport:
 class AsyncHttpTransport:
     """Sends calls over one pooled ``httpx.AsyncClient``."""
 
-    def __init__(self, url: str, timeout: float | None, headers: dict[str, str]) -> None:
-        self._client = httpx.AsyncClient(base_url=url, timeout=timeout, headers=headers)
+    def __init__(self, url: str, timeout: float | None, headers: dict[str, str], tls: Tls) -> None:
+        self._client = httpx.AsyncClient(
+            base_url=url, timeout=timeout, headers=headers, verify=_verify(url, tls)
+        )
 
     async def send(self, call: HttpCall[T]) -> T:
         with _connection_errors():

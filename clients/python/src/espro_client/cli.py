@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
-        sub.add_argument("url", help="http://host:port, or grpc://host:port for gRPC")
+        sub.add_argument(
+            "url", help="http(s)://host:port, or grpc://host:port (TLS: grpcs://) for gRPC"
+        )
         sub.add_argument(
             "--protocol",
             choices=["native", "oip-rest", "oip-grpc"],
@@ -55,6 +57,21 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
         sub.add_argument(
             "--token-file", type=Path, help="send the bearer token in this file (first line)"
+        )
+        sub.add_argument(
+            "--ca-cert",
+            type=Path,
+            help="verify an https:// or grpcs:// server against this PEM CA bundle "
+            "(default: the system's trust store; gRPC's default roots for grpcs://)",
+        )
+        sub.add_argument(
+            "--client-cert", type=Path, help="present this PEM certificate (mutual TLS)"
+        )
+        sub.add_argument("--client-key", type=Path, help="the PEM key of --client-cert")
+        sub.add_argument(
+            "--allow-insecure",
+            action="store_true",
+            help="send --token-file's token over plain http:// or grpc:// beyond loopback",
         )
         return sub
 
@@ -121,7 +138,7 @@ def _read_token(path: Path) -> str:
 def _protocol(args: argparse.Namespace) -> Protocol:
     if args.protocol is not None:
         return args.protocol  # type: ignore[no-any-return]
-    return "oip-grpc" if args.url.startswith("grpc://") else "native"
+    return "oip-grpc" if args.url.startswith(("grpc://", "grpcs://")) else "native"
 
 
 def _only_model(client: Client) -> str:
@@ -178,7 +195,20 @@ def _run(args: argparse.Namespace) -> tuple[str, int]:
                 "--version: the native protocol answers with the newest version; "
                 "pass --protocol oip-rest or oip-grpc"
             )
-    with Client(args.url, protocol=_protocol(args), timeout=args.timeout, token=token) as client:
+    try:
+        client = Client(
+            args.url,
+            protocol=_protocol(args),
+            timeout=args.timeout,
+            token=token,
+            ca_cert=args.ca_cert,
+            client_cert=args.client_cert,
+            client_key=args.client_key,
+            allow_insecure=args.allow_insecure,
+        )
+    except ValueError as err:  # a URL, certificate or key refused before anything is sent
+        raise UsageError(str(err)) from None
+    with client:
         if args.command == "health":
             live, ready = client.health(), client.ready()
             return json.dumps({"live": live, "ready": ready}), 0 if live and ready else 1
@@ -211,6 +241,7 @@ def _one_line(err: Exception) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line. Exit status 2: a file or flag is refused; 1: the server refused,
     is unreachable, or (for ``health``) is not live and ready."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # its log lines would split an error
     args = _parser().parse_args(argv)
     try:
         text, status = _run(args)

@@ -5,6 +5,7 @@ Both build the same calls (``_ClientBase``) and differ only in how they send the
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -12,6 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from espro_client._http import AsyncHttpTransport, HttpTransport, NativeDoor, RestDoor
+from espro_client._tls import Tls, check_token_is_safe, is_secure
 from espro_client.errors import Unavailable
 from espro_client.result import Model, ModelMetadata, Prediction, concatenate
 from espro_client.retry import Retry
@@ -35,6 +37,10 @@ class _ClientBase:
         chunk_size: int = 1024,
         binary: bool = True,
         token: str | None = None,
+        ca_cert: str | Path | None = None,
+        client_cert: str | Path | None = None,
+        client_key: str | Path | None = None,
+        allow_insecure: bool = False,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
@@ -56,10 +62,19 @@ class _ClientBase:
             raise ValueError(
                 f"protocol must be 'native', 'oip-rest' or 'oip-grpc', got {protocol!r}"
             )
-        headers = {} if token is None else {"authorization": f"Bearer {token}"}
-        self._transport = self._open(url, timeout, headers)
+        _check_scheme(url, protocol)
+        tls = Tls(ca_cert, client_cert, client_key)
+        if tls.configured and not is_secure(url):
+            raise ValueError(
+                f"ca_cert, client_cert and client_key need an https:// or grpcs:// URL, got {url}"
+            )
+        headers = {}
+        if token is not None:
+            check_token_is_safe(url, allow_insecure)
+            headers["authorization"] = f"Bearer {token}"
+        self._transport = self._open(url, timeout, headers, tls)
 
-    def _open(self, url: str, timeout: float | None, headers: dict[str, str]) -> Any:
+    def _open(self, url: str, timeout: float | None, headers: dict[str, str], tls: Tls) -> Any:
         """The transport that sends this client's calls with ``headers`` (gRPC: metadata)."""
         raise NotImplementedError
 
@@ -91,27 +106,43 @@ class _ClientBase:
         return self._door.models()
 
 
+def _check_scheme(url: str, protocol: Protocol) -> None:
+    """A ``ValueError`` for a URL whose scheme is not one of ``protocol``'s."""
+    if protocol == "oip-grpc":
+        if "://" in url and not url.startswith(("grpc://", "grpcs://")):
+            raise ValueError(f"oip-grpc needs a grpc://, grpcs:// or host:port URL, got {url}")
+    elif not url.startswith(("http://", "https://")):
+        raise ValueError(f"{protocol} needs an http:// or https:// URL, got {url}")
+
+
 class Client(_ClientBase):
     """A synchronous espro client holding one connection pool (or gRPC channel).
 
     >>> with Client("http://127.0.0.1:8000") as client:
     ...     prediction = client.predict("mnist1d", x)
 
-    ``protocol`` is the API spoken (:data:`Protocol`). ``url`` is ``http://host:port`` for
-    ``native`` and ``oip-rest``, ``grpc://host:port`` (or ``host:port``) for ``oip-grpc``.
+    ``protocol`` is the API spoken (:data:`Protocol`). ``url`` is ``http://host:port`` or
+    ``https://host:port`` for ``native`` and ``oip-rest``, ``grpc://host:port`` (or
+    ``host:port``) or ``grpcs://host:port`` for ``oip-grpc``.
     ``timeout`` bounds each request in seconds (``None``: no
     bound); ``retry`` says how to retry 503 / ``UNAVAILABLE`` and connection failures;
     ``predict`` sends at most ``chunk_size`` instances per request; ``binary=False`` sends
     OIP REST tensors as JSON instead of binary; ``token`` is sent as ``Authorization: Bearer``
     to a server that requires one.
+
+    ``https://`` and ``grpcs://`` speak TLS and verify the server's certificate against
+    ``ca_cert`` (a PEM bundle) or, without one, the default trust store;
+    ``client_cert`` and ``client_key`` (PEM) answer a server that asks for a client
+    certificate. A ``token`` is refused (``ValueError``) where it would travel unencrypted
+    beyond loopback, unless ``allow_insecure``.
     """
 
-    def _open(self, url: str, timeout: float | None, headers: dict[str, str]) -> Any:
+    def _open(self, url: str, timeout: float | None, headers: dict[str, str], tls: Tls) -> Any:
         if self.protocol == "oip-grpc":
             from espro_client._grpc import GrpcTransport
 
-            return GrpcTransport(url, timeout, headers)
-        return HttpTransport(url, timeout, headers)
+            return GrpcTransport(url, timeout, headers, tls)
+        return HttpTransport(url, timeout, headers, tls)
 
     def _send(self, call: Any) -> Any:
         return self.retry.call(lambda: self._transport.send(call))
@@ -135,14 +166,16 @@ class Client(_ClientBase):
         return concatenate([self._send(call) for call in calls])
 
     def health(self) -> bool:
-        """Whether the server is up (``False`` when it cannot be reached). Not retried."""
+        """Whether the server is up (``False`` when it cannot be reached; a
+        :class:`~espro_client.errors.TLSError` when TLS fails). Not retried."""
         try:
             return bool(self._transport.send(self._door.live()))
         except Unavailable:
             return False
 
     def ready(self, model: str | None = None, version: str | None = None) -> bool:
-        """Whether the server (or ``model``, at ``version``) takes requests. Not retried."""
+        """Whether the server (or ``model``, at ``version``) takes requests (see
+        :meth:`health`). Not retried."""
         try:
             return bool(self._transport.send(self._door.ready(model, version)))
         except Unavailable:
@@ -185,12 +218,12 @@ class AsyncClient(_ClientBase):
     ``asyncio.gather`` to send them concurrently.
     """
 
-    def _open(self, url: str, timeout: float | None, headers: dict[str, str]) -> Any:
+    def _open(self, url: str, timeout: float | None, headers: dict[str, str], tls: Tls) -> Any:
         if self.protocol == "oip-grpc":
             from espro_client._grpc import AsyncGrpcTransport
 
-            return AsyncGrpcTransport(url, timeout, headers)
-        return AsyncHttpTransport(url, timeout, headers)
+            return AsyncGrpcTransport(url, timeout, headers, tls)
+        return AsyncHttpTransport(url, timeout, headers, tls)
 
     async def _send(self, call: Any) -> Any:
         return await self.retry.acall(lambda: self._transport.send(call))

@@ -7,10 +7,13 @@ The kind follows from the HTTP status or the gRPC status code, not from the mess
     ├── Unauthorized  401, 403 / UNAUTHENTICATED, PERMISSION_DENIED
     ├── NotFound      404 / NOT_FOUND
     ├── Unavailable   429, 503 / UNAVAILABLE; no connection; no model answered (retried)
-    └── Timeout       408, 504 / DEADLINE_EXCEEDED; no answer in time (retried)
+    ├── Timeout       408, 504 / DEADLINE_EXCEEDED; no answer in time (retried)
+    └── TLSError      the TLS handshake failed: a certificate that does not verify
 
 "No model answered" is a failure that a proxy, not espro, sent: the transports tell them apart
-by espro's JSON error body (HTTP) or its ``espro-status`` trailer (gRPC).
+by espro's JSON error body (HTTP) or its ``espro-status`` trailer (gRPC). A TLS failure is
+told by the ``ssl`` exception (HTTP) or by the ``UNAVAILABLE`` details naming a failed
+handshake (gRPC).
 """
 
 from __future__ import annotations
@@ -59,6 +62,12 @@ class Timeout(EsproError):
     """No answer in time: the client's timeout passed, or the server's or a gateway's (HTTP 408
     or 504, gRPC ``DEADLINE_EXCEEDED``). The client retries these unless
     ``Retry(timeouts=False)``."""
+
+
+class TLSError(EsproError):
+    """The TLS handshake failed: the server's certificate does not verify against the trusted
+    CAs (``ca_cert``), or the server refused this client's (``client_cert``). Not retried:
+    only a change of configuration helps."""
 
 
 _BY_HTTP_STATUS: dict[int, type[EsproError]] = {
