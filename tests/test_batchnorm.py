@@ -23,7 +23,7 @@ def test_recomputed_statistics_are_the_exact_average_over_the_batches():
     params = {k: v.detach() * 2 for k, v in model.named_parameters()}  # a point nobody trained
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0)) + 3.0
-    fresh = recompute_batchnorm(model, params, buffers, x, batch_size=16)
+    fresh = recompute_batchnorm(model, params, buffers, x.split(16))
     hidden = x @ params["0.weight"].T + params["0.bias"]
     torch.testing.assert_close(fresh["1.running_mean"], hidden.mean(0))
     # Equal batches: the running variance is the mean of the unbiased batch variances.
@@ -36,12 +36,12 @@ def test_recomputed_statistics_are_the_exact_average_over_the_batches():
     assert model[1].momentum == 0.1
 
 
-def test_max_batches_limits_the_data_used():
+def test_only_the_batches_given_are_used():
     model = _model()
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     x = torch.cat([torch.zeros(16, 3), torch.full((16, 3), 100.0)])
-    fresh = recompute_batchnorm(model, params, buffers, x, batch_size=16, max_batches=1)
+    fresh = recompute_batchnorm(model, params, buffers, x.split(16)[:1])
     with torch.no_grad():
         expected = model[0](torch.zeros(1, 3))[0]
     torch.testing.assert_close(fresh["1.running_mean"], expected)
@@ -51,6 +51,6 @@ def test_models_without_batchnorm_keep_their_buffers():
     model = nn.Linear(2, 2)
     model.register_buffer("scale", torch.tensor(3.0))
     fresh = recompute_batchnorm(
-        model, dict(model.named_parameters()), {"scale": torch.tensor(3.0)}, torch.randn(8, 2)
+        model, dict(model.named_parameters()), {"scale": torch.tensor(3.0)}, [torch.randn(8, 2)]
     )
     assert fresh == {"scale": torch.tensor(3.0)}

@@ -17,15 +17,9 @@ from torchvision.datasets import CIFAR10, CIFAR100, cifar
 
 from serving.manifest import Task
 from training import data
-from training.data import (
-    DATASETS,
-    DataConfig,
-    Dataset,
-    RawDataset,
-    Split,
-    load_dataset,
-)
+from training.data import DATASETS, BuiltinData, Dataset, RawDataset, load_dataset
 from training.errors import DataError
+from training.splits import TensorSplit
 
 # name: (input_shape, number of classes, builder options that keep the test fast)
 EMBEDDED: dict[str, tuple[tuple[int, ...], int, dict[str, Any]]] = {
@@ -38,10 +32,10 @@ ON_DISK = {"cifar10": CIFAR10, "cifar100": CIFAR100}
 
 
 def _load(name: str, **overrides: Any) -> Dataset:
-    return load_dataset(DataConfig(name=name, options=EMBEDDED[name][2], **overrides))
+    return load_dataset(BuiltinData(name=name, options=EMBEDDED[name][2], **overrides))
 
 
-def _splits(dataset: Dataset) -> dict[str, Split]:
+def _splits(dataset: Dataset) -> dict[str, TensorSplit]:
     return {
         "train": dataset.train,
         "val": dataset.val,
@@ -50,7 +44,7 @@ def _splits(dataset: Dataset) -> dict[str, Split]:
     }
 
 
-def _rows(*splits: Split) -> list[tuple[float, ...]]:
+def _rows(*splits: TensorSplit) -> list[tuple[float, ...]]:
     """The samples of ``splits`` as sorted (inputs..., target) rows: a multiset to compare."""
     rows = [torch.cat([s.x.flatten(1), s.y[:, None].to(torch.float32)], dim=1) for s in splits]
     return sorted(map(tuple, torch.cat(rows).tolist()))
@@ -80,9 +74,9 @@ def test_embedded_data_set_shapes_and_dtypes(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(EMBEDDED))
 def test_val_and_calibration_partition_train(name: str) -> None:
-    config = DataConfig(name=name, options=EMBEDDED[name][2], val_fraction=0.2)
+    config = BuiltinData(name=name, options=EMBEDDED[name][2], val_fraction=0.2)
     dataset = load_dataset(config)
-    raw = DATASETS[name](config, **config.options)
+    raw = config.read()
     n = len(raw.train)
     assert [len(dataset.val), len(dataset.calibration)] == pytest.approx([0.2 * n, 0.1 * n], abs=1)
     assert _rows(dataset.train, dataset.val, dataset.calibration) == _rows(raw.train)
@@ -128,19 +122,19 @@ def test_mean_and_std_per_feature_for_vectors() -> None:
 
 
 def test_std_is_floored(monkeypatch: pytest.MonkeyPatch) -> None:
-    def constant(config: DataConfig) -> RawDataset:
-        split = Split(torch.ones(40, 3, 5), torch.arange(40) % 2)
+    def constant(config: BuiltinData) -> RawDataset:
+        split = TensorSplit(torch.ones(40, 3, 5), torch.arange(40) % 2)
         return RawDataset(Task.CLASSIFICATION, ("a", "b"), train=split, test=split)
 
     monkeypatch.setattr(data, "DATASETS", {})
     data.register_dataset(constant)
-    dataset = load_dataset(DataConfig(name="constant"))
+    dataset = load_dataset(BuiltinData(name="constant"))
     assert dataset.mean == (1.0, 1.0, 1.0)
     assert dataset.std == (1e-6, 1e-6, 1e-6)
 
 
 def test_mnist1d_default_size_and_classes() -> None:
-    dataset = load_dataset(DataConfig(name="mnist1d"))
+    dataset = load_dataset(BuiltinData(name="mnist1d"))
     assert len(dataset.train) + len(dataset.val) + len(dataset.calibration) == 4000
     assert len(dataset.test) == 1000
     assert dataset.class_names == tuple(str(digit) for digit in range(10))
@@ -157,7 +151,7 @@ def test_mnist1d_generation_has_no_side_effects(
     monkeypatch.chdir(tmp_path)  # mnist1d's own caching helper would write here
     random.seed(7)
     np.random.seed(7)
-    dataset = load_dataset(DataConfig(name="mnist1d", options={"n_samples": 200}))
+    dataset = load_dataset(BuiltinData(name="mnist1d", options={"n_samples": 200}))
     assert len(dataset.test) == 40
     assert list(tmp_path.iterdir()) == []
     # mnist1d reseeds the global generators; the loader puts them back.
@@ -166,7 +160,7 @@ def test_mnist1d_generation_has_no_side_effects(
 
 
 def test_regression1d_inputs_lie_in_three_clusters() -> None:
-    dataset = load_dataset(DataConfig(name="regression1d", options={"noise": 0.0}))
+    dataset = load_dataset(BuiltinData(name="regression1d", options={"noise": 0.0}))
     x = torch.cat([split.x for split in _splits(dataset).values()]).squeeze(1)
     in_cluster = (x.abs() <= 1.2) | ((x.abs() >= 4.8) & (x.abs() <= 7.2))
     assert in_cluster.all()
@@ -177,7 +171,7 @@ def test_regression1d_inputs_lie_in_three_clusters() -> None:
 
 
 def test_generated_sizes_follow_options() -> None:
-    dataset = load_dataset(DataConfig(name="two_spirals", options={"n_samples": 500}))
+    dataset = load_dataset(BuiltinData(name="two_spirals", options={"n_samples": 500}))
     assert sum(len(split) for split in _splits(dataset).values()) == 500
     assert len(dataset.test) == 100
     assert dataset.class_names == ("arm 0", "arm 1")
@@ -200,7 +194,7 @@ def test_generated_sizes_follow_options() -> None:
 )
 def test_config_errors_name_the_field(fields: dict[str, Any], field: str, match: str) -> None:
     with pytest.raises(pydantic.ValidationError, match=match) as info:
-        DataConfig(**fields)
+        BuiltinData(**fields)
     assert [error["loc"] for error in info.value.errors()] == [(field,)]
 
 
@@ -242,7 +236,7 @@ def test_cifar_from_a_fake_folder(
     # The fake files cannot match torchvision's md5 sums (data and meta): check existence only.
     monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
     class_names = _write_fake_cifar(tmp_path, ON_DISK[name], per_class=10)
-    dataset = load_dataset(DataConfig(name=name, root=tmp_path))
+    dataset = load_dataset(BuiltinData(name=name, root=tmp_path))
     assert dataset.class_names == tuple(class_names)
     assert dataset.input_shape == (3, 32, 32)
     assert len(dataset.train) + len(dataset.val) + len(dataset.calibration) == 10 * len(class_names)
@@ -261,9 +255,9 @@ def test_cifar_from_a_fake_folder(
 @pytest.mark.parametrize("name", sorted(ON_DISK))
 def test_cifar_missing_folder_without_download(name: str, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"data\.download=true"):
-        load_dataset(DataConfig(name=name, root=tmp_path, download=False))
+        load_dataset(BuiltinData(name=name, root=tmp_path, download=False))
 
 
 def test_cifar_needs_a_root() -> None:
     with pytest.raises(DataError, match=r"set data\.root"):
-        load_dataset(DataConfig(name="cifar10"))
+        load_dataset(BuiltinData(name="cifar10"))

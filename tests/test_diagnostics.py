@@ -4,19 +4,19 @@ from torch import nn
 
 from serving.manifest import InputSpec, Task
 from serving.simplex import sample_dirichlet
-from training.data import Split
 from training.diagnostics import SimplexDiagnostics, diagnose, diagnostics_table
 from training.espro import Draw, TrainedSimplex
+from training.splits import TensorSplit
 from training.spro import OptimSettings, SimplexTrainer
 
 SPEC = InputSpec(shape=(4,), mean=(0.0,) * 4, std=(1.0,) * 4)
 
 
-def _data(n: int, seed: int) -> Split:
+def _data(n: int, seed: int) -> TensorSplit:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=g)
     y = ((x[:, 0] * x[:, 1] > 0).long() + (x[:, 2] > 0.5).long()) % 3
-    return Split(x, y)
+    return TensorSplit(x, y)
 
 
 def _simplex(lam: float, epochs: int, lr: float) -> tuple[nn.Module, TrainedSimplex, list[Draw]]:
@@ -24,9 +24,9 @@ def _simplex(lam: float, epochs: int, lr: float) -> tuple[nn.Module, TrainedSimp
     model = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 3))
     trainer = SimplexTrainer(model, Task.CLASSIFICATION, lam=lam, samples=3)
     train = _data(256, 0)
-    trainer.fit_mode(train.x, train.y, OptimSettings(epochs=20, lr=0.1), torch.Generator())
+    trainer.fit_mode(train, OptimSettings(epochs=20, lr=0.1), torch.Generator())
     for _ in range(2):
-        trainer.add_vertex(train.x, train.y, OptimSettings(epochs=epochs, lr=lr), torch.Generator())
+        trainer.add_vertex(train, OptimSettings(epochs=epochs, lr=lr), torch.Generator())
     simplex = TrainedSimplex(trainer.vertices, trainer.buffers, [0.0] * 3, [0.0] * 3)
     alphas = sample_dirichlet(3, 6, torch.Generator().manual_seed(1))
     return model, simplex, [Draw(tuple(a.tolist()), {}) for a in alphas]
@@ -74,9 +74,9 @@ def test_a_lone_mode_has_no_edges_and_no_warnings():
 def test_regression_diversity_is_in_target_units():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    data = Split(torch.randn(64, 4), torch.randn(64) * 5)
+    data = TensorSplit(torch.randn(64, 4), torch.randn(64) * 5)
     trainer = SimplexTrainer(model, Task.REGRESSION)
-    trainer.fit_mode(data.x, data.y, OptimSettings(epochs=2, lr=0.01), torch.Generator())
+    trainer.fit_mode(data, OptimSettings(epochs=2, lr=0.01), torch.Generator())
     simplex = TrainedSimplex(trainer.vertices * 2, trainer.buffers, [0.0] * 2, [0.0] * 2)
     d = diagnose(Task.REGRESSION, model, simplex, [Draw((0.5, 0.5), {})], data, data, SPEC)
     assert d.diversity == pytest.approx(0.0, abs=1e-6)

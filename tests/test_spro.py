@@ -3,15 +3,16 @@ import torch
 from torch import nn
 
 from serving.manifest import Task
-from training.spro import OptimSettings, SimplexTrainer, minibatches, task_loss
+from training.splits import TensorSplit, minibatches
+from training.spro import OptimSettings, SimplexTrainer, task_loss
 from training.volume import squared_distances, squared_height
 
 
-def _problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _problem(seed: int = 0) -> TensorSplit:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(256, 4, generator=g)
     y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1).long()
-    return x, y
+    return TensorSplit(x, y)
 
 
 def _trainer(lam: float = 0.0, bn: bool = False) -> SimplexTrainer:
@@ -23,20 +24,20 @@ def _trainer(lam: float = 0.0, bn: bool = False) -> SimplexTrainer:
 
 
 def _fit(trainer: SimplexTrainer, vertices: int, lr: float = 0.1, epochs: int = 5) -> None:
-    x, y = _problem()
-    trainer.fit_mode(x, y, OptimSettings(epochs=epochs, lr=lr), torch.Generator().manual_seed(1))
+    data = _problem()
+    trainer.fit_mode(data, OptimSettings(epochs=epochs, lr=lr), torch.Generator().manual_seed(1))
     for j in range(vertices):
         trainer.add_vertex(
-            x, y, OptimSettings(epochs=epochs, lr=lr), torch.Generator().manual_seed(2 + j)
+            data, OptimSettings(epochs=epochs, lr=lr), torch.Generator().manual_seed(2 + j)
         )
 
 
 def test_fit_mode_lowers_the_loss():
     trainer = _trainer()
-    x, y = _problem()
-    before = task_loss(Task.CLASSIFICATION, trainer.model(x), y).item()
+    data = _problem()
+    before = task_loss(Task.CLASSIFICATION, trainer.model(data.x), data.y).item()
     history = trainer.fit_mode(
-        x, y, OptimSettings(epochs=10, lr=0.1), torch.Generator().manual_seed(0)
+        data, OptimSettings(epochs=10, lr=0.1), torch.Generator().manual_seed(0)
     )
     assert history.loss[-1] < 0.7 * before
     assert trainer.order == 0
@@ -49,8 +50,8 @@ def test_gradients_reach_only_the_vertex_being_trained():
     frozen = [{k: v.clone().requires_grad_(True) for k, v in vx.items()} for vx in trainer.vertices]
     spy = SimplexTrainer(trainer.model, Task.CLASSIFICATION, lam=0.1, samples=3, vertices=frozen)
     before = [{k: v.detach().clone() for k, v in vx.items()} for vx in frozen]
-    x, y = _problem()
-    spy.add_vertex(x, y, OptimSettings(epochs=2, lr=0.1), torch.Generator().manual_seed(5))
+    data = _problem()
+    spy.add_vertex(data, OptimSettings(epochs=2, lr=0.1), torch.Generator().manual_seed(5))
     assert all(v.grad is None for vx in frozen for v in vx.values())
     for old, new in zip(before, spy.vertices[:2], strict=True):
         assert all(torch.equal(old[k], new[k]) for k in old)
@@ -64,10 +65,9 @@ def test_new_vertex_starts_at_the_centroid():
     centroid = {
         k: (trainer.vertices[0][k] + trainer.vertices[1][k]) / 2 for k in trainer.vertices[0]
     }
-    x, y = _problem()
+    data = _problem()
     trainer.add_vertex(
-        x,
-        y,
+        data,
         OptimSettings(epochs=1, lr=1e-12, momentum=0.0, weight_decay=0.0),
         torch.Generator().manual_seed(0),
     )
@@ -86,12 +86,12 @@ def test_volume_term_grows_the_simplex():
 
 def test_add_vertex_needs_a_mode_and_fit_mode_runs_once():
     trainer = _trainer()
-    x, y = _problem()
+    data = _problem()
     with pytest.raises(RuntimeError, match="fit_mode"):
-        trainer.add_vertex(x, y, OptimSettings(epochs=1, lr=0.1), torch.Generator())
+        trainer.add_vertex(data, OptimSettings(epochs=1, lr=0.1), torch.Generator())
     _fit(trainer, vertices=0, epochs=1)
     with pytest.raises(RuntimeError, match="already trained"):
-        trainer.fit_mode(x, y, OptimSettings(epochs=1, lr=0.1), torch.Generator())
+        trainer.fit_mode(data, OptimSettings(epochs=1, lr=0.1), torch.Generator())
 
 
 def test_mode_training_updates_batchnorm_but_new_vertices_do_not():
@@ -100,8 +100,8 @@ def test_mode_training_updates_batchnorm_but_new_vertices_do_not():
     _fit(trainer, vertices=0)
     after_mode = trainer.buffers["1.running_mean"].clone()
     assert not torch.equal(initial, after_mode)
-    x, y = _problem()
-    trainer.add_vertex(x, y, OptimSettings(epochs=2, lr=0.1), torch.Generator().manual_seed(0))
+    data = _problem()
+    trainer.add_vertex(data, OptimSettings(epochs=2, lr=0.1), torch.Generator().manual_seed(0))
     assert torch.equal(trainer.buffers["1.running_mean"], after_mode)
 
 

@@ -2,12 +2,14 @@
 
 A point inside a simplex is a network no one trained, so the running statistics of any vertex
 are wrong for it. Following Garipov et al. (2018), the statistics are reset and re-estimated
-as an exact (cumulative) average over a number of training batches in train mode.
+as an exact (cumulative) average over a number of training batches in train mode. The batches
+are the training inputs as they are, never augmented: the statistics are those of the data the
+member will be asked about.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -53,12 +55,10 @@ def recompute_batchnorm(
     model: nn.Module,
     params: Mapping[str, torch.Tensor],
     buffers: Mapping[str, torch.Tensor],
-    x: torch.Tensor,
-    *,
-    batch_size: int = 128,
-    max_batches: int | None = None,
+    batches: Iterable[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """Fresh BatchNorm statistics of ``model`` under ``params`` estimated on inputs ``x``.
+    """Fresh BatchNorm statistics of ``model`` under ``params`` estimated on ``batches`` of
+    normalised inputs (read only where the model has BatchNorm).
 
     Returns new buffers (the ones given are not modified). Models without BatchNorm get
     their buffers back unchanged.
@@ -77,10 +77,8 @@ def recompute_batchnorm(
     model.train()
     try:
         with _cumulative_average(modules):
-            for i, start in enumerate(range(0, len(x), batch_size)):
-                if max_batches is not None and i >= max_batches:
-                    break
-                functional_call(model, (dict(params), fresh), (x[start : start + batch_size],))
+            for x in batches:
+                functional_call(model, (dict(params), fresh), (x,))
     finally:
         model.train(was_training)
     return fresh

@@ -10,7 +10,7 @@ import inspect
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from serving.architectures import ARCHITECTURES
 from serving.errors import describe_validation_error
 from serving.manifest import ConformalMethod
-from training.data import DataConfig
+from training.data import BuiltinData
 from training.errors import ConfigError
+from training.sources import SOURCES, DataConfig
 from training.spro import OptimSettings
 
 BUILTIN_CONFIGS = "configs"
@@ -159,7 +160,11 @@ class TrainConfig(_Section):
     seed: int = 0
     device: str = Field(default="cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$")
     """Where to train: ``cpu``, ``cuda``, ``cuda:N``, or ``auto`` (CUDA when available)."""
-    data: DataConfig = Field(default_factory=DataConfig)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Arithmetic of the training forward passes: ``bf16`` runs them under ``torch.autocast``
+    (losses, optimiser and the bundle's weights stay float32)."""
+    data: DataConfig = Field(default_factory=BuiltinData)
+    """Where the data come from: a built-in data set or a ``source`` of :mod:`training.sources`."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     modes: ModesConfig = Field(default_factory=ModesConfig)
     simplex: SimplexConfig = Field(default_factory=SimplexConfig)
@@ -168,12 +173,25 @@ class TrainConfig(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
 
+def _without_source_tags(err: ValidationError) -> ValidationError:
+    """``err`` with ``data.name`` where pydantic says ``data.builtin.name``: the data source it
+    puts in the path is the section's own ``source`` key, not a field."""
+    errors = [
+        {**e, "loc": e["loc"][:1] + e["loc"][2:]}
+        if e["loc"][:1] == ("data",) and len(e["loc"]) > 1 and e["loc"][1] in SOURCES
+        else e
+        for e in err.errors(include_url=False)
+    ]
+    return ValidationError.from_exception_data(err.title, errors)  # type: ignore[arg-type]
+
+
 def parse_config(data: Any, source: str = "config") -> TrainConfig:
     """Validate a mapping as a :class:`TrainConfig`, naming every bad field in the error."""
     try:
         return TrainConfig.model_validate(data if data is not None else {})
     except ValidationError as err:
-        raise ConfigError(f"{source}: {describe_validation_error(err)}") from None
+        message = describe_validation_error(_without_source_tags(err))
+        raise ConfigError(f"{source}: {message}") from None
 
 
 def builtin_configs() -> dict[str, Path]:

@@ -1,14 +1,18 @@
-"""Data sets that need no network: generated, shipped inside an installed package, or on disk.
+"""Data sets and how every source of data is split: train, validation, calibration, test.
 
-A data set's builder returns its raw train and test splits; :func:`load_dataset` carves the
-validation split (for temperature scaling) and the calibration split (for conformal prediction
-sets) out of train, stratified by class, and computes the input normalisation on what is left::
+A source's :meth:`~DataSource.read` returns its raw train and test splits; :func:`load_dataset`
+carves the validation split (for temperature scaling) and the calibration split (for conformal
+prediction sets) out of train, stratified by class, and computes the input normalisation on what
+is left. The built-in data sets need no network: generated, shipped inside an installed package,
+or on disk (CIFAR)::
 
-    data = load_dataset(DataConfig(name="digits", seed=1))
+    data = load_dataset(BuiltinData(name="digits", seed=1))
     data.train.x.shape  # [N, 1, 8, 8], float32, not normalised; see data.mean and data.std
 
-``DataConfig.seed`` seeds that carving and the draws of the generated data sets (two_spirals,
-regression1d); the test splits of digits, mnist1d and CIFAR are fixed so that results compare.
+The user's own data (arrays, tables, image folders, code) are the sources of
+:mod:`training.sources`. ``seed`` seeds the carving and the draws of the generated data sets
+(two_spirals, regression1d); the test splits of digits, mnist1d and CIFAR are fixed so that
+results compare.
 """
 
 from __future__ import annotations
@@ -19,14 +23,16 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from serving.manifest import Task
+from training.augment import AugmentConfig
 from training.errors import DataError
+from training.splits import Split, TensorSplit
 
 # scikit-learn, like torchvision, takes seconds to import: only the functions that use it do,
 # so that `espro serve`, which reads this module's config types, starts without it.
@@ -35,40 +41,21 @@ if TYPE_CHECKING:  # torchvision takes seconds to import: only the CIFAR builder
 
 __all__ = [
     "DATASETS",
-    "DataConfig",
+    "BuiltinData",
+    "DataSource",
     "Dataset",
     "DatasetBuilder",
     "RawDataset",
-    "Split",
+    "hold_out_test",
     "load_dataset",
     "register_dataset",
 ]
 
-_TEST_FRACTION = 0.2
-"""Share of the samples that digits and the generated data sets keep for testing."""
+TEST_FRACTION = 0.2
+"""Share of the samples kept for testing where a data set has no test split of its own."""
 _MIN_STD = 1e-6
-_TARGET_DTYPE = {Task.CLASSIFICATION: torch.int64, Task.REGRESSION: torch.float32}
+TARGET_DTYPE = {Task.CLASSIFICATION: torch.int64, Task.REGRESSION: torch.float32}
 _REGRESSION_CLUSTERS = ((-7.2, -4.8), (-1.2, 1.2), (4.8, 7.2))
-
-
-@dataclass(frozen=True, eq=False)
-class Split:
-    """Inputs and targets of one split."""
-
-    x: torch.Tensor
-    """Raw float32 inputs, ``[N, *input_shape]``."""
-    y: torch.Tensor
-    """int64 labels ``[N]`` (classification) or float32 targets ``[N]`` (regression)."""
-
-    def __post_init__(self) -> None:
-        if self.y.ndim != 1 or len(self.x) != len(self.y):
-            raise ValueError(
-                f"expected inputs [N, ...] and targets [N], got {list(self.x.shape)} "
-                f"and {list(self.y.shape)}"
-            )
-
-    def __len__(self) -> int:
-        return len(self.y)
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,19 +103,36 @@ def register_dataset(fn: DatasetBuilder) -> DatasetBuilder:
     return fn
 
 
-class DataConfig(BaseModel):
-    """Which data set to load and how to split it."""
+class DataSource(BaseModel):
+    """Where the data come from (a subclass per ``source``) and how train is split up."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    name: str = "mnist1d"
-    """A registered data set (see ``DATASETS``)."""
     seed: int = Field(0, ge=0, lt=2**32)
     """The data seed, independent of the training seed."""
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     """Share of train held out for temperature scaling."""
     calibration_fraction: float = Field(0.1, gt=0, lt=0.5)
     """Share of train held out for conformal prediction sets."""
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    """Random crops and flips of training images (:mod:`training.augment`); off by default."""
+
+    @property
+    def origin(self) -> str:
+        """What errors and the data set's ``name`` call this source."""
+        raise NotImplementedError
+
+    def read(self) -> RawDataset:
+        """The raw train and test splits; a file that cannot be read raises DataError."""
+        raise NotImplementedError
+
+
+class BuiltinData(DataSource):
+    """A registered data set (``DATASETS``): generated, shipped with a package, or CIFAR."""
+
+    source: Literal["builtin"] = "builtin"
+    name: str = "mnist1d"
+    """A registered data set (see ``DATASETS``)."""
     root: Path | None = None
     """Folder of a torchvision data set (CIFAR)."""
     download: bool = False
@@ -162,66 +166,85 @@ class DataConfig(BaseModel):
             )
         return options
 
+    @property
+    def origin(self) -> str:
+        return self.name
 
-def load_dataset(config: DataConfig) -> Dataset:
-    """Build the data set named in ``config`` and split it into train/val/calibration/test."""
-    raw = DATASETS[config.name](config, **config.options)
+    def read(self) -> RawDataset:
+        return DATASETS[self.name](self, **self.options)
+
+
+def load_dataset(config: DataSource) -> Dataset:
+    """Read the data ``config`` names and split them into train/val/calibration/test."""
+    raw = config.read()
     train, val, calibration = _carve(raw.train, raw.task, config)
-    mean, std = _normalisation(train.x)
+    if config.augment.active and len(train.input_shape) != 3:
+        raise DataError(
+            f"{config.origin}: data.augment needs images [channels, height, width]; "
+            f"the inputs are {list(train.input_shape)}"
+        )
+    mean, std = train.statistics()
     return Dataset(
-        name=config.name,
+        name=config.origin,
         task=raw.task,
-        input_shape=tuple(train.x.shape[1:]),
+        input_shape=train.input_shape,
         class_names=raw.class_names,
         train=train,
         val=val,
         calibration=calibration,
         test=raw.test,
-        mean=mean,
-        std=std,
+        mean=tuple(mean.tolist()),
+        std=tuple(max(value, _MIN_STD) for value in std.tolist()),
     )
 
 
-def _carve(split: Split, task: Task, config: DataConfig) -> tuple[Split, Split, Split]:
-    """Split ``split`` into train, val and calibration; stratified for classification."""
+def _stratified(
+    split: Split, task: Task, test_size: float, seed: int, what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of ``split`` in two parts, the second ``test_size`` of it; stratified by
+    class for classification."""
     from sklearn.model_selection import train_test_split  # seconds to import (see the top)
 
+    labels = split.y.cpu().numpy() if task is Task.CLASSIFICATION else None
+    try:
+        return train_test_split(
+            np.arange(len(split)), test_size=test_size, stratify=labels, random_state=seed
+        )
+    except ValueError as err:  # too few rows, or a class too small to stratify
+        raise DataError(f"cannot hold out the {what}: {err}") from None
+
+
+def _carve(split: Split, task: Task, config: DataSource) -> tuple[Split, Split, Split]:
+    """Split ``split`` into train, val and calibration; stratified for classification."""
     held_out = config.val_fraction + config.calibration_fraction
-    labels = split.y.numpy() if task is Task.CLASSIFICATION else None
-    train_index, held_index = train_test_split(
-        np.arange(len(split)), test_size=held_out, stratify=labels, random_state=config.seed
+    what = f"validation and calibration splits of {config.origin}"
+    train_index, held_index = _stratified(split, task, held_out, config.seed, what)
+    held = split.subset(held_index)
+    val_index, calibration_index = _stratified(
+        held, task, config.calibration_fraction / held_out, config.seed, what
     )
-    val_index, calibration_index = train_test_split(
-        held_index,
-        test_size=config.calibration_fraction / held_out,
-        stratify=None if labels is None else labels[held_index],
-        random_state=config.seed,
-    )
-
-    def take(index: np.ndarray) -> Split:
-        return Split(split.x[index], split.y[index])
-
-    return take(train_index), take(val_index), take(calibration_index)
+    return split.subset(train_index), held.subset(val_index), held.subset(calibration_index)
 
 
-def _normalisation(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and floored std per feature (rank-1 inputs) or per channel (higher ranks)."""
-    dims = (0,) if x.ndim == 2 else (0, *range(2, x.ndim))
-    std, mean = torch.std_mean(x, dim=dims, correction=0)
-    return tuple(mean.tolist()), tuple(max(value, _MIN_STD) for value in std.tolist())
+def hold_out_test(split: Split, task: Task, config: DataSource) -> tuple[Split, Split]:
+    """Train and test splits of data that come without a test split: a seeded, stratified
+    :data:`TEST_FRACTION` of the rows is held out for testing."""
+    what = f"test split of {config.origin} (it has none of its own)"
+    train_index, test_index = _stratified(split, task, TEST_FRACTION, config.seed, what)
+    return split.subset(train_index), split.subset(test_index)
 
 
-def _split(x: np.ndarray, y: np.ndarray, task: Task) -> Split:
-    return Split(
-        torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=_TARGET_DTYPE[task])
+def _split(x: np.ndarray, y: np.ndarray, task: Task) -> TensorSplit:
+    return TensorSplit(
+        torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=TARGET_DTYPE[task])
     )
 
 
 def _generated(
     task: Task, class_names: tuple[str, ...], x: np.ndarray, y: np.ndarray
 ) -> RawDataset:
-    """Split i.i.d. draws: the last ``_TEST_FRACTION`` of them form the test split."""
-    n_train = len(y) - round(len(y) * _TEST_FRACTION)
+    """Split i.i.d. draws: the last ``TEST_FRACTION`` of them form the test split."""
+    n_train = len(y) - round(len(y) * TEST_FRACTION)
     return RawDataset(
         task,
         class_names,
@@ -231,7 +254,7 @@ def _generated(
 
 
 @register_dataset
-def digits(config: DataConfig) -> RawDataset:
+def digits(config: BuiltinData) -> RawDataset:
     """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes); a fixed 20% test split."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -240,7 +263,7 @@ def digits(config: DataConfig) -> RawDataset:
     x_train, x_test, y_train, y_test = train_test_split(
         bunch.images[:, None],
         bunch.target,
-        test_size=_TEST_FRACTION,
+        test_size=TEST_FRACTION,
         stratify=bunch.target,
         random_state=0,
     )
@@ -253,7 +276,7 @@ def digits(config: DataConfig) -> RawDataset:
 
 
 @register_dataset
-def mnist1d(config: DataConfig, *, n_samples: int = 5000, train_split: float = 0.8) -> RawDataset:
+def mnist1d(config: BuiltinData, *, n_samples: int = 5000, train_split: float = 0.8) -> RawDataset:
     """MNIST-1D (Greydanus 2020), generated locally: 40-step signals, 10 classes.
 
     The defaults reproduce the published data set: 4,000 train and 1,000 test signals.
@@ -281,7 +304,7 @@ def mnist1d(config: DataConfig, *, n_samples: int = 5000, train_split: float = 0
 
 @register_dataset
 def two_spirals(
-    config: DataConfig, *, n_samples: int = 1000, noise: float = 0.5, turns: float = 1.5
+    config: BuiltinData, *, n_samples: int = 1000, noise: float = 0.5, turns: float = 1.5
 ) -> RawDataset:
     """Two interleaved spiral arms in the plane, balanced; radius grows to ``2π·turns``."""
     rng = np.random.default_rng(config.seed)
@@ -294,7 +317,7 @@ def two_spirals(
 
 
 @register_dataset
-def regression1d(config: DataConfig, *, n_samples: int = 1000, noise: float = 0.1) -> RawDataset:
+def regression1d(config: BuiltinData, *, n_samples: int = 1000, noise: float = 0.1) -> RawDataset:
     """y = sin(x) + x/10 + Gaussian noise, x uniform on three separated intervals."""
     rng = np.random.default_rng(config.seed)
     clusters = np.array(_REGRESSION_CLUSTERS)[
@@ -305,7 +328,7 @@ def regression1d(config: DataConfig, *, n_samples: int = 1000, noise: float = 0.
     return _generated(Task.REGRESSION, (), x[:, None], y)
 
 
-def _cifar(dataset_class: type[CIFAR10], config: DataConfig) -> RawDataset:
+def _cifar(dataset_class: type[CIFAR10], config: BuiltinData) -> RawDataset:
     """Read CIFAR through torchvision; uint8 HWC images become float32 CHW in [0, 1]."""
     if config.root is None:
         raise DataError(
@@ -323,7 +346,7 @@ def _cifar(dataset_class: type[CIFAR10], config: DataConfig) -> RawDataset:
             "; put it there or set data.download=true (needs a network)"
         ) from err
 
-    def split(images: CIFAR10) -> Split:
+    def split(images: CIFAR10) -> TensorSplit:
         x = images.data.transpose(0, 3, 1, 2).astype(np.float32, order="C")
         x /= 255.0
         return _split(x, np.asarray(images.targets), Task.CLASSIFICATION)
@@ -334,7 +357,7 @@ def _cifar(dataset_class: type[CIFAR10], config: DataConfig) -> RawDataset:
 
 
 @register_dataset
-def cifar10(config: DataConfig) -> RawDataset:
+def cifar10(config: BuiltinData) -> RawDataset:
     """CIFAR-10 from ``config.root`` via torchvision: 32x32 colour images, 10 classes."""
     from torchvision.datasets import CIFAR10
 
@@ -342,7 +365,7 @@ def cifar10(config: DataConfig) -> RawDataset:
 
 
 @register_dataset
-def cifar100(config: DataConfig) -> RawDataset:
+def cifar100(config: BuiltinData) -> RawDataset:
     """CIFAR-100 from ``config.root`` via torchvision: 32x32 colour images, 100 classes."""
     from torchvision.datasets import CIFAR100
 

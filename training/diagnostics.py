@@ -17,8 +17,8 @@ from torch import nn
 
 from serving.engine.reference import ReferenceEngine
 from serving.manifest import InputSpec, Task
-from training.data import Split
 from training.espro import Draw, TrainedSimplex, member_states
+from training.splits import Split, split_outputs
 from training.spro import task_loss
 from training.volume import squared_distances, squared_norm
 
@@ -90,7 +90,8 @@ def diagnose(
     device = next(iter(mode.values())).device
     members = [mode, *member_states([simplex], [list(draws)])]
     engine = ReferenceEngine(model, members, input_spec, device=device)
-    train_out, val_out = engine.outputs(train.x).cpu(), engine.outputs(val.x).cpu()
+    train_out = split_outputs(engine.outputs, train).cpu()
+    val_out = split_outputs(engine.outputs, val).cpu()
     norm = math.sqrt(squared_norm(simplex.vertices[0]))
     distances = squared_distances(simplex.vertices).sqrt()
     n = len(simplex.vertices)

@@ -9,6 +9,7 @@ checkpoints gives the same weights as one that was never interrupted.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import time
@@ -25,6 +26,8 @@ from serving.simplex import mix_vertices, sample_dirichlet
 from training.batchnorm import batchnorm_buffer_names, recompute_batchnorm
 from training.checkpoint import Checkpoints, SavedVertex
 from training.config import TrainConfig
+from training.errors import ConfigError
+from training.splits import TrainingData
 from training.spro import Params, SimplexTrainer
 from training.volume import log_volume
 
@@ -101,18 +104,31 @@ def load_state_dict_file(path: str, model: nn.Module) -> Params:
 
 
 def config_digest(config: TrainConfig) -> str:
-    """Digest of the settings that determine the trained vertices."""
+    """Digest of the settings that determine the trained vertices (the processes that read
+    the data do not)."""
     relevant = config.model_dump(
-        mode="json", include={"seed", "data", "model", "modes", "simplex"}, by_alias=True
+        mode="json",
+        include={"seed", "precision", "data", "model", "modes", "simplex"},
+        exclude={"data": {"num_workers"}},
+        by_alias=True,
     )
     return hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()[:16]
 
 
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The dtype of the config's mixed precision on ``device`` (``None``: float32)."""
+    if config.precision == "fp32":
+        return None
+    if not torch.amp.is_autocast_available(device.type):
+        raise ConfigError(f"precision: {config.precision} needs autocast, which {device} lacks")
+    return torch.bfloat16
+
+
 @dataclass(frozen=True)
 class ComplexTrainer:
-    """Trains the modes and grows their simplexes on normalised training inputs ``x``.
+    """Trains the modes and grows their simplexes on the training ``data``.
 
-    ``make_model`` builds the architecture on the device of ``x``. Every finished vertex goes
+    ``make_model`` builds the architecture on ``data.device``. Every finished vertex goes
     to ``checkpoints``; a mode does not depend on λ, so simplexes grown with several values of
     λ (the search) share their mode, and a simplex grown once for a λ is loaded thereafter.
 
@@ -124,8 +140,7 @@ class ComplexTrainer:
     config: TrainConfig
     make_model: Callable[[], nn.Module]
     task: Task
-    x: torch.Tensor
-    y: torch.Tensor
+    data: TrainingData
     checkpoints: Checkpoints
     runner: Runner = field(default_factory=SequentialRunner)
 
@@ -162,12 +177,17 @@ class ComplexTrainer:
             else None
         )
         trainer = SimplexTrainer(
-            model, self.task, lam=lam, samples=config.simplex.samples, eps=config.simplex.eps
+            model,
+            self.task,
+            lam=lam,
+            samples=config.simplex.samples,
+            eps=config.simplex.eps,
+            autocast=autocast_dtype(config, self.data.device),
         )
         seconds, losses = [], []
         for j in range(1 + (config.simplex.vertices if vertices is None else vertices)):
             key = (m, j, None if j == 0 else lam)
-            saved = self.checkpoints.load(*key, device=self.x.device)
+            saved = self.checkpoints.load(*key, device=self.data.device)
             if saved is None:
                 saved = self._train_vertex(trainer, m, j, init)
                 self.checkpoints.save(*key, saved)
@@ -183,16 +203,16 @@ class ComplexTrainer:
     def _train_vertex(
         self, trainer: SimplexTrainer, m: int, j: int, init: Params | None
     ) -> SavedVertex:
-        config, x, y = self.config, self.x, self.y
+        config, data = self.config, self.data
         torch.manual_seed(derive_seed(config.seed, "vertex", m, j))
         rng = generator(config.seed, "batches", m, j)
         start = time.perf_counter()
         if j == 0:
             desc = f"mode {m + 1}/{config.modes.count}"
-            history = trainer.fit_mode(x, y, config.modes.settings(), rng, init=init, desc=desc)
+            history = trainer.fit_mode(data, config.modes.settings(), rng, init=init, desc=desc)
         else:
             desc = f"mode {m + 1} vertex {j} λ={trainer.lam:g}"
-            history = trainer.add_vertex(x, y, config.simplex.settings(), rng, desc=desc)
+            history = trainer.add_vertex(data, config.simplex.settings(), rng, desc=desc)
         seconds = time.perf_counter() - start
         params = trainer.vertices.pop()
         log.info("mode %d vertex %d: loss %.4f in %.1f s", m, j, history.loss[-1], seconds)
@@ -208,9 +228,10 @@ def draw_members(
     config: TrainConfig,
     model: nn.Module,
     simplexes: Sequence[TrainedSimplex],
-    x: torch.Tensor,
+    data: TrainingData,
 ) -> list[list[Draw]]:
-    """Draw ``draws.per_simplex`` members from every simplex, recomputing BatchNorm for each.
+    """Draw ``draws.per_simplex`` members from every simplex, recomputing BatchNorm for each
+    on the first ``draws.batchnorm_batches`` training batches (in order, not augmented).
 
     Each simplex's draws come from their own seeded generator (recorded as ``draw_seed``).
     """
@@ -224,13 +245,12 @@ def draw_members(
         for alpha in alphas:
             batchnorm: Params = {}
             if bn_names:
+                batches = data.in_order(config.modes.batch_size)
                 fresh = recompute_batchnorm(
                     model,
                     mix_vertices(simplex.vertices, alpha),
                     simplex.buffers,
-                    x,
-                    batch_size=config.modes.batch_size,
-                    max_batches=config.draws.batchnorm_batches,
+                    itertools.islice(batches, config.draws.batchnorm_batches),
                 )
                 batchnorm = {n: fresh[n] for n in bn_names}
             draws[m].append(Draw(tuple(alpha.tolist()), batchnorm))

@@ -30,6 +30,7 @@ from training.corruptions import gaussian_noise
 from training.data import Dataset
 from training.espro import generator
 from training.metrics import classification_metrics, regression_metrics
+from training.splits import split_outputs
 
 
 class Method(StrEnum):
@@ -98,7 +99,7 @@ def evaluate(
     manifest = bundle.manifest
     task = manifest.task
     outputs, methods = _comparison(bundle, device, allow_custom_architecture)
-    val = outputs(dataset.val.x)
+    val = split_outputs(outputs, dataset.val)
     scales = {
         method: manifest.temperature
         if method is Method.ESPRO
@@ -115,15 +116,18 @@ def evaluate(
             for method, index in methods.items()
         }
 
+    def noisy(x: torch.Tensor, severity: float) -> torch.Tensor:
+        return outputs(gaussian_noise(x, severity, manifest.input, rng))
+
     rng = generator(seed, "shift")
-    test = outputs(dataset.test.x)
+    test = split_outputs(outputs, dataset.test)
     results = {
         "temperature": {str(m): s for m, s in scales.items()},
         "test": score_all(test),
         "shift": {
             "gaussian_noise": {
                 str(severity): score_all(
-                    outputs(gaussian_noise(dataset.test.x, severity, manifest.input, rng))
+                    split_outputs(functools.partial(noisy, severity=severity), dataset.test)
                 )
                 for severity in severities
             }

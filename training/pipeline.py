@@ -24,7 +24,7 @@ from training.calibration import (
 )
 from training.checkpoint import Checkpoints
 from training.config import TrainConfig
-from training.data import Dataset, Split, load_dataset
+from training.data import Dataset, load_dataset
 from training.diagnostics import diagnose
 from training.espro import (
     ComplexTrainer,
@@ -32,12 +32,14 @@ from training.espro import (
     Runner,
     SequentialRunner,
     TrainedSimplex,
+    autocast_dtype,
     config_digest,
     draw_members,
     simplex_specs,
 )
 from training.evaluation import evaluate, fit_scale
 from training.search import search_lambda
+from training.splits import TrainingData, split_outputs
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +64,13 @@ def calibrate(
     predictor = Predictor(
         bundle, device=device, allow_custom_architecture=config.model.allow_custom
     )
-    val = predictor.outputs(dataset.val.x)
+    val = split_outputs(predictor.outputs, dataset.val)
     cal = config.calibration
     temperature = fit_scale(manifest.task, val, dataset.val.y) if cal.temperature else 1.0
     if manifest.task is Task.REGRESSION:
         return manifest.model_copy(update={"temperature": temperature})
-    cal_probs = pool(member_probabilities(predictor.outputs(dataset.calibration.x), temperature))
+    outputs = split_outputs(predictor.outputs, dataset.calibration)
+    cal_probs = pool(member_probabilities(outputs, temperature))
     labels = dataset.calibration.y
     return manifest.model_copy(
         update={
@@ -99,20 +102,31 @@ def train(
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    autocast_dtype(config, device)
+    # Read before a work directory is claimed for this config: a config whose data are
+    # refused leaves nothing behind that would refuse the corrected one.
+    dataset = load_dataset(config.data)
     with tempfile.TemporaryDirectory(prefix="espro-") as scratch:
         checkpoints = Checkpoints(workdir or scratch, config_digest(config))
-        return _train(config, output, checkpoints, overwrite, runner or SequentialRunner())
+        runner = runner or SequentialRunner()
+        return _train(config, dataset, device, output, checkpoints, runner, overwrite, started)
 
 
 def _train(
-    config: TrainConfig, output: Path, checkpoints: Checkpoints, overwrite: bool, runner: Runner
+    config: TrainConfig,
+    dataset: Dataset,
+    device: torch.device,
+    output: Path,
+    checkpoints: Checkpoints,
+    runner: Runner,
+    overwrite: bool,
+    started: float,
 ) -> tuple[Path, dict[str, Any]]:
-    started = time.perf_counter()
-    dataset = load_dataset(config.data)
     task = dataset.task
     input_spec = InputSpec(shape=dataset.input_shape, mean=dataset.mean, std=dataset.std)
     num_outputs = len(dataset.class_names) if task is Task.CLASSIFICATION else 2
-    device = resolve_device(config.device)
 
     def make_model() -> torch.nn.Module:
         return create_model(
@@ -123,11 +137,10 @@ def _train(
             **config.model.kwargs,
         ).to(device)
 
-    x = input_spec.normalise(dataset.train.x).to(device)
-    y = dataset.train.y.to(device)
+    data = TrainingData(dataset.train.for_device(device), input_spec, device, config.data.augment)
     training: dict[str, Any] = {"config": config.model_dump(mode="json", by_alias=True)}
     lam = config.simplex.lam
-    trainer = ComplexTrainer(config, make_model, task, x, y, checkpoints, runner)
+    trainer = ComplexTrainer(config, make_model, task, data, checkpoints, runner)
     if lam is None and config.simplex.vertices > 0:
         search = search_lambda(trainer, dataset.val, input_spec)
         lam = search.best
@@ -136,8 +149,8 @@ def _train(
     training["lambda"] = lam
     simplexes = trainer.train(lam or 0.0)
     model = make_model()
-    draws = draw_members(config, model, simplexes, x)
-    sample = Split(dataset.train.x[:DIAGNOSTIC_SAMPLES], dataset.train.y[:DIAGNOSTIC_SAMPLES])
+    draws = draw_members(config, model, simplexes, data)
+    sample = dataset.train.subset(torch.arange(min(DIAGNOSTIC_SAMPLES, len(dataset.train))))
     diagnostics = [
         diagnose(task, model, simplex, own, sample, dataset.val, input_spec)
         for simplex, own in zip(simplexes, draws, strict=True)

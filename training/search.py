@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 
 from serving.engine.reference import ReferenceEngine
 from serving.manifest import InputSpec
-from training.data import Split
 from training.espro import ComplexTrainer, draw_members, member_states
 from training.evaluation import fit_scale, score
+from training.splits import Split, split_outputs
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,11 @@ def search_lambda(trainer: ComplexTrainer, val: Split, input_spec: InputSpec) ->
     scores = []
     for lam, simplexes in zip(search.grid, trainer.train_grid(search.grid, modes), strict=True):
         model = trainer.make_model()
-        draws = draw_members(config, model, simplexes, trainer.x)
+        draws = draw_members(config, model, simplexes, trainer.data)
         engine = ReferenceEngine(
-            model, member_states(simplexes, draws), input_spec, device=trainer.x.device
+            model, member_states(simplexes, draws), input_spec, device=trainer.data.device
         )
-        outputs = engine.outputs(val.x).cpu()
+        outputs = split_outputs(engine.outputs, val).cpu()
         scores.append(score(task, outputs, val.y, fit_scale(task, outputs, val.y))["nll"])
         log.info("λ = %g: validation NLL %.4f", lam, scores[-1])
     best = search.grid[min(range(len(scores)), key=scores.__getitem__)]

@@ -20,8 +20,10 @@ default and the simplex barely leaves its mode.) A new vertex starts at the cent
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -56,14 +58,17 @@ class VertexHistory:
     """Mean ``log(h² + ε‖θ_0‖²)`` per epoch (empty for a mode)."""
 
 
-def minibatches(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Shuffled minibatches of in-memory tensors (the last one may be smaller)."""
-    order = torch.randperm(len(x), generator=generator)
-    for start in range(0, len(x), batch_size):
-        index = order[start : start + batch_size]
-        yield x[index], y[index]
+class Batches(Protocol):
+    """Training data as SGD reads them (:class:`training.splits.TrainingData`, or a
+    :class:`training.splits.TensorSplit` of inputs ready for the model)."""
+
+    def __len__(self) -> int: ...
+
+    def batches(
+        self, batch_size: int, generator: torch.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Inputs and targets on the model's device, shuffled by ``generator``."""
+        ...
 
 
 def task_loss(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -91,6 +96,7 @@ class SimplexTrainer:
         eps: float = 1e-4,
         vertices: Sequence[Params] = (),
         buffers: Mapping[str, torch.Tensor] | None = None,
+        autocast: torch.dtype | None = None,
     ) -> None:
         if lam < 0 or samples < 1 or eps <= 0:
             raise ValueError(
@@ -101,6 +107,8 @@ class SimplexTrainer:
         self.lam = lam
         self.samples = samples
         self.eps = eps
+        self.autocast = autocast
+        """Run forward passes under ``torch.autocast`` with this dtype (``None``: float32)."""
         self.vertices: list[Params] = [{k: t.detach() for k, t in v.items()} for v in vertices]
         self.buffers: Params = {
             k: v.detach().clone()
@@ -114,8 +122,7 @@ class SimplexTrainer:
 
     def fit_mode(
         self,
-        x: torch.Tensor,
-        y: torch.Tensor,
+        data: Batches,
         optim: OptimSettings,
         generator: torch.Generator,
         *,
@@ -126,12 +133,11 @@ class SimplexTrainer:
         if self.vertices:
             raise RuntimeError("the mode is already trained; call add_vertex to grow the simplex")
         start = init if init is not None else dict(self.model.named_parameters())
-        return self._train(start, x, y, optim, generator, desc)
+        return self._train(start, data, optim, generator, desc)
 
     def add_vertex(
         self,
-        x: torch.Tensor,
-        y: torch.Tensor,
+        data: Batches,
         optim: OptimSettings,
         generator: torch.Generator,
         *,
@@ -141,7 +147,7 @@ class SimplexTrainer:
         if not self.vertices:
             raise RuntimeError("train the mode first: call fit_mode before add_vertex")
         centroid = mix_vertices(self.vertices, [1.0 / len(self.vertices)] * len(self.vertices))
-        return self._train(centroid, x, y, optim, generator, desc)
+        return self._train(centroid, data, optim, generator, desc)
 
     def _volume_term(self, trainable: Params, floor: float) -> torch.Tensor:
         """``log(h² + floor)`` for the vertex being trained, ``floor = ε‖θ_0‖²``."""
@@ -160,19 +166,22 @@ class SimplexTrainer:
         alphas = sample_dirichlet(
             len(vertices), self.samples if len(vertices) > 1 else 1, generator
         )
-        losses = [
-            task_loss(
-                self.task, functional_call(self.model, (mix_vertices(vertices, a), buffers), x), y
-            )
-            for a in alphas
-        ]
+        losses = []
+        for a in alphas:
+            with self._precision(x.device):
+                outputs = functional_call(self.model, (mix_vertices(vertices, a), buffers), x)
+            losses.append(task_loss(self.task, outputs.float(), y))
         return torch.stack(losses).mean()
+
+    def _precision(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast)
 
     def _train(
         self,
         start: Mapping[str, torch.Tensor],
-        x: torch.Tensor,
-        y: torch.Tensor,
+        data: Batches,
         optim: OptimSettings,
         generator: torch.Generator,
         desc: str,
@@ -184,7 +193,7 @@ class SimplexTrainer:
             momentum=optim.momentum,
             weight_decay=optim.weight_decay,
         )
-        steps_per_epoch = -(-len(x) // optim.batch_size)
+        steps_per_epoch = -(-len(data) // optim.batch_size)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimiser, T_max=optim.epochs * steps_per_epoch
         )
@@ -194,24 +203,33 @@ class SimplexTrainer:
         floor = 0.0 if is_mode else self.eps * squared_norm(self.vertices[0])
         history = VertexHistory()
         self.model.train()
-        bar = tqdm(range(optim.epochs), desc=desc, unit="epoch", leave=False, disable=None)
-        for _ in bar:
-            losses, volumes = [], []
-            for xb, yb in minibatches(x, y, optim.batch_size, generator):
-                loss = self._task_term(trainable, buffers, xb, yb, generator)
-                objective = loss
-                if not is_mode:
-                    volume = self._volume_term(trainable, floor)
-                    objective = loss - self.lam * volume
-                    volumes.append(volume.item())
-                optimiser.zero_grad(set_to_none=True)
-                objective.backward()
-                optimiser.step()
-                schedule.step()
-                losses.append(loss.item())
-            history.loss.append(sum(losses) / len(losses))
-            if volumes:
-                history.log_height.append(sum(volumes) / len(volumes))
-            bar.set_postfix(loss=f"{history.loss[-1]:.4f}")
+        # Quiet unless stderr is a terminal (disable=None); the rate is in examples per second.
+        with tqdm(
+            total=optim.epochs * len(data),
+            desc=desc,
+            unit="ex",
+            unit_scale=True,
+            leave=False,
+            disable=None,
+        ) as bar:
+            for epoch in range(optim.epochs):
+                losses, volumes = [], []
+                for xb, yb in data.batches(optim.batch_size, generator):
+                    loss = self._task_term(trainable, buffers, xb, yb, generator)
+                    objective = loss
+                    if not is_mode:
+                        volume = self._volume_term(trainable, floor)
+                        objective = loss - self.lam * volume
+                        volumes.append(volume.item())
+                    optimiser.zero_grad(set_to_none=True)
+                    objective.backward()
+                    optimiser.step()
+                    schedule.step()
+                    losses.append(loss.item())
+                    bar.update(len(yb))
+                history.loss.append(sum(losses) / len(losses))
+                if volumes:
+                    history.log_height.append(sum(volumes) / len(volumes))
+                bar.set_postfix(epoch=f"{epoch + 1}/{optim.epochs}", loss=f"{history.loss[-1]:.4f}")
         self.vertices.append({k: v.detach() for k, v in trainable.items()})
         return history

@@ -25,6 +25,7 @@ from training.config import TrainConfig, parse_config
 from training.data import Dataset, load_dataset
 from training.espro import ComplexTrainer, TrainedSimplex, config_digest, generator
 from training.evaluation import fit_scale, score
+from training.splits import TrainingData
 from training.spro import Params
 
 DEFAULT_LAMBDA = 0.1
@@ -124,13 +125,9 @@ def train_simplexes(s: Setup, lam: float | None = None) -> list[TrainedSimplex]:
     """
     lam = s.config.simplex.lam if lam is None else lam
     with tempfile.TemporaryDirectory(prefix="espro-experiment-") as scratch:
+        data = TrainingData(s.dataset.train, s.input_spec, torch.device("cpu"))
         trainer = ComplexTrainer(
-            s.config,
-            s.make_model,
-            s.task,
-            s.x_train,
-            s.dataset.train.y,
-            Checkpoints(scratch, config_digest(s.config)),
+            s.config, s.make_model, s.task, data, Checkpoints(scratch, config_digest(s.config))
         )
         return trainer.train(lam or 0.0)
 

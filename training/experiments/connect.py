@@ -21,7 +21,8 @@ from torch.func import functional_call
 
 from serving.manifest import Task
 from serving.simplex import mix_vertices, sample_dirichlet
-from training.spro import OptimSettings, Params, minibatches, task_loss
+from training.splits import minibatches
+from training.spro import OptimSettings, Params, task_loss
 from training.volume import log_volume, squared_distances, squared_height, squared_norm
 
 
