@@ -37,9 +37,10 @@ from serving.errors import (
     DeployError,
     EsproError,
     InputError,
+    ServiceError,
     describe_validation_error,
 )
-from serving.manifest import Task
+from serving.manifest import Manifest, Task
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +49,7 @@ COMMANDS_GROUP = "espro.commands"
 MAX_INPUT_BYTES = 2**30
 """The largest input file ``espro predict`` reads, and the most data a ``.npy`` header may
 declare."""
+ARRAY_SUFFIXES = (".npy", ".json")
 REFUSALS = (EsproError, OSError)
 """What ``espro`` prints as one line, exit status 2, rather than as a traceback."""
 
@@ -100,7 +102,7 @@ def read_inputs(path: str | Path) -> torch.Tensor:
     import torch
 
     path = Path(path)
-    if path.suffix not in (".npy", ".json"):
+    if path.suffix not in ARRAY_SUFFIXES:
         raise InputError(f"{path}: expected a .npy or .json file")
     try:
         array = _read_npy(path) if path.suffix == ".npy" else _read_json(path)
@@ -115,6 +117,30 @@ def read_inputs(path: str | Path) -> torch.Tensor:
     if not np.isfinite(values).all():
         raise InputError(f"{path}: inputs must be finite numbers within float32's range")
     return torch.from_numpy(np.ascontiguousarray(values))
+
+
+def read_images(paths: Sequence[Path], manifest: Manifest) -> torch.Tensor:
+    """Image files as raw instances ``[N, C, H, W]``, decoded as the bundle's training images
+    were (:mod:`serving.images`); an InputError names the file it refuses."""
+    import torch
+
+    from serving.images import decode_images
+
+    spec = manifest.input.image
+    if spec is None:
+        raise InputError(
+            f"{paths[0]}: expected a .npy or .json file (model {manifest.name} was not "
+            "trained on images)"
+        )
+    instances = []
+    for path in paths:
+        if path.stat().st_size > MAX_INPUT_BYTES:
+            raise InputError(f"{path}: over {MAX_INPUT_BYTES} bytes")
+        try:
+            instances.append(decode_images([path.read_bytes()], spec))
+        except ServiceError as err:
+            raise InputError(f"{path}{err.message.removeprefix('image 0')}") from None
+    return torch.cat(instances)
 
 
 def format_records(records: list[dict[str, Any]], task: Task) -> str:
@@ -143,7 +169,7 @@ def format_records(records: list[dict[str, Any]], task: Task) -> str:
 
 def print_predictions(
     bundle: str | Path,
-    inputs: str | Path,
+    inputs: str | Path | Sequence[str | Path],
     *,
     draws: int | None = None,
     members: bool = False,
@@ -151,15 +177,25 @@ def print_predictions(
     device: str = "cpu",
     allow_custom_architecture: bool = False,
 ) -> None:
-    """Predict offline from a bundle and print a table or the native JSON response."""
+    """Predict offline from a bundle and print a table or the native JSON response.
+
+    ``inputs`` is one ``.npy`` or ``.json`` file of instances, or image files for a bundle
+    trained on images."""
     from serving.predictor import Predictor
     from serving.wire import predict_response
 
+    paths = [Path(inputs)] if isinstance(inputs, str | Path) else [Path(p) for p in inputs]
+    arrays = [p for p in paths if p.suffix in ARRAY_SUFFIXES]
+    if arrays and len(paths) > 1:
+        raise InputError(f"{arrays[0]}: give one .npy or .json file, or image files")
     torch_device = resolve_device(device, source="--device")
-    x = read_inputs(inputs)
+    x = read_inputs(paths[0]) if arrays else None
     predictor = Predictor.from_path(
         bundle, device=torch_device, allow_custom_architecture=allow_custom_architecture
     )
+    if x is None:
+        x = read_images(paths, predictor.manifest)
+    inputs = paths[0]
     try:
         x = predictor.check_inputs(x)
     except InputError as err:
@@ -235,7 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict offline from a bundle")
     p.add_argument("bundle")
-    p.add_argument("input", help=".npy array or JSON list of instances")
+    p.add_argument(
+        "input",
+        nargs="+",
+        help=".npy array or JSON list of instances, or images (PNG, JPEG) for an image bundle",
+    )
     p.add_argument("--draws", type=int, help="draws per simplex (default: all)")
     p.add_argument("--members", action="store_true", help="include member probabilities")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -202,6 +202,20 @@ def _skeleton(body: bytes, start: int) -> tuple[bytearray, bool, int]:
     return structure, plain, stop
 
 
+def _string_end(body: bytes, at: int) -> int:
+    """Where the string whose opening quote is ``body[at]`` ends (past its closing quote), or
+    the body's length if it is not closed; :data:`_TOKEN` takes a second per 10 MB."""
+    pos = at + 1
+    while (quote_at := body.find(b'"', pos)) >= 0:
+        escapes = quote_at
+        while body[escapes - 1] == ord("\\"):
+            escapes -= 1
+        if (quote_at - escapes) % 2 == 0:
+            return quote_at + 1
+        pos = quote_at + 1
+    return len(body)
+
+
 def _has_numbers(body: bytes, start: int, end: int) -> bool:
     return any(
         body[lo : min(lo + CHUNK, end)].translate(None, _STRUCTURE + _BLANKS)
@@ -258,16 +272,22 @@ def _first_runs(structure: bytes | bytearray, rank: int) -> list[int] | None:
 
 
 def read_json(
-    body: bytes, arrays: Callable[[Path], int | None], *, any_elements: bool = False
+    body: bytes,
+    arrays: Callable[[Path], int | None],
+    *,
+    any_elements: bool = False,
+    long_strings: Callable[[Path], bool] = lambda path: False,
 ) -> Any:
     """The JSON document ``body`` as Python values, with a :class:`JSONArray` for each array
     at a path where ``arrays(path)`` gives its most dimensions.
 
     Such an array that holds strings or objects is refused, or with ``any_elements`` read as
-    plain JSON (within :data:`OTHER_LIMIT`). Raises :class:`~serving.errors.JSONError`: 413 past
+    plain JSON (within :data:`OTHER_LIMIT`). The strings directly in a list at a path where
+    ``long_strings(path)`` holds (encoded images) count, like arrays of numbers, against no
+    limit but the body's size. Raises :class:`~serving.errors.JSONError`: 413 past
     :data:`OTHER_LIMIT`, 400 otherwise.
     """
-    reader = _Reader(body, arrays, any_elements)
+    reader = _Reader(body, arrays, any_elements, long_strings)
     token, at = reader.token()
     document = reader.value(token, at, (), 0)
     after = _BLANK.match(body, reader.pos).end()
@@ -280,9 +300,14 @@ class _Reader:
     """Recursive descent over a document: Python values, but arrays of numbers skipped over."""
 
     def __init__(
-        self, body: bytes, arrays: Callable[[Path], int | None], any_elements: bool
+        self,
+        body: bytes,
+        arrays: Callable[[Path], int | None],
+        any_elements: bool,
+        long_strings: Callable[[Path], bool],
     ) -> None:
         self.body, self.arrays, self.any_elements = body, arrays, any_elements
+        self.long_strings = long_strings
         self.pos = 0
         self.limit = OTHER_LIMIT
         """How far the text outside arrays of numbers may reach: the budget plus the arrays."""
@@ -354,14 +379,30 @@ class _Reader:
 
     def read_list(self, path: Path, depth: int) -> list[Any]:
         items: list[Any] = []
-        token, at = self.token()
-        if token == b"]":
-            return items
+        long_strings = self.long_strings(path)
         while True:
-            items.append(self.value(token, at, (*path, len(items)), depth))
+            string = self.long_string() if long_strings else None
+            if string is not None:
+                items.append(string)
+            else:
+                token, at = self.token()
+                if token == b"]" and not items:
+                    return items
+                items.append(self.value(token, at, (*path, len(items)), depth))
             if self.expect(b",", b"]") == b"]":
                 return items
-            token, at = self.token()
+
+    def long_string(self) -> str | None:
+        """The string that comes next, read past the limit (which grows by its length), or
+        ``None`` if no string comes next."""
+        at = _BLANK.match(self.body, self.pos).end()
+        if self.body[at : at + 1] != b'"':
+            return None
+        end = _string_end(self.body, at)
+        if end == len(self.body):
+            raise JSONError(f"the body is not valid JSON: a string at byte {at} is not closed")
+        self.pos, self.limit = end, self.limit + end - at
+        return self.scalar(self.body[at:end], at)
 
     def read_array(self, at: int, rank: int, path: Path) -> JSONArray | None:
         """The array of numbers that starts at ``at``; ``None`` to read it as plain JSON."""

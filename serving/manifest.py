@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveInt,
     field_validator,
     model_validator,
 )
@@ -92,6 +93,35 @@ class ArchitectureSpec(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+ImageFormat = Literal["png", "jpeg"]
+
+DEFAULT_MAX_PIXELS = 2**24
+"""The most pixels (width times height) an image may declare before it is decoded."""
+
+
+class ImageSpec(_Strict):
+    """How an encoded image becomes one raw instance, exactly as the trainer made it: decoded,
+    converted to ``color``, scaled to [0, 1] and resized to ``size`` (antialiased bilinear).
+
+    ``formats`` and ``max_pixels`` bound what a server decodes: a header declaring more pixels
+    is refused before any pixel is allocated."""
+
+    size: tuple[PositiveInt, PositiveInt]
+    """``[height, width]``."""
+    color: Literal["rgb", "grayscale"] = "rgb"
+    formats: tuple[ImageFormat, ...] = Field(default=("png", "jpeg"), min_length=1)
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.color == "rgb" else 1
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The shape of the instance an image becomes: ``[C, H, W]``."""
+        return (self.channels, *self.size)
+
+
 class InputSpec(_Strict):
     """Shape, dtype and normalisation of one instance, as a client sends it.
 
@@ -103,9 +133,17 @@ class InputSpec(_Strict):
     dtype: Literal["float32"] = "float32"
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    image: ImageSpec | None = None
+    """How encoded images become instances, for models trained on images; ``None``: the
+    model takes arrays only."""
 
     @model_validator(mode="after")
     def _check(self) -> InputSpec:
+        if self.image is not None and self.image.shape != tuple(self.shape):
+            raise ValueError(
+                f"image makes instances of shape {list(self.image.shape)}, "
+                f"not the input shape {list(self.shape)}"
+            )
         if not self.shape or any(d <= 0 for d in self.shape):
             raise ValueError(f"shape must be non-empty and positive, got {list(self.shape)}")
         if math.prod(self.shape) > MAX_INSTANCE_ELEMENTS:

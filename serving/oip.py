@@ -531,7 +531,7 @@ def decode_rest_request(
 def _parse_request(text: bytes) -> InferenceRequest:
     """The JSON header, each tensor's ``data`` read by :func:`~serving.jsonarray.read_json`."""
     try:
-        document = read_json(text, _data_rank, any_elements=True)
+        document = read_json(text, _data_rank, any_elements=True, long_strings=_is_data)
         return InferenceRequest.model_validate(document)
     except JSONError as err:
         raise ServiceError(err.status, f"invalid inference request: {err}") from None
@@ -543,7 +543,12 @@ def _parse_request(text: bytes) -> InferenceRequest:
 
 def _data_rank(path: Path) -> int | None:
     """``inputs[i].data`` is an array of numbers of at most :data:`_MAX_RANK` dimensions."""
-    return _MAX_RANK if len(path) == 3 and path[0] == "inputs" and path[2] == "data" else None
+    return _MAX_RANK if _is_data(path) else None
+
+
+def _is_data(path: Path) -> bool:
+    """Whether ``path`` is an input's ``data``, whose BYTES elements may be long (images)."""
+    return len(path) == 3 and path[0] == "inputs" and path[2] == "data"
 
 
 def _binary_size(spec: _Spec, parameters: Mapping[str, Any]) -> int | None:

@@ -8,25 +8,34 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serving.bundle import Bundle
 from serving.predictive import ClassificationPrediction, RegressionPrediction
 
 
 class PredictRequest(BaseModel):
-    """Raw instances (nested lists of numbers, ``[batch, *input_shape]``) and options.
+    """Raw instances (nested lists of numbers, ``[batch, *input_shape]``), or encoded images
+    (base64 strings, for a bundle with an image spec), and options.
 
     Strict, like the OIP doors: ``"2"`` or ``true`` is no integer and ``"yes"`` no boolean.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    inputs: list[Any] = Field(min_length=1)
+    inputs: list[Any] | None = Field(default=None, min_length=1)
+    images: list[str] | None = Field(default=None, min_length=1)
+    """PNG or JPEG files, each base64-encoded; decoded as the bundle's training images were."""
     draws: int | None = Field(default=None, ge=1)
     """Draws per simplex to use (default: every draw in the bundle)."""
     return_members: bool = False
     """Also return every member's probabilities (or means and variances)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PredictRequest:
+        if (self.inputs is None) == (self.images is None):
+            raise ValueError("send either inputs or images")
+        return self
 
 
 class ClassInstance(BaseModel):

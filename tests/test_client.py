@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,8 +187,9 @@ class InProcess:
         return len(self.grpc.calls if protocol == "oip-grpc" else self.http.requests)
 
 
-@pytest.fixture
-def in_process(http: EsproHttp, service: InferenceService) -> Iterator[InProcess]:
+@contextmanager
+def serving_in_process(http: EsproHttp, service: InferenceService) -> Iterator[InProcess]:
+    """``service`` behind ``http`` and a gRPC server on loopback."""
     servicer = EsproGrpc(service)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     server_pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
@@ -197,6 +199,12 @@ def in_process(http: EsproHttp, service: InferenceService) -> Iterator[InProcess
         yield InProcess(http, servicer, f"grpc://127.0.0.1:{port}")
     finally:
         server.stop(None)
+
+
+@pytest.fixture
+def in_process(http: EsproHttp, service: InferenceService) -> Iterator[InProcess]:
+    with serving_in_process(http, service) as servers:
+        yield servers
 
 
 # --------------------------------------------------------------------------- answers
@@ -224,6 +232,41 @@ def test_chunks_are_sent_one_after_another_and_concatenated(
         p = c.predict("tiny", X)
     assert in_process.sent(protocol) == 3
     assert_matches(p, reference(bundles["2"]), protocol)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "binary"),
+    [("native", True), ("oip-rest", True), ("oip-rest", False), ("oip-grpc", True)],
+)
+def test_predict_images_answers_as_the_decoded_images(
+    protocol: str, binary: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchvision.io import encode_png
+
+    from serving.images import decode_images
+    from serving.manifest import ImageSpec, InputSpec
+
+    spec = ImageSpec(size=(2, 2), color="grayscale")
+    image_input = InputSpec(shape=(1, 2, 2), mean=(0.5,), std=(0.25,), image=spec)
+    bundle = tiny_bundle(name="pets", input=image_input).write(tmp_path / "pets")
+    predictor = Predictor(load_bundle(bundle))
+    handler = EsproHttp(InferenceService(ModelRepository([predictor])))
+    http_mock(handler, monkeypatch)
+    pngs = [
+        encode_png(torch.randint(0, 256, (3, 5, 6), dtype=torch.uint8)).numpy().tobytes()
+        for _ in range(3)
+    ]
+    (tmp_path / "cat.png").write_bytes(pngs[0])
+    with (
+        serving_in_process(handler, handler.service) as servers,
+        servers.client(protocol, binary=binary, chunk_size=2) as c,
+    ):
+        p = c.predict_images("pets", [tmp_path / "cat.png", str(tmp_path / "cat.png"), pngs[2]])
+        with pytest.raises(BadRequest, match="image 0 is gif"):
+            c.predict_images("pets", [b"GIF89a"])
+    assert servers.sent(protocol) == 3
+    want = predictor.predict(decode_images([pngs[0], pngs[0], pngs[2]], spec)).probs
+    np.testing.assert_allclose(p.probabilities, want.numpy(), atol=FP32_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("protocol", ["oip-rest", "oip-grpc"])

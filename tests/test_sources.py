@@ -18,7 +18,7 @@ from torch import nn
 from torchvision.io import ImageReadMode, decode_image, write_png
 
 from serving.bundle import load_bundle
-from serving.manifest import InputSpec, Task
+from serving.manifest import ImageSpec, InputSpec, Task
 from training.augment import AugmentConfig
 from training.batchnorm import recompute_batchnorm
 from training.config import load_config, parse_config
@@ -466,6 +466,7 @@ def test_espro_train_on_an_image_folder_writes_a_bundle_that_predict_loads(
     assert main(["train", str(config), "-o", str(tmp_path / "bundle")]) == 0
     manifest = load_bundle(tmp_path / "bundle").manifest
     assert manifest.input.shape == (3, 6, 6) and manifest.class_names == CLASSES
+    assert manifest.input.image == ImageSpec(size=(6, 6), color="rgb")
     recorded = manifest.training["config"]
     assert recorded["data"]["augment"] == {"crop_padding": 4, "flip": True}
     assert recorded["precision"] == "bf16"

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from serving.manifest import Task
+from serving.manifest import ImageSpec, Task
 from training.augment import AugmentConfig
 from training.errors import DataError
 from training.splits import Split, TensorSplit
@@ -125,6 +125,11 @@ class DataSource(BaseModel):
     def read(self) -> RawDataset:
         """The raw train and test splits; a file that cannot be read raises DataError."""
         raise NotImplementedError
+
+    def image_spec(self) -> ImageSpec | None:
+        """How a server turns encoded images into instances as this source did; ``None`` for a
+        source of arrays."""
+        return None
 
 
 class BuiltinData(DataSource):

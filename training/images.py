@@ -11,7 +11,6 @@ after that the images stay on disk and are read batch by batch (unless ``in_memo
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -19,7 +18,8 @@ import torch
 from pydantic import Field, PositiveInt
 from torch.utils.data import Dataset as TorchDataset
 
-from serving.manifest import Task
+from serving.images import decode_reason, to_instance
+from serving.manifest import ImageSpec, Task
 from training.augment import AugmentConfig
 from training.data import DataSource, RawDataset, hold_out_test
 from training.errors import DataError
@@ -40,21 +40,13 @@ class ImageFiles(TorchDataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from torchvision.io import ImageReadMode, decode_image  # seconds to import
+        from torchvision.io import read_file  # seconds to import
 
         path = self.paths[i]
-        mode = ImageReadMode.RGB if self.color == "rgb" else ImageReadMode.GRAY
         try:
-            image = decode_image(str(path), mode=mode)
+            x = to_instance(read_file(str(path)), self.size, self.color)
         except (RuntimeError, ValueError, OSError) as err:
-            # torchvision's messages start with the function and C++ source line.
-            reason = re.sub(r"^\w+, \S+:\d+, ", "", str(err)).split(". ")[0]
-            raise DataError(f"{path}: cannot decode the image: {reason}") from None
-        x = image.to(torch.float32) / torch.iinfo(image.dtype).max
-        if tuple(x.shape[1:]) != self.size:
-            x = torch.nn.functional.interpolate(
-                x[None], size=self.size, mode="bilinear", antialias=True, align_corners=False
-            )[0]
+            raise DataError(f"{path}: cannot decode the image: {decode_reason(err)}") from None
         return x, self.labels[i]
 
 
@@ -76,6 +68,9 @@ class ImageFolderData(DataSource):
     @property
     def origin(self) -> str:
         return str(self.root)
+
+    def image_spec(self) -> ImageSpec:
+        return ImageSpec(size=self.size, color=self.color)
 
     def read(self) -> RawDataset:
         train_folder, test_folder = self.root / "train", self.root / "test"

@@ -125,7 +125,12 @@ def _train(
     started: float,
 ) -> tuple[Path, dict[str, Any]]:
     task = dataset.task
-    input_spec = InputSpec(shape=dataset.input_shape, mean=dataset.mean, std=dataset.std)
+    input_spec = InputSpec(
+        shape=dataset.input_shape,
+        mean=dataset.mean,
+        std=dataset.std,
+        image=config.data.image_spec(),
+    )
     num_outputs = len(dataset.class_names) if task is Task.CLASSIFICATION else 2
 
     def make_model() -> torch.nn.Module:

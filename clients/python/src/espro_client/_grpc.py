@@ -6,7 +6,7 @@ answer) without doing any I/O; :class:`GrpcTransport` and :class:`AsyncGrpcTrans
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -76,12 +76,31 @@ class GrpcDoor:
         request = pb.ModelInferRequest(model_name=model, model_version=version or "")
         request.inputs.add(name=_oip.INPUT, datatype="FP32", shape=x.shape)
         request.raw_input_contents.append(x.astype("<f4").tobytes())
-        for key, value in _oip.parameters(draws, return_members).items():
-            if isinstance(value, bool):
-                request.parameters[key].bool_param = value
-            else:
-                request.parameters[key].int64_param = value
+        _set_parameters(request, draws, return_members)
         return GrpcCall("ModelInfer", request, _read_infer)
+
+    def predict_images(
+        self,
+        model: str,
+        version: str | None,
+        images: Sequence[bytes],
+        draws: int | None,
+        return_members: bool,
+    ) -> GrpcCall[Prediction]:
+        """A BYTES tensor ``[N]`` whose ``bytes_contents`` are the encoded images."""
+        request = pb.ModelInferRequest(model_name=model, model_version=version or "")
+        tensor = request.inputs.add(name=_oip.INPUT, datatype="BYTES", shape=[len(images)])
+        tensor.contents.bytes_contents.extend(images)
+        _set_parameters(request, draws, return_members)
+        return GrpcCall("ModelInfer", request, _read_infer)
+
+
+def _set_parameters(request: pb.ModelInferRequest, draws: int | None, members: bool) -> None:
+    for key, value in _oip.parameters(draws, members).items():
+        if isinstance(value, bool):
+            request.parameters[key].bool_param = value
+        else:
+            request.parameters[key].int64_param = value
 
 
 def _read_metadata(response: pb.ModelMetadataResponse) -> ModelMetadata:

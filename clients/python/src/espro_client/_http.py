@@ -6,9 +6,10 @@ I/O; :class:`HttpTransport` and :class:`AsyncHttpTransport` send it.
 
 from __future__ import annotations
 
+import base64
 import json
 import ssl
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -101,6 +102,14 @@ class HttpDoor:
         return HttpCall("GET", _model_path(model, version), _read_metadata)
 
 
+def _newest_only(version: str | None) -> None:
+    if version is not None:
+        raise ValueError(
+            "the native protocol answers with the newest version; use protocol 'oip-rest' "
+            "or 'oip-grpc' to pick a version"
+        )
+
+
 class NativeDoor(HttpDoor):
     """``POST /v1/models/{name}/predict``: the native JSON door (the newest version only)."""
 
@@ -112,12 +121,22 @@ class NativeDoor(HttpDoor):
         draws: int | None,
         return_members: bool,
     ) -> HttpCall[Prediction]:
-        if version is not None:
-            raise ValueError(
-                "the native protocol answers with the newest version; use protocol 'oip-rest' "
-                "or 'oip-grpc' to pick a version"
-            )
+        _newest_only(version)
         body = {"inputs": x.tolist(), "draws": draws, "return_members": return_members}
+        return HttpCall("POST", f"/v1/models/{quote(model, safe='')}/predict", _read_native, body)
+
+    def predict_images(
+        self,
+        model: str,
+        version: str | None,
+        images: Sequence[bytes],
+        draws: int | None,
+        return_members: bool,
+    ) -> HttpCall[Prediction]:
+        """``{"images": [base64, ...]}`` in place of ``inputs``."""
+        _newest_only(version)
+        texts = [base64.b64encode(image).decode() for image in images]
+        body = {"images": texts, "draws": draws, "return_members": return_members}
         return HttpCall("POST", f"/v1/models/{quote(model, safe='')}/predict", _read_native, body)
 
 
@@ -142,6 +161,31 @@ class RestDoor(HttpDoor):
             tensor["data"] = x.ravel().tolist()
             return HttpCall("POST", path, _read_infer, request)
         raw = x.astype("<f4").tobytes()
+        tensor["parameters"] = {"binary_data_size": len(raw)}
+        request["parameters"]["binary_data_output"] = True
+        header = json.dumps(request).encode()
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(len(header)),
+        }
+        return HttpCall("POST", path, _read_infer, content=header + raw, headers=headers)
+
+    def predict_images(
+        self,
+        model: str,
+        version: str | None,
+        images: Sequence[bytes],
+        draws: int | None,
+        return_members: bool,
+    ) -> HttpCall[Prediction]:
+        """A BYTES tensor ``[N]``: in binary each element length-prefixed, in JSON base64."""
+        path = f"{_model_path(model, version)}/infer"
+        tensor: dict[str, Any] = {"name": _oip.INPUT, "shape": [len(images)], "datatype": "BYTES"}
+        request = {"inputs": [tensor], "parameters": _oip.parameters(draws, return_members)}
+        if not self.binary:
+            tensor["data"] = [base64.b64encode(image).decode() for image in images]
+            return HttpCall("POST", path, _read_infer, request)
+        raw = _oip.bytes_tensor(images)
         tensor["parameters"] = {"binary_data_size": len(raw)}
         request["parameters"]["binary_data_output"] = True
         header = json.dumps(request).encode()

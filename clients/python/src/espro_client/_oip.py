@@ -25,6 +25,11 @@ def _dtype(datatype: str) -> np.dtype:
         raise EsproError(f"unexpected output datatype {datatype!r}") from None
 
 
+def bytes_tensor(elements: Sequence[bytes]) -> bytes:
+    """A BYTES tensor in the binary layout: each element preceded by its 4-byte length."""
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
 def tensor_from_bytes(datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
     """An output tensor sent in the binary layout (little-endian, row-major; BYTES elements
     each preceded by their 4-byte length), BYTES as an array of ``str``."""

@@ -3,7 +3,7 @@
 The kind follows from the HTTP status or the gRPC status code, not from the message::
 
     EsproError        anything else, e.g. espro's own 500 / INTERNAL
-    ├── BadRequest    400, 413, 422 / INVALID_ARGUMENT, RESOURCE_EXHAUSTED
+    ├── BadRequest    400, 413, 415, 422 / INVALID_ARGUMENT, RESOURCE_EXHAUSTED
     ├── Unauthorized  401, 403 / UNAUTHENTICATED, PERMISSION_DENIED
     ├── NotFound      404 / NOT_FOUND
     ├── Unavailable   429, 503 / UNAVAILABLE; no connection; no model answered (retried)
@@ -77,6 +77,7 @@ _BY_HTTP_STATUS: dict[int, type[EsproError]] = {
     404: NotFound,
     408: Timeout,
     413: BadRequest,
+    415: BadRequest,
     422: BadRequest,
     429: Unavailable,
     503: Unavailable,
