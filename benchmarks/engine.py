@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from serving.architectures import create_model
 from serving.engine import create_engine, parse_engine
+from serving.engine.auto import AutoEngine
 from serving.engine.base import Engine, Origin
 from serving.manifest import InputSpec
 from serving.simplex import mix_vertices, sample_dirichlet
@@ -177,12 +178,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for k in sorted(args.members):
             model, states, origins, vertices = build_ensemble(model_name, input_shape, k)
             flops = forward_flops(model, input_shape)
-            engines = {
-                name: create_engine(
+            engines, build_ms = {}, {}
+            for name in args.engines:  # auto times the others here: its build is its choice
+                start = time.perf_counter()
+                engines[name] = create_engine(
                     name, model, states, spec, device=device, vertices=vertices, origins=origins
                 )
-                for name in args.engines
-            }
+                build_ms[name] = (time.perf_counter() - start) * 1e3
             for batch in args.batches:
                 x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(1))
                 reference: tuple[str, torch.Tensor] | None = None  # the first fp32 engine run
@@ -229,13 +231,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             else None,
                             "error_against": reference[0] if reference else None,
                             "shortcut_applied": _shortcut_applied(engine, k),
+                            "build_ms": build_ms[name],
                         }
+                        | _auto_choice(engine)
                         | memory_peak(device, memory_before)
                     )
                     print(_row(results[-1]), file=sys.stderr, flush=True)
             del engines
     return {
         "command": args.command,
+        "commit": subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
         "device": str(device),
         "machine": machine(device),
         "loadavg_before": load_before,
@@ -255,6 +262,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _shortcut_applied(engine: Engine, members: int) -> bool | None:
     applies = getattr(engine, "applies", None)
     return None if applies is None else bool(applies and members > NUM_VERTICES)
+
+
+def _auto_choice(engine: Engine) -> dict[str, Any]:
+    if not isinstance(engine, AutoEngine):
+        return {}
+    return {"auto_choice": engine.choice, "auto_timed_s": engine.spent_s}
 
 
 def _row(cell: dict[str, Any]) -> str:

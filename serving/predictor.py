@@ -13,7 +13,8 @@ import torch
 
 from serving.architectures import create_model
 from serving.bundle import Bundle, load_bundle
-from serving.engine import EngineSpec, create_engine
+from serving.engine import EngineSpec, create_engine, parse_engine
+from serving.engine.auto import AutoEngine
 from serving.engine.base import MemberState, Origin
 from serving.errors import BundleError, InputError
 from serving.manifest import TENSORS_FILE, Manifest, Task
@@ -111,8 +112,9 @@ class Predictor:
                 origins.append(Origin(m, draw.alpha))
             self._slots.append(slots)
         self._fresh: list[list[int]] = [[] for _ in self._slots]
+        self.engine_spec = parse_engine(engine) if isinstance(engine, str) else engine
         self.engine = create_engine(
-            engine,
+            self.engine_spec,
             model,
             members,
             manifest.input,
@@ -202,6 +204,20 @@ class Predictor:
     def num_members(self) -> int:
         """The members materialised: stored draws, fresh ones sampled so far, added ones."""
         return len(self.engine)
+
+    @property
+    def engine_choice(self) -> dict[str, str]:
+        """The engine answering each range of batch rows, ``{"1-7": "fused", "8+": "onnx"}``:
+        ``auto``'s choice, or the one engine (``{"1+": "fused:graphs"}``)."""
+        if isinstance(self.engine, AutoEngine):
+            return self.engine.choice
+        return {"1+": str(self.engine_spec)}
+
+    def describe_engine(self) -> str:
+        """The engine in one line: ``auto``'s choice with its timings, or the engine string."""
+        if isinstance(self.engine, AutoEngine):
+            return f"{self.engine_spec}: {self.engine.describe()}"
+        return str(self.engine_spec)
 
     def check_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """A raw batch validated against the bundle's input spec, as float32; an

@@ -16,6 +16,7 @@ Ray.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -32,6 +33,7 @@ from serving.batching import Batcher
 from serving.bundle import load_bundle
 from serving.errors import BundleError, InputError, ServiceError, describe_validation_error
 from serving.fetch import resolve_bundle
+from serving.images import decode_images, from_base64, sniff
 from serving.jsonarray import NOT_AN_ARRAY, JSONArray, read_json
 from serving.manifest import Manifest, Task
 from serving.oip import (
@@ -54,6 +56,7 @@ from serving.quoting import quote
 from serving.wire import PredictRequest, predict_response
 
 R = TypeVar("R")
+logger = logging.getLogger(__name__)
 
 INPUT = "input"
 """The name of the one OIP input tensor: raw instances ``[batch, *input_shape]``."""
@@ -102,7 +105,8 @@ class ModelRepository:
     ) -> tuple[ModelRepository, list[str]]:
         """The bundles at ``paths`` (directories, or URLs fetched into this machine's cache,
         :mod:`serving.fetch`) that load, built and warmed up, and why each other one was
-        refused, so that one bad bundle leaves the others serving.
+        refused, so that one bad bundle leaves the others serving. Each bundle built logs its
+        engine in one INFO line (``auto``: the choice per range of batch sizes, with times).
 
         A bundle whose digest matches a predictor of ``reuse`` keeps that predictor: reloading
         an unchanged bundle costs neither a build nor a warm-up. Models with BatchNorm get no
@@ -122,6 +126,8 @@ class ModelRepository:
                         engine=engine,
                     )
                     predictor.warm_up()  # an ONNX export takes seconds: not on a request
+                    manifest, engine_line = bundle.manifest, predictor.describe_engine()
+                    logger.info("%s:%s engine %s", manifest.name, manifest.version, engine_line)
             except (ValueError, OSError, RuntimeError) as err:  # BundleError is a ValueError
                 refused.append(str(err) if isinstance(err, BundleError) else f"{path}: {err}")
                 continue
@@ -438,16 +444,26 @@ class InferenceService:
         fields = read_json(
             body.encode() if isinstance(body, str) else body,
             lambda path: rank if path == ("inputs",) else None,
+            long_strings=lambda path: path == ("images",),
         )
         inputs = fields.get("inputs") if isinstance(fields, dict) else None
+        if isinstance(fields, dict) and "inputs" in fields and "images" in fields:
+            raise ServiceError(422, "send inputs or images, not both")
+        if isinstance(fields, dict) and "inputs" not in fields and "images" not in fields:
+            raise ServiceError(422, "inputs: Field required (or images, base64-encoded)")
         if isinstance(inputs, JSONArray):  # stands in as a list of its length, cut to one item
             fields["inputs"] = [0] * min(len(inputs), 1)
         try:
             request = PredictRequest.model_validate(fields)
         except ValidationError as err:
             raise ServiceError(422, describe_validation_error(err)) from None
-        assert isinstance(inputs, JSONArray)  # a non-empty list is only ever read as one
-        x = native_inputs(inputs)
+        if request.images is not None:
+            x = image_inputs(
+                predictor, [from_base64(t, f"images[{i}]") for i, t in enumerate(request.images)]
+            )
+        else:
+            assert isinstance(inputs, JSONArray)  # a non-empty list is only ever read as one
+            x = native_inputs(inputs)
 
         def encode(prediction: Prediction) -> bytes:
             response = predict_response(prediction, predictor.bundle)
@@ -474,7 +490,8 @@ class InferenceService:
                 manifest.name, manifest.version, request.id, tensors, binary, _identity(predictor)
             )
 
-        return self.job(predictor, _the_input(arrays), request_options(request.parameters), encode)
+        x = _oip_inputs(predictor, _the_input(arrays))
+        return self.job(predictor, x, request_options(request.parameters), encode)
 
     def grpc_job(self, request: pb.ModelInferRequest) -> Job[pb.ModelInferResponse]:
         """``GRPCInferenceService/ModelInfer``."""
@@ -491,7 +508,12 @@ class InferenceService:
                 manifest.name, manifest.version, request.id, tensors, _identity(predictor)
             )
 
-        return self.job(predictor, _the_input(arrays), request_options(parameters), encode)
+        return self.job(
+            predictor,
+            _oip_inputs(predictor, _the_input(arrays)),
+            request_options(parameters),
+            encode,
+        )
 
     def native(self, name: str, body: bytes | bytearray | str) -> bytes:
         return self.native_job(name, body).run()
@@ -503,6 +525,35 @@ class InferenceService:
 
     def grpc_infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         return self.grpc_job(request).run()
+
+
+def image_inputs(predictor: Predictor, encoded: Sequence[bytes]) -> np.ndarray:
+    """Encoded images as raw instances, decoded with the bundle's own image spec; a bundle
+    without one refuses them (400)."""
+    manifest = predictor.manifest
+    if manifest.input.image is None:
+        raise ServiceError(
+            400,
+            f"model {quote(manifest.name)} takes arrays of shape {list(manifest.input.shape)}, "
+            "not images: it was not trained on images",
+        )
+    return decode_images(encoded, manifest.input.image).numpy()
+
+
+def _oip_inputs(predictor: Predictor, x: np.ndarray) -> np.ndarray:
+    """The OIP input as numbers: a BYTES tensor ``[N]`` holds one encoded image per element,
+    raw in binary data, base64 in JSON (no PNG or JPEG starts like base64 text)."""
+    if x.dtype != object:
+        return x
+    if x.ndim != 1:
+        raise ServiceError(
+            400, f"input {INPUT!r}: BYTES images take shape [N], got {list(x.shape)}"
+        )
+    encoded = [
+        e if sniff(e) else from_base64(e, f"input {INPUT!r} element {i}")
+        for i, e in enumerate(x.tolist())
+    ]
+    return image_inputs(predictor, encoded)
 
 
 def _identity(predictor: Predictor) -> dict[str, str]:

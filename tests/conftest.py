@@ -91,9 +91,9 @@ def server(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
     """The espro app on the session's Ray, for the whole session.
 
     It serves ``tiny`` versions 1 and 2, ``tiny-bn`` (BatchNorm) and ``slow`` (50 ms per
-    member), with 2 fresh draws allowed and a 1 MiB body limit; Serve's doors answer a request
-    still waiting after 20 s with 408 / ``DEADLINE_EXCEEDED``. The replica also serves gRPC on
-    its direct door.
+    member) with the ``fused:graphs`` engine, 2 fresh draws allowed and a 1 MiB body limit;
+    Serve's doors answer a request still waiting after 20 s with 408 / ``DEADLINE_EXCEEDED``.
+    The replica also serves gRPC on its direct door.
     """
     from serving import launch
     from serving.settings import AppConfig, LaunchConfig
@@ -107,6 +107,9 @@ def server(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
     }
     config = AppConfig(
         bundles=[str(path) for path in bundles.values()],
+        # Not the default auto: the test models sleep and hold in Python, which an ONNX export
+        # (one of auto's candidates) would trace away, and auto would pick engines by speed.
+        engine="fused:graphs",
         max_fresh_draws=2,
         allow_custom_architecture=True,
         max_body_bytes=1 << 20,

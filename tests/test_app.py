@@ -344,15 +344,25 @@ def test_requests_queued_behind_a_running_batch_share_the_next_one_and_are_count
     info = families["ray_espro_model_info"]
     digests = {s.labels["bundle_sha256"] for s in info.samples if s.labels["model"] == "tiny"}
     assert {load_bundle(server.bundles[f"tiny/{v}"]).digest for v in "12"} <= digests
+    engines = {
+        (s.labels["version"], s.labels["batch_range"], s.labels["engine"])
+        for s in families["ray_espro_engine_info"].samples
+        if s.labels["model"] == "tiny"
+    }
+    assert {("1", "1+", "fused:graphs"), ("2", "1+", "fused:graphs")} <= engines
 
 
 def counted(server, runs: int, answers: int, **labels: str) -> dict | None:
     """The metrics, once the series with ``labels`` count ``runs`` engine runs and ``answers``
-    answers (200) and the model-info gauge is there (Ray exports about once a second, each
-    series on its own); else None."""
+    answers (200) and the model-info and engine-info gauges are there (Ray exports about once
+    a second, each series on its own); else None."""
     families = scrape(server)
     batches, answered = families.get("ray_espro_batch_requests"), families.get("ray_espro_requests")
-    if not (batches and answered and "ray_espro_model_info" in families):
+    if not (
+        batches
+        and answered
+        and {"ray_espro_model_info", "ray_espro_engine_info"} <= families.keys()
+    ):
         return None
     ok = sum(
         s.value
@@ -938,7 +948,7 @@ def test_killing_a_replica_under_load_answers_every_request(server):
 
 
 def test_the_reference_engine_serves_the_same_answers(server):
-    assert server.config.engine == "fused:graphs"  # the default, used by every other test
+    assert server.config.engine == "fused:graphs"  # the fixture's, used by every other test
     server.redeploy(engine="reference")  # a new replica replaces the old one
     try:
         body = native(server, "tiny", {"inputs": X.tolist()}).json()

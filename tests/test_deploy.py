@@ -738,7 +738,7 @@ def dockerfile(name: str) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize(
     ("name", "extras"),
-    [("Dockerfile.cpu", "serving,remote"), ("Dockerfile.gpu", "serving,onnx,remote")],
+    [("Dockerfile.cpu", "serving,remote"), ("Dockerfile.gpu", "serving,remote")],
 )
 def test_dockerfile(name: str, extras: str) -> None:
     instructions = dockerfile(name)
@@ -924,7 +924,7 @@ def metric_names(expr: str) -> set[str]:
 
 
 def test_known_metrics_are_what_espro_and_serve_export() -> None:
-    assert len(espro_metrics()) == 13
+    assert len(espro_metrics()) == 14
     for name in [
         "ray_espro_requests_total",
         "ray_espro_request_latency_seconds_bucket",

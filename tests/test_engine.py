@@ -20,6 +20,7 @@ from helpers import batchnorm_mlp
 from serving.architectures import create_model
 from serving.bundle import load_bundle
 from serving.engine import ENGINES, EngineSpec, create_engine, parse_engine
+from serving.engine.auto import AutoEngine
 from serving.engine.base import Engine, Origin
 from serving.engine.fused import FusedEngine
 from serving.engine.onnx import OnnxEngine
@@ -130,7 +131,7 @@ def test_engine_strings_parse() -> None:
 
 
 def test_app_config_validates_the_engine() -> None:
-    assert AppConfig(bundles=["b"]).engine == "fused:graphs"
+    assert AppConfig(bundles=["b"]).engine == "auto"
     assert AppConfig(bundles=["b"], engine="fused:bf16").engine == "fused:bf16"
     with pytest.raises(ValueError, match="engine"):
         AppConfig(bundles=["b"], engine="fused:int8")
@@ -146,6 +147,7 @@ def test_every_engine_is_an_engine(name: str) -> None:
         "fused": FusedEngine,
         "shortcut": ShortcutEngine,
         "onnx": OnnxEngine,
+        "auto": AutoEngine,
     }
     assert type(engine) is classes[name]
     assert isinstance(engine, Engine) and isinstance(reference, Engine)
@@ -427,6 +429,7 @@ def test_profile_of_a_cell_accounts_for_its_operators(tmp_path: Path) -> None:
         ("fused:bf16", 2e-3),
         ("shortcut:fp16", 2e-3),
         ("onnx", 1e-5),
+        ("auto", 1e-5),
     ],
 )
 def test_cuda_engines_equal_the_cpu_reference(engine: str, tolerance: float) -> None:
@@ -480,7 +483,7 @@ def test_graphs_are_captured_while_another_thread_synchronises_on_cuda(engine: s
 def test_importing_the_engines_imports_neither_ray_nor_onnxruntime() -> None:
     code = (
         "import sys, serving.engine, serving.engine.fused, serving.engine.shortcut, "
-        "serving.engine.onnx, serving.predictor, serving.settings\n"
+        "serving.engine.onnx, serving.engine.auto, serving.predictor, serving.settings\n"
         "loaded = [m for m in sys.modules if m.split('.')[0] in ('ray', 'onnxruntime')]\n"
         "assert not loaded, loaded\n"
     )

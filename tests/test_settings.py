@@ -124,7 +124,7 @@ def test_serve_flags_carry_the_settings_docstrings_and_defaults():
     )
     assert helps["--batch-wait-ms"].endswith("(0: never wait). (default: 2)")  # 0.002 s
     assert "(default: 64)" in helps["--max-body-mb"]  # MiB
-    assert "(default: fused:graphs)" in helps["--engine"]
+    assert "(default: auto)" in helps["--engine"]
     assert helps["--replica-cpus"] == "CPUs reserved per replica. (default: 1)"
     assert helps["--ray-cpus"] == "CPUs of a Ray started here (default: every core)."
 

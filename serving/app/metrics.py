@@ -12,10 +12,9 @@ from collections.abc import Iterable
 import torch
 from ray.serve import metrics
 
-from serving.bundle import Bundle
 from serving.manifest import Manifest
 from serving.predictive import ClassificationPrediction
-from serving.predictor import Prediction
+from serving.predictor import Prediction, Predictor
 from serving.service import BatchObserver
 
 LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
@@ -101,6 +100,11 @@ class ServerMetrics(BatchObserver):
             "1 for each model version a replica serves, with its bundle hash.",
             tag_keys=("model", "version", "bundle_sha256"),
         )
+        self.engine_info = metrics.Gauge(
+            "espro_engine_info",
+            "1 for the engine answering each range of batch rows of a model version.",
+            tag_keys=("model", "version", "batch_range", "engine"),
+        )
 
     def request(self, door: str, model: str, status: int, seconds: float) -> None:
         tags = {"door": door, "model": model, "status": str(status)}
@@ -135,12 +139,17 @@ class ServerMetrics(BatchObserver):
         ):
             self.abstentions.inc(count, tags=tags)
 
-    def models(self, served: Iterable[Bundle], refused: int) -> None:
-        """Refresh the model-info gauge (1 for each bundle served) and the count of refused
-        bundles. Ray drops a gauge series that is not refreshed for two report intervals, so a
-        replaced bundle's series ends."""
+    def models(self, served: Iterable[Predictor], refused: int) -> None:
+        """Refresh the model-info gauge (1 for each bundle served), the engine-info gauge (1
+        for each range of batch rows and its engine) and the count of refused bundles. Ray
+        drops a gauge series that is not refreshed for two report intervals, so a replaced
+        bundle's series end."""
         self.bundles_refused.set(float(refused))
-        for bundle in served:
-            manifest = bundle.manifest
+        for predictor in served:
+            manifest = predictor.manifest
             tags = {"model": manifest.name, "version": manifest.version}
-            self.model_info.set(1.0, tags=tags | {"bundle_sha256": bundle.digest})
+            self.model_info.set(1.0, tags=tags | {"bundle_sha256": predictor.bundle.digest})
+            for batch_range, engine in predictor.engine_choice.items():
+                self.engine_info.set(
+                    1.0, tags=tags | {"batch_range": batch_range, "engine": engine}
+                )

@@ -63,6 +63,22 @@ api = FastAPI(
 )
 
 
+class _ToServeLog(logging.Handler):
+    """Hands espro's own records (``serving.*``: bundle fetches, engine choices) to Serve's
+    logger, whose handlers write the replica's log; Serve sets up no other logger."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger.handle(record)
+
+
+def _log_to_serve() -> None:
+    espro = logging.getLogger("serving")
+    espro.setLevel(logging.INFO)
+    espro.propagate = False
+    if not any(isinstance(h, _ToServeLog) for h in espro.handlers):
+        espro.addHandler(_ToServeLog())
+
+
 def _reserved_cpus() -> int:
     """The whole CPUs Ray reserved for this replica, at least 1."""
     return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
@@ -80,6 +96,7 @@ class ModelServer:
     def __init__(self, config: AppConfig, device: str) -> None:
         """``config`` as validated where the app was built; ``device`` resolved there."""
         torch.set_num_threads(config.torch_threads or _reserved_cpus())
+        _log_to_serve()
         self.config, self.device = config, device
         self._direct: grpc.aio.Server | None = None
         self.tokens = self._read_tokens()
@@ -142,7 +159,7 @@ class ModelServer:
     async def _refresh_model_info(self) -> None:
         while True:
             served = self.service.repository.predictors()
-            self.metrics.models((p.bundle for p in served), self._refused)
+            self.metrics.models(served, self._refused)
             await asyncio.sleep(1.0)
 
     async def _handle(

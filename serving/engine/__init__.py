@@ -8,12 +8,14 @@ outputs ``[S, B, ·]`` of any subset of its members. The string is ``NAME[:OPTIO
 ``fused``      members stacked and run at once by ``torch.func.vmap`` (:mod:`.fused`)
 ``shortcut``   ``fused``, with the first layer computed once per vertex and mixed (:mod:`.shortcut`)
 ``onnx``       the ensemble exported as one ONNX graph, run by ONNX Runtime (:mod:`.onnx`)
+``auto``       per range of batch sizes, the fastest of the others on the bundle (:mod:`.auto`)
 =============  ================================================================================
 
 Options of ``fused`` and ``shortcut``: ``bf16`` or ``fp16`` (weights and activations in that
 precision, outputs in float32), ``graphs`` (CUDA graphs for batches up to 64) and ``compile``
 (the stacked forward compiled by ``torch.compile``); the last two apply on CUDA only and are
-ignored on the CPU. Example: ``fused:bf16,graphs``.
+ignored on the CPU. Example: ``fused:bf16,graphs``. ``auto`` times fp32 engines only;
+``auto:bf16`` (or ``fp16``) also times ``fused`` and ``shortcut`` in that precision.
 
 This module imports neither torch nor ONNX Runtime: settings validate strings with it.
 """
@@ -30,11 +32,12 @@ if TYPE_CHECKING:
     from serving.engine.base import Engine, MemberState
     from serving.manifest import InputSpec
 
-ENGINES = ("reference", "fused", "shortcut", "onnx")
+ENGINES = ("reference", "fused", "shortcut", "onnx", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
 _OPTIONS = {
     "fused": {"bf16", "fp16", "graphs", "compile"},
     "shortcut": {"bf16", "fp16", "graphs", "compile"},
+    "auto": {"bf16", "fp16"},
 }
 
 
@@ -80,7 +83,8 @@ def create_engine(
     **options: Any,
 ) -> Engine:
     """The engine ``spec`` over a module and its members' states. ``options`` are the engine
-    class's keywords: ``device``, ``chunk_size``, ``vertices``, ``origins``, …"""
+    class's keywords: ``device``, ``chunk_size``, ``vertices``, ``origins``, … (``auto`` also
+    takes ``budget_s`` and the other keywords of :class:`~serving.engine.auto.AutoEngine`)."""
     spec = parse_engine(spec) if isinstance(spec, str) else spec
     if spec.name == "reference":
         from serving.engine.reference import ReferenceEngine
@@ -90,6 +94,10 @@ def create_engine(
         from serving.engine.onnx import OnnxEngine
 
         return OnnxEngine(model, members, input_spec, **options)
+    if spec.name == "auto":
+        from serving.engine.auto import AutoEngine
+
+        return AutoEngine(model, members, input_spec, precision=spec.precision, **options)
     import torch
 
     from serving.engine.fused import FusedEngine

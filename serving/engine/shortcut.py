@@ -13,7 +13,7 @@ other network, any set of members with V ≥ K, or any member of unknown origin 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,18 +90,25 @@ class ShortcutEngine(FusedEngine):
             h = _call(layer, state, h)
         return h
 
-    def prepare(self, members: tuple[int, ...]) -> Prepared:
+    def mixes(self, members: Sequence[int]) -> bool:
+        """Whether these members run the shortcut: it applies, every origin is known, and
+        their simplexes have fewer vertices than there are members (V < K; else mixing
+        outputs costs more than it saves, and they run fused)."""
         origins = [self.origins[i] for i in members]
-        known = [origin for origin in origins if origin is not None]
-        if not self.applies or len(known) < len(origins):
+        if not self.applies or any(origin is None for origin in origins):
+            return False
+        simplexes = {origin.simplex for origin in origins if origin is not None}
+        return sum(len(self.vertices[m]) for m in simplexes) < len(origins)
+
+    def prepare(self, members: tuple[int, ...]) -> Prepared:
+        if not self.mixes(members):
             return super().prepare(members)
+        known = [origin for i in members if (origin := self.origins[i]) is not None]
         starts: dict[int, int] = {}  # where each used simplex's vertices start
         num_vertices = 0
         for m in sorted({origin.simplex for origin in known}):
             starts[m] = num_vertices
             num_vertices += len(self.vertices[m])
-        if num_vertices >= len(members):  # V ≥ K: mixing outputs costs more than it saves
-            return super().prepare(members)
         alpha = torch.zeros(len(members), num_vertices, dtype=torch.float64)
         for row, origin in enumerate(known):
             start = starts[origin.simplex]
