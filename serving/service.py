@@ -534,8 +534,8 @@ def image_inputs(predictor: Predictor, encoded: Sequence[bytes]) -> np.ndarray:
     if manifest.input.image is None:
         raise ServiceError(
             400,
-            f"model {quote(manifest.name)} takes arrays of shape {list(manifest.input.shape)}, "
-            "not images: it was not trained on images",
+            f"model {quote(manifest.name)} takes real numbers of shape "
+            f"{list(manifest.input.shape)}, not images: it was not trained on images",
         )
     return decode_images(encoded, manifest.input.image).numpy()
 
@@ -545,6 +545,8 @@ def _oip_inputs(predictor: Predictor, x: np.ndarray) -> np.ndarray:
     raw in binary data, base64 in JSON (no PNG or JPEG starts like base64 text)."""
     if x.dtype != object:
         return x
+    if predictor.manifest.input.image is None:
+        return image_inputs(predictor, [])  # refused: the bundle takes no images
     if x.ndim != 1:
         raise ServiceError(
             400, f"input {INPUT!r}: BYTES images take shape [N], got {list(x.shape)}"

@@ -600,6 +600,7 @@ def test_espro_serve_starts_answers_and_drains_on_sigterm(server, tmp_path):
     gate, bundle = gated(server, tmp_path)
     bundles = [str(server.bundles["tiny/1"]), str(bundle)]
     command = [sys.executable, "-m", "serving.cli", "serve", *bundles, "--ray-cpus", "1"]
+    command += ["--engine", "fused"]  # auto's ONNX export would trace the gate away
     command += ["--http-port", "18100", "--grpc-port", "19100", "--metrics-port", "18180"]
     command += ["--allow-custom-architecture"]
     log = tmp_path / "serve.log"
@@ -677,7 +678,7 @@ def test_espro_serve_stopped_while_it_deploys_still_exits_cleanly(server, tmp_pa
     SIGTERM handlers would end the process mid-deploy (exit -6); espro's let the deploy
     finish, then everything drains and stops."""
     gate, bundle = gated(server, tmp_path)
-    command = [sys.executable, "-m", "serving.cli", "serve", str(bundle)]
+    command = [sys.executable, "-m", "serving.cli", "serve", str(bundle), "--engine", "fused"]
     command += ["--ray-cpus", "1", "--http-port", "18200", "--grpc-port", "19200"]
     command += ["--metrics-port", "18280", "--allow-custom-architecture"]
     log = tmp_path / "serve.log"

@@ -25,16 +25,13 @@ from ray import serve
 from serving import __version__
 from serving.auth import BearerTokens
 from serving.doors import (
-    GrpcContext,
-    grpc_authorization,
-    grpc_error,
     http_error,
     inference_header_length,
     read_body,
 )
 from serving.errors import ServiceError
+from serving.grpc_methods import OipGrpcMethods
 from serving.oip import INTERNAL_ERROR, InferenceRequest, InferenceResponse
-from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.quoting import quote
 from serving.service import (
     InferenceService,
@@ -86,7 +83,7 @@ def _reserved_cpus() -> int:
 
 @serve.deployment(name="espro")
 @serve.ingress(api)
-class ModelServer:
+class ModelServer(OipGrpcMethods):
     """Serves every bundle of its ``user_config`` (see :class:`~serving.settings.Tuning`).
 
     Serve pickles this class when it is decorated, so every module-level name it uses must be
@@ -138,7 +135,7 @@ class ModelServer:
         port = self.config.direct_grpc_port
         if port is not None and self._direct is None:
             methods = {name: getattr(self, name) for name in RPCS}
-            methods["ModelInfer"] = functools.partial(self._grpc_infer, door="grpc-direct")
+            methods["ModelInfer"] = functools.partial(self.grpc_infer, door="grpc-direct")
             self._direct = await start_direct_door(
                 methods,
                 host=self.config.direct_grpc_host,
@@ -176,14 +173,9 @@ class ModelServer:
             logger.exception("%s request for model %s failed", door, quote(model))
             response = http_error(ServiceError(500, INTERNAL_ERROR))
         self.metrics.request(
-            door, self._model_tag(model), response.status_code, time.perf_counter() - start
+            door, self.model_tag(model), response.status_code, time.perf_counter() - start
         )
         return response
-
-    def _model_tag(self, name: str) -> str:
-        """``name`` as a metric label if it is served: an unknown name (any text a client
-        sends) would make a label Ray cannot encode, or an unbounded number of series."""
-        return name if name in self.service.repository.names() else "unknown"
 
     def _read_tokens(self) -> BearerTokens:
         if self.config.auth_token_file is None:
@@ -198,15 +190,6 @@ class ModelServer:
             return JSONResponse(answer())
         except ServiceError as err:
             return http_error(err)
-
-    def _grpc_denied(self, context: GrpcContext) -> bool:
-        """Refuse a gRPC call without a valid token (UNAUTHENTICATED); True if refused."""
-        try:
-            self.tokens.check(grpc_authorization(context))
-        except ServiceError as err:
-            grpc_error(context, err)
-            return True
-        return False
 
     async def _body(self, request: Request) -> bytearray:
         limit = self.config.max_body_bytes
@@ -287,71 +270,3 @@ class ModelServer:
             )
 
         return await self._handle("rest", name, request, work)
-
-    # -- Open Inference Protocol v2, gRPC (methods named after the RPCs) -------------------
-
-    async def ServerLive(
-        self, request: pb.ServerLiveRequest, grpc_context: GrpcContext
-    ) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
-
-    async def ServerReady(
-        self, request: pb.ServerReadyRequest, grpc_context: GrpcContext
-    ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=bool(self.service.repository.names()))
-
-    async def ModelReady(
-        self, request: pb.ModelReadyRequest, grpc_context: GrpcContext
-    ) -> pb.ModelReadyResponse:
-        if self._grpc_denied(grpc_context):
-            return pb.ModelReadyResponse()
-        try:
-            self.service.repository.get(request.name, request.version)
-        except ServiceError:
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=True)
-
-    async def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, grpc_context: GrpcContext
-    ) -> pb.ServerMetadataResponse:
-        if self._grpc_denied(grpc_context):
-            return pb.ServerMetadataResponse()
-        return self.service.server_metadata().to_grpc()
-
-    async def ModelMetadata(
-        self, request: pb.ModelMetadataRequest, grpc_context: GrpcContext
-    ) -> pb.ModelMetadataResponse:
-        if self._grpc_denied(grpc_context):
-            return pb.ModelMetadataResponse()
-        try:
-            return model_metadata(self.service.repository, request.name, request.version).to_grpc()
-        except ServiceError as err:
-            grpc_error(grpc_context, err)
-            return pb.ModelMetadataResponse()
-
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, grpc_context: GrpcContext
-    ) -> pb.ModelInferResponse:
-        return await self._grpc_infer(request, grpc_context, door="grpc")
-
-    async def _grpc_infer(
-        self, request: pb.ModelInferRequest, grpc_context: GrpcContext, *, door: str
-    ) -> pb.ModelInferResponse:
-        """Answer an inference call from Serve's proxy or the direct door (``door``)."""
-        start = time.perf_counter()
-        response, status = pb.ModelInferResponse(), 200
-        try:
-            self.tokens.check(grpc_authorization(grpc_context))
-            if (size := request.ByteSize()) > (limit := self.config.max_body_bytes):
-                raise ServiceError(413, f"the message has {size} bytes; the limit is {limit}")
-            response = await self.service.submit(self.service.grpc_job(request))
-        except ServiceError as err:
-            status = err.status
-            grpc_error(grpc_context, err)
-        except Exception:
-            logger.exception("%s request for model %s failed", door, quote(request.model_name))
-            status = 500
-            grpc_error(grpc_context, ServiceError(500, INTERNAL_ERROR))
-        model = self._model_tag(request.model_name)
-        self.metrics.request(door, model, status, time.perf_counter() - start)
-        return response
