@@ -110,6 +110,15 @@ def _newest_only(version: str | None) -> None:
         )
 
 
+def _native_call(
+    model: str, version: str | None, data: dict[str, Any], draws: int | None, members: bool
+) -> HttpCall[Prediction]:
+    """A native predict call carrying ``data`` (``inputs`` or ``images``)."""
+    _newest_only(version)
+    body = {**data, "draws": draws, "return_members": members}
+    return HttpCall("POST", f"/v1/models/{quote(model, safe='')}/predict", _read_native, body)
+
+
 class NativeDoor(HttpDoor):
     """``POST /v1/models/{name}/predict``: the native JSON door (the newest version only)."""
 
@@ -121,9 +130,7 @@ class NativeDoor(HttpDoor):
         draws: int | None,
         return_members: bool,
     ) -> HttpCall[Prediction]:
-        _newest_only(version)
-        body = {"inputs": x.tolist(), "draws": draws, "return_members": return_members}
-        return HttpCall("POST", f"/v1/models/{quote(model, safe='')}/predict", _read_native, body)
+        return _native_call(model, version, {"inputs": x.tolist()}, draws, return_members)
 
     def predict_images(
         self,
@@ -134,10 +141,8 @@ class NativeDoor(HttpDoor):
         return_members: bool,
     ) -> HttpCall[Prediction]:
         """``{"images": [base64, ...]}`` in place of ``inputs``."""
-        _newest_only(version)
         texts = [base64.b64encode(image).decode() for image in images]
-        body = {"images": texts, "draws": draws, "return_members": return_members}
-        return HttpCall("POST", f"/v1/models/{quote(model, safe='')}/predict", _read_native, body)
+        return _native_call(model, version, {"images": texts}, draws, return_members)
 
 
 class RestDoor(HttpDoor):
