@@ -35,7 +35,7 @@ from serving.errors import BundleError, InputError, ServiceError, describe_valid
 from serving.fetch import resolve_bundle
 from serving.images import decode_images, from_base64, sniff
 from serving.jsonarray import NOT_AN_ARRAY, JSONArray, read_json
-from serving.manifest import Manifest, Task
+from serving.manifest import ImageSpec, Manifest, Task
 from serving.oip import (
     ModelMetadata,
     RequestOptions,
@@ -528,8 +528,12 @@ class InferenceService:
 
 
 def image_inputs(predictor: Predictor, encoded: Sequence[bytes]) -> np.ndarray:
-    """Encoded images as raw instances, decoded with the bundle's own image spec; a bundle
-    without one refuses them (400)."""
+    """Encoded images as raw instances, decoded with the bundle's own image spec."""
+    return decode_images(encoded, _image_spec(predictor)).numpy()
+
+
+def _image_spec(predictor: Predictor) -> ImageSpec:
+    """The bundle's image spec; a bundle without one refuses images (400)."""
     manifest = predictor.manifest
     if manifest.input.image is None:
         raise ServiceError(
@@ -537,7 +541,7 @@ def image_inputs(predictor: Predictor, encoded: Sequence[bytes]) -> np.ndarray:
             f"model {quote(manifest.name)} takes real numbers of shape "
             f"{list(manifest.input.shape)}, not images: it was not trained on images",
         )
-    return decode_images(encoded, manifest.input.image).numpy()
+    return manifest.input.image
 
 
 def _oip_inputs(predictor: Predictor, x: np.ndarray) -> np.ndarray:
@@ -545,8 +549,7 @@ def _oip_inputs(predictor: Predictor, x: np.ndarray) -> np.ndarray:
     raw in binary data, base64 in JSON (no PNG or JPEG starts like base64 text)."""
     if x.dtype != object:
         return x
-    if predictor.manifest.input.image is None:
-        return image_inputs(predictor, [])  # refused: the bundle takes no images
+    spec = _image_spec(predictor)
     if x.ndim != 1:
         raise ServiceError(
             400, f"input {INPUT!r}: BYTES images take shape [N], got {list(x.shape)}"
@@ -555,7 +558,7 @@ def _oip_inputs(predictor: Predictor, x: np.ndarray) -> np.ndarray:
         e if sniff(e) else from_base64(e, f"input {INPUT!r} element {i}")
         for i, e in enumerate(x.tolist())
     ]
-    return image_inputs(predictor, encoded)
+    return decode_images(encoded, spec).numpy()
 
 
 def _identity(predictor: Predictor) -> dict[str, str]:

@@ -152,6 +152,29 @@ class Gate:
         return [int(line) for line in self.log.read_text().split()] if self.log.exists() else []
 
 
+class GrpcContext:
+    """A gRPC servicer context that records the code, details and trailer it is answered
+    with; its call carries ``Bearer {token}`` unless ``token`` is None."""
+
+    TOKEN = "tok-" + "3" * 24
+
+    def __init__(self, token: str | None = TOKEN) -> None:
+        self.metadata = [("authorization", f"Bearer {token}")] if token else []
+        self.code = self.details = self.trailer = None
+
+    def invocation_metadata(self):
+        return self.metadata
+
+    def set_code(self, code):
+        self.code = code
+
+    def set_details(self, details):
+        self.details = details
+
+    def set_trailing_metadata(self, metadata):
+        self.trailer = metadata
+
+
 # --------------------------------------------------------------------------- tiny bundles
 
 

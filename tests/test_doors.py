@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from helpers import GrpcContext
 from serving.doors import grpc_error, http_error, inference_header_length, read_body
 from serving.errors import STATUS_TRAILER, ServiceError
 
@@ -61,17 +62,7 @@ def test_refusals_answer_with_their_status_and_one_json_line():
 
 
 def test_grpc_refusals_carry_their_code_and_http_status():
-    class Context:
-        def set_code(self, code):
-            self.code = code
-
-        def set_details(self, details):
-            self.details = details
-
-        def set_trailing_metadata(self, metadata):
-            self.trailer = metadata
-
-    context = Context()
+    context = GrpcContext()
     grpc_error(context, ServiceError(404, "no model 'x'"))
     assert context.code == grpc.StatusCode.NOT_FOUND and context.details == "no model 'x'"
     assert context.trailer == [(STATUS_TRAILER, "404")]

@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
-from helpers import tiny_bundle
+from helpers import GrpcContext, tiny_bundle
 from serving.auth import BearerTokens
 from serving.errors import STATUS_TRAILER
 from serving.grpc_methods import OipGrpcMethods
@@ -16,27 +16,7 @@ from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.service import INPUT, InferenceService, ModelRepository
 from serving.settings import AppConfig
 
-TOKEN = "tok-" + "3" * 24
-
-
-class Context:
-    """A gRPC context that records what a method answers."""
-
-    def __init__(self, token: str | None = TOKEN) -> None:
-        self.metadata = [("authorization", f"Bearer {token}")] if token else []
-        self.code = self.details = self.trailer = None
-
-    def invocation_metadata(self):
-        return self.metadata
-
-    def set_code(self, code):
-        self.code = code
-
-    def set_details(self, details):
-        self.details = details
-
-    def set_trailing_metadata(self, metadata):
-        self.trailer = metadata
+TOKEN = GrpcContext.TOKEN
 
 
 class Methods(OipGrpcMethods):
@@ -69,21 +49,21 @@ def call(method, request, context):
 
 
 def test_health_is_open_and_the_rest_needs_the_token(methods):
-    assert call(methods.ServerLive, pb.ServerLiveRequest(), Context(None)).live
-    assert call(methods.ServerReady, pb.ServerReadyRequest(), Context(None)).ready
-    context = Context(None)
+    assert call(methods.ServerLive, pb.ServerLiveRequest(), GrpcContext(None)).live
+    assert call(methods.ServerReady, pb.ServerReadyRequest(), GrpcContext(None)).ready
+    context = GrpcContext(None)
     answer = call(methods.ModelReady, pb.ModelReadyRequest(name="tiny"), context)
     assert not answer.ready and context.code == grpc.StatusCode.UNAUTHENTICATED
     assert context.trailer == [(STATUS_TRAILER, "401")]
-    assert call(methods.ModelReady, pb.ModelReadyRequest(name="tiny"), Context()).ready
-    assert not call(methods.ModelReady, pb.ModelReadyRequest(name="nope"), Context()).ready
+    assert call(methods.ModelReady, pb.ModelReadyRequest(name="tiny"), GrpcContext()).ready
+    assert not call(methods.ModelReady, pb.ModelReadyRequest(name="nope"), GrpcContext()).ready
 
 
 def test_metadata_names_the_model_or_answers_not_found(methods):
-    assert call(methods.ServerMetadata, pb.ServerMetadataRequest(), Context()).name == "espro"
-    answer = call(methods.ModelMetadata, pb.ModelMetadataRequest(name="tiny"), Context())
+    assert call(methods.ServerMetadata, pb.ServerMetadataRequest(), GrpcContext()).name == "espro"
+    answer = call(methods.ModelMetadata, pb.ModelMetadataRequest(name="tiny"), GrpcContext())
     assert answer.name == "tiny" and answer.inputs[0].name == INPUT
-    context = Context()
+    context = GrpcContext()
     call(methods.ModelMetadata, pb.ModelMetadataRequest(name="nope"), context)
     assert context.code == grpc.StatusCode.NOT_FOUND and "nope" in context.details
 
@@ -97,12 +77,12 @@ def _infer_request(rows: int) -> pb.ModelInferRequest:
 
 def test_inference_answers_refuses_and_counts_every_call(methods):
     async def calls() -> pb.ModelInferResponse:
-        answer = await methods.ModelInfer(_infer_request(2), Context())
+        answer = await methods.ModelInfer(_infer_request(2), GrpcContext())
         await methods.ModelInfer(_infer_request(400), too_big)
         await methods.ModelInfer(pb.ModelInferRequest(model_name="x" * 300), unknown)
         return answer
 
-    too_big, unknown = Context(), Context()
+    too_big, unknown = GrpcContext(), GrpcContext()
     answer = asyncio.run(calls())
     assert answer.model_name == "tiny" and answer.outputs
     assert too_big.code == grpc.StatusCode.RESOURCE_EXHAUSTED
