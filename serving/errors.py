@@ -13,7 +13,7 @@ The hierarchy::
     └── the trainer's, in :mod:`training.errors` (ValueError)
         ├── ConfigError: a configuration that cannot be read or validated
         ├── DataError: a data set that cannot be read as configured
-        └── CheckpointError: a work directory that belongs to another configuration
+        └── CheckpointError: an unreadable or outdated checkpoint in a work directory
 
 Argument checks of the tensor functions (:mod:`serving.checks`) raise ``TypeError`` and
 ``ValueError``: they report a caller's bug, not a refusal. Importing this module imports

@@ -66,7 +66,7 @@ def test_report_aggregates_runs_over_seeds(trained, capsys):
     out = capsys.readouterr().out
     assert out.startswith("2 run(s)")
     espro_row = next(line for line in out.splitlines() if line.startswith("| espro | raw |"))
-    assert espro_row.count("±") == 6  # five metrics and the training time
+    assert espro_row.count("±") == 7  # five metrics, the training passes and seconds
     assert main(["report", str(trained / "bundle")]) == 0
     assert "±" not in capsys.readouterr().out
 
@@ -160,7 +160,7 @@ def test_espro_help_lists_the_commands_of_both_sides(capsys):
     assert exit_.value.code == 0
     listed = re.search(r"\{(.*)\}", capsys.readouterr().out).group(1).split(",")
     serving = ["predict", "serve"]
-    training = ["train", "evaluate", "report", "experiment", "configs", "demo"]
+    training = ["train", "evaluate", "report", "compare", "experiment", "configs", "demo"]
     assert sorted(listed) == sorted(serving + training)
 
 

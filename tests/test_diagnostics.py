@@ -27,7 +27,7 @@ def _simplex(lam: float, epochs: int, lr: float) -> tuple[nn.Module, TrainedSimp
     trainer.fit_mode(train, OptimSettings(epochs=20, lr=0.1), torch.Generator())
     for _ in range(2):
         trainer.add_vertex(train, OptimSettings(epochs=epochs, lr=lr), torch.Generator())
-    simplex = TrainedSimplex(trainer.vertices, trainer.buffers, [0.0] * 3, [0.0] * 3)
+    simplex = TrainedSimplex(trainer.vertices, trainer.buffers, [])
     alphas = sample_dirichlet(3, 6, torch.Generator().manual_seed(1))
     return model, simplex, [Draw(tuple(a.tolist()), {}) for a in alphas]
 
@@ -64,7 +64,7 @@ def test_a_reasonable_simplex_raises_no_warning_and_is_measured():
 
 def test_a_lone_mode_has_no_edges_and_no_warnings():
     model, simplex, _ = _simplex(lam=0.0, epochs=1, lr=1e-6)
-    lone = TrainedSimplex(simplex.vertices[:1], simplex.buffers, [0.0], [0.0])
+    lone = TrainedSimplex(simplex.vertices[:1], simplex.buffers, [])
     d = diagnose(
         Task.CLASSIFICATION, model, lone, [Draw((1.0,), {})], _data(64, 0), _data(64, 1), SPEC
     )
@@ -77,7 +77,7 @@ def test_regression_diversity_is_in_target_units():
     data = TensorSplit(torch.randn(64, 4), torch.randn(64) * 5)
     trainer = SimplexTrainer(model, Task.REGRESSION)
     trainer.fit_mode(data, OptimSettings(epochs=2, lr=0.01), torch.Generator())
-    simplex = TrainedSimplex(trainer.vertices * 2, trainer.buffers, [0.0] * 2, [0.0] * 2)
+    simplex = TrainedSimplex(trainer.vertices * 2, trainer.buffers, [])
     d = diagnose(Task.REGRESSION, model, simplex, [Draw((0.5, 0.5), {})], data, data, SPEC)
     assert d.diversity == pytest.approx(0.0, abs=1e-6)
     assert d.val.mode_accuracy is None

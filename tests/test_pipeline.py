@@ -99,11 +99,56 @@ def test_an_interrupted_run_resumes_from_its_last_vertex(tiny_bundle_path, tmp_p
     assert sha256_file(path / TENSORS_FILE) == sha256_file(tiny_bundle_path / TENSORS_FILE)
 
 
-def test_a_workdir_of_another_config_is_refused(tmp_path):
+def test_runs_that_share_a_workdir_share_the_modes_they_have_in_common(tmp_path, monkeypatch):
     work = tmp_path / "work"
-    train(tiny_config(modes={"count": 1}, simplex={"vertices": 0}), tmp_path / "a", workdir=work)
-    with pytest.raises(CheckpointError, match="different configuration"):
-        train(tiny_config(modes={"count": 1}, seed=9), tmp_path / "b", workdir=work)
+    espro, _ = train(tiny_config(), tmp_path / "espro", workdir=work)
+    modes = []
+    real_fit = SimplexTrainer.fit_mode
+
+    def counting_fit(self, *args, **kwargs):
+        modes.append(kwargs["desc"])
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(SimplexTrainer, "fit_mode", counting_fit)
+    # A deep ensemble of three modes trains only its third; its first two are ESPRO's modes.
+    de, _ = train(
+        tiny_config(modes={"count": 3}, simplex={"vertices": 0}), tmp_path / "de", workdir=work
+    )
+    assert modes == ["mode 3/3"]
+    first, second = load_bundle(espro), load_bundle(de)
+    assert torch.equal(first.vertices(1)[0]["1.weight"], second.vertices(1)[0]["1.weight"])
+    # A mode's recorded cost travels with its checkpoint.
+    assert second.manifest.training["vertices"][1][0] == first.manifest.training["vertices"][1][0]
+    # Another seed shares nothing.
+    train(tiny_config(seed=9, simplex={"vertices": 0}), tmp_path / "other", workdir=work)
+    assert modes == ["mode 3/3", "mode 1/2", "mode 2/2"]
+
+
+def test_a_checkpoint_without_its_cost_is_refused_in_one_line(tmp_path):
+    work = tmp_path / "work"
+    config = tiny_config(modes={"count": 1}, simplex={"vertices": 0})
+    train(config, tmp_path / "a", workdir=work)
+    [saved] = work.glob("*/mode0.vertex0.safetensors")
+    save_file({"param:w": torch.zeros(1)}, saved, metadata={"seconds": "1.0"})
+    with pytest.raises(CheckpointError, match=r"lacks passes, forward, epochs, final_loss.*delete"):
+        train(config, tmp_path / "b", workdir=work)
+
+
+def test_the_manifest_records_what_every_phase_cost(tiny_bundle_path):
+    from training.cost import Cost, total
+
+    training = load_bundle(tiny_bundle_path).manifest.training
+    config = parse_config(training["config"])
+    phases = {p: Cost.from_dict(c) for p, c in training["cost"].items()}
+    assert set(phases) == {"modes", "vertices", "batchnorm", "diagnostics", "calibration", "total"}
+    assert phases["total"] == total(c for p, c in phases.items() if p != "total")
+    [[mode, vertex], _] = training["vertices"]
+    n_train = mode["passes"] // config.modes.epochs
+    # A vertex's SPRO step averages S samples of the simplex: S passes per example.
+    assert vertex["passes"] == config.simplex.epochs * config.simplex.samples * n_train
+    assert phases["modes"].passes == 2 * mode["passes"]
+    assert phases["batchnorm"] == Cost()  # the MLP has no BatchNorm
+    assert phases["calibration"].forward > 0 and phases["total"].seconds > 0
 
 
 def test_an_existing_bundle_is_not_overwritten_by_default(tiny_bundle_path):

@@ -1,4 +1,5 @@
-"""The λ search: an interior choice on a toy problem, a bounded cost, and reuse of its work."""
+"""The λ search: an interior choice on a toy problem, its recorded cost, no broken simplexes,
+and reuse of its work."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import pytest
 
 from helpers import tiny_config
 from serving.bundle import load_bundle
+from training.cost import Cost
 from training.pipeline import train
+from training.search import _choose
 from training.spro import SimplexTrainer
 
 GRID = [1e-4, 0.01, 0.03, 0.1, 10.0]
@@ -38,9 +41,13 @@ def test_the_search_picks_a_lambda_strictly_inside_its_grid(tmp_path, seed):
     assert scores[best] < scores[0] and scores[best] < scores[-1]
     assert scores[best] == min(scores)
     assert training["lambda"] == search["best"]
-    assert search["vertex_epochs"] == len(GRID) * 1 * 1 * 5
-    assert search["seconds"] > 0
-    assert search["warning"] is None
+    assert not search["broken"][best]
+    assert search["warnings"] == []
+    # The vertices of the four other λ: 5 epochs of S = 2 samples over every training example.
+    n_train = training["vertices"][0][0]["passes"] // 30
+    cost = Cost.from_dict(search["cost"])
+    assert cost.passes == (len(GRID) - 1) * 5 * 2 * n_train
+    assert cost.forward > 0 and cost.seconds > 0
 
 
 def test_a_best_lambda_at_the_end_of_the_grid_is_flagged(tmp_path):
@@ -49,7 +56,16 @@ def test_a_best_lambda_at_the_end_of_the_grid_is_flagged(tmp_path):
     path, _ = train(config, tmp_path / "bundle")
     search = load_bundle(path).manifest.training["lambda_search"]
     side = "smallest" if search["best"] == 0.01 else "largest"
-    assert f"the {side} of the grid" in search["warning"]
+    assert any(f"the {side} of the grid" in w for w in search["warnings"])
+
+
+def test_a_lambda_that_breaks_a_simplex_is_passed_over_unless_all_do():
+    grid = [0.01, 0.1, 1.0]
+    assert _choose(grid, [0.5, 0.4, 0.3], [False, False, True]) == (0.1, [])
+    best, warnings = _choose(grid, [0.5, 0.4, 0.3], [True, True, True])
+    assert best == 1.0 and "every λ of the grid broke a simplex" in warnings[0]
+    best, warnings = _choose(grid, [0.5, 0.4, 0.3], [True, False, False])
+    assert best == 1.0 and "largest of the grid" in warnings[0]
 
 
 def test_the_search_reuses_its_simplexes_and_a_fixed_lambda_skips_it(tmp_path, monkeypatch):

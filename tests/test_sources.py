@@ -24,7 +24,7 @@ from training.batchnorm import recompute_batchnorm
 from training.config import load_config, parse_config
 from training.data import Dataset, DataSource, load_dataset
 from training.errors import ConfigError, DataError
-from training.espro import TrainedSimplex, config_digest, draw_members
+from training.espro import TrainedSimplex, draw_members, mode_digest
 from training.pipeline import train
 from training.splits import StreamedSplit, TensorSplit, TrainingData
 from training.spro import OptimSettings, SimplexTrainer
@@ -402,9 +402,7 @@ def test_only_sgd_batches_are_augmented_and_batchnorm_reads_plain_ones(
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(12, 2))
-    simplex = TrainedSimplex(
-        [dict(model.named_parameters())], dict(model.named_buffers()), [0.0], [0.0]
-    )
+    simplex = TrainedSimplex([dict(model.named_parameters())], dict(model.named_buffers()), [])
     config = parse_config({"modes": {"batch_size": 5}, "draws": {"batchnorm_batches": 3}})
 
     def refuse(*args: object, **kwargs: object) -> None:
@@ -513,7 +511,7 @@ def test_progress_is_quiet_when_stderr_is_not_a_terminal(
 def test_the_processes_that_read_the_data_do_not_change_the_checkpoints_digest() -> None:
     def digest(**data: Any) -> str:
         section = {"source": "image_folder", "root": "r", "size": [4, 4]} | data
-        return config_digest(parse_config({"data": section}))
+        return mode_digest(parse_config({"data": section}))
 
     assert digest(num_workers=0) == digest(num_workers=8) != digest(size=[4, 5])
 

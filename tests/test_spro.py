@@ -4,7 +4,7 @@ from torch import nn
 
 from serving.manifest import Task
 from training.splits import TensorSplit, minibatches
-from training.spro import OptimSettings, SimplexTrainer, task_loss
+from training.spro import EarlyStopping, OptimSettings, SimplexTrainer, task_loss
 from training.volume import squared_distances, squared_height
 
 
@@ -123,3 +123,70 @@ def test_minibatches_cover_every_row_once():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="lam"):
         SimplexTrainer(nn.Linear(2, 2), Task.CLASSIFICATION, lam=-1.0)
+
+
+class _Held:
+    """A held-out split as :class:`training.spro.EarlyStopping` reads it."""
+
+    def __init__(self, split: TensorSplit) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def labelled(self, batch_size: int):
+        return self.split.batches(batch_size)
+
+
+def test_a_mode_stops_early_and_keeps_its_best_epoch(monkeypatch):
+    trainer = _trainer(bn=True)
+    losses = iter([1.0, 0.5, 0.6, 0.7, 0.4])
+    seen = []
+
+    def scripted(self, params, buffers, stopping):
+        seen.append(
+            (
+                {k: v.detach().clone() for k, v in params.items()},
+                {k: v.clone() for k, v in buffers.items()},
+            )
+        )
+        return next(losses)
+
+    monkeypatch.setattr(SimplexTrainer, "_validation_loss", scripted)
+    held = _Held(_problem(1))
+    history = trainer.fit_mode(
+        _problem(),
+        OptimSettings(epochs=20, lr=0.1, batch_size=64),
+        torch.Generator().manual_seed(1),
+        stopping=EarlyStopping(held, patience=2),
+    )
+    # Epoch 2 was best; epochs 3 and 4 did not improve on it, so epoch 5 never ran.
+    assert history.epochs == 4 and history.best_epoch == 2
+    assert history.val_loss == [1.0, 0.5, 0.6, 0.7]
+    assert history.passes == 4 * 256 and history.forward == 4 * 256
+    best_params, best_buffers = seen[1]
+    assert all(torch.equal(trainer.vertices[0][k], v) for k, v in best_params.items())
+    assert all(torch.equal(trainer.buffers[k], v) for k, v in best_buffers.items())
+
+
+def test_the_validation_loss_is_the_mean_task_loss_in_eval_mode():
+    trainer = _trainer(bn=True)
+    held = _problem(1)
+    trainer.fit_mode(_problem(), OptimSettings(epochs=2, lr=0.1), torch.Generator())
+    params, buffers = trainer.vertices[0], trainer.buffers
+    loss = trainer._validation_loss(params, buffers, EarlyStopping(_Held(held), 1, batch_size=100))
+    model = trainer.model
+    model.load_state_dict({**params, **buffers})
+    model.eval()
+    with torch.no_grad():
+        expected = task_loss(Task.CLASSIFICATION, model(held.x), held.y).item()
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_passes_count_every_sample_of_a_spro_step():
+    trainer = _trainer()
+    data = _problem()
+    mode = trainer.fit_mode(data, OptimSettings(epochs=3, lr=0.1), torch.Generator())
+    vertex = trainer.add_vertex(data, OptimSettings(epochs=2, lr=0.1), torch.Generator())
+    assert (mode.passes, mode.forward, mode.epochs) == (3 * 256, 0, 3)
+    assert (vertex.passes, vertex.epochs) == (2 * 3 * 256, 2)

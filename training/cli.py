@@ -1,4 +1,5 @@
-"""The trainer's commands of ``espro``: train, evaluate, report, experiment, configs, demo.
+"""The trainer's commands of ``espro``: train, evaluate, report, compare, experiment, configs,
+demo.
 
 :func:`add_commands` adds them to the ``espro`` parser of :mod:`serving.cli`, which finds it
 through the ``espro.commands`` entry point. ``espro --help`` imports this module, so it imports
@@ -15,6 +16,7 @@ import argparse
 import functools
 import importlib.util
 import logging
+import shlex
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("espro")
 
 DEMO_CONFIG = "mnist1d-demo"
-TRAINING_EXTRA = ("sklearn", "mnist1d", "matplotlib", "yaml", "tqdm")
+TRAINING_EXTRA = ("sklearn", "scipy", "mnist1d", "matplotlib", "yaml", "tqdm")
 """What the ``train`` extra installs, by import name (a test holds it to pyproject.toml)."""
 
 Command = Callable[[argparse.Namespace], int]
@@ -95,6 +97,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def print_training_summary(path: Path, results: dict[str, Any]) -> None:
     """The λ search, the simplex diagnostics and the comparison of a freshly trained bundle."""
+    from training.cost import cost_table
     from training.diagnostics import SimplexDiagnostics, diagnostics_table
 
     manifest = load_bundle(path).manifest
@@ -104,12 +107,16 @@ def print_training_summary(path: Path, results: dict[str, Any]) -> None:
         scores = ", ".join(
             f"{g:g}: {s:.4f}" for g, s in zip(search["grid"], search["scores"], strict=True)
         )
+        broken = [g for g, b in zip(search["grid"], search["broken"], strict=True) if b]
         print(
-            f"λ search (validation NLL) {scores} -> λ = {search['best']:g} "
-            f"({search['seconds']:.1f} s, {search['vertex_epochs']} vertex epochs)\n"
+            f"λ search (validation NLL) {scores} -> λ = {search['best']:g}"
+            + (f"; broke simplexes: {', '.join(f'{g:g}' for g in broken)}" if broken else "")
+            + "\n"
         )
-        if search.get("warning"):
-            print(f"warning: {search['warning']}\n")
+        for warning in search["warnings"]:
+            print(f"warning: {warning}\n")
+    if "cost" in manifest.training:
+        print(cost_table(manifest.training["cost"]) + "\n")
     diagnostics = [
         SimplexDiagnostics.model_validate(d) for d in manifest.training.get("diagnostics", [])
     ]
@@ -222,6 +229,37 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from training.compare import compare
+    from training.config import load_config
+
+    config = load_config(args.config)
+    if args.seeds < 1:
+        raise CommandError(f"--seeds: at least 1, got {args.seeds}")
+    seeds = args.seed_list or list(range(args.seeds))
+    out = Path(args.out or Path("runs") / f"{config.name}-{config.version}-compare")
+    argv = ["espro", "compare", args.config, "--seed-list", *map(str, seeds), "--out", str(out)]
+    if args.max_de_modes is not None:
+        argv += ["--max-de-modes", str(args.max_de_modes)]
+    argv += ["--overwrite"] * args.overwrite + ["--keep-checkpoints"] * args.keep_checkpoints
+    try:
+        compare(
+            config,
+            seeds,
+            out,
+            max_de_modes=args.max_de_modes,
+            overwrite=args.overwrite,
+            keep_checkpoints=args.keep_checkpoints,
+            command=shlex.join(argv),
+        )
+    except KeyboardInterrupt:
+        log.error("interrupted: run the same command again to resume")
+        return 130
+    verdicts = (out / "report.md").read_text().split("\n## Paired differences")[0]
+    print(f"\n{verdicts}\nwrote {out / 'report.md'}, results.json and cost.png")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add the trainer's commands to the ``espro`` parser (the ``espro.commands`` entry point)."""
     p = sub.add_parser("train", help="train a complex from a YAML/TOML config and write a bundle")
@@ -275,3 +313,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", help="output folder (default docs/reproduction/NAME)")
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     p.set_defaults(func=_command(_experiment))
+
+    p = sub.add_parser(
+        "compare",
+        help="ESPRO against deep ensembles of equal members and equal cost, over seeds; "
+        "writes report.md, results.json and cost.png",
+    )
+    p.add_argument("config", help="config file, or the name of a built-in config")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
+    seeds.add_argument("--seed-list", type=int, nargs="+", help="these seeds instead")
+    p.add_argument("-o", "--out", help="output folder (default runs/NAME-VERSION-compare)")
+    p.add_argument("--max-de-modes", type=int, help="cap the modes of the equal-cost ensemble")
+    p.add_argument(
+        "--overwrite", action="store_true", help="retrain bundles rather than reuse them"
+    )
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT/work after each seed")
+    p.set_defaults(func=_command(_compare))

@@ -85,6 +85,10 @@ class ModesConfig(OptimConfig):
     epochs: int = Field(default=20, gt=0)
     lr: float = Field(default=0.05, gt=0)
     count: int = Field(default=3, gt=0)
+    patience: int | None = Field(default=None, gt=0)
+    """Stop a mode once its validation loss has not improved for this many epochs and keep
+    its best epoch (``epochs`` is then the most it runs, and the cosine cycle spans them);
+    ``None`` runs every epoch."""
     init: list[Path] = Field(default_factory=list)
     """Optional safetensors ``state_dict`` files that modes start from, in order."""
 

@@ -13,9 +13,9 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 from safetensors.torch import load_file
@@ -26,9 +26,10 @@ from serving.simplex import mix_vertices, sample_dirichlet
 from training.batchnorm import batchnorm_buffer_names, recompute_batchnorm
 from training.checkpoint import Checkpoints, SavedVertex
 from training.config import TrainConfig
+from training.cost import Cost, VertexRecord
 from training.errors import ConfigError
 from training.splits import TrainingData
-from training.spro import Params, SimplexTrainer
+from training.spro import EarlyStopping, LabelledBatches, Params, SimplexTrainer
 from training.volume import log_volume
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,12 @@ class TrainedSimplex:
 
     vertices: list[Params]
     buffers: Params
-    seconds: list[float]
-    final_losses: list[float]
+    records: list[VertexRecord]
+    """How the training of each vertex ended and what it cost, the mode first."""
+
+    @property
+    def costs(self) -> list[Cost]:
+        return [r.cost for r in self.records]
 
     @property
     def log_volume(self) -> float | None:
@@ -85,6 +90,8 @@ class Draw:
 
     alpha: tuple[float, ...]
     batchnorm: Params
+    cost: Cost = field(default_factory=Cost)
+    """The forward passes and seconds its BatchNorm recomputation took."""
 
 
 def load_state_dict_file(path: str, model: nn.Module) -> Params:
@@ -103,16 +110,26 @@ def load_state_dict_file(path: str, model: nn.Module) -> Params:
     return {name: state[name].to(param.device, param.dtype) for name, param in names.items()}
 
 
-def config_digest(config: TrainConfig) -> str:
-    """Digest of the settings that determine the trained vertices (the processes that read
-    the data do not)."""
+def _digest(config: TrainConfig, exclude: dict[str, Any]) -> str:
     relevant = config.model_dump(
         mode="json",
         include={"seed", "precision", "data", "model", "modes", "simplex"},
-        exclude={"data": {"num_workers"}},
+        exclude={"data": {"num_workers"}, **exclude},
         by_alias=True,
     )
     return hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()[:16]
+
+
+def mode_digest(config: TrainConfig) -> str:
+    """Digest of the settings a mode depends on: not the number of modes (mode m's seed is
+    its own), nor the simplex grown at it, nor the processes that read the data."""
+    return _digest(config, {"modes": {"count"}, "simplex": True})
+
+
+def vertex_digest(config: TrainConfig) -> str:
+    """Digest of the settings an added vertex depends on besides λ: its mode's and SPRO's,
+    not the order of the simplex (vertex j never sees the vertices after it)."""
+    return _digest(config, {"modes": {"count"}, "simplex": {"vertices", "lam", "search"}})
 
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -131,6 +148,7 @@ class ComplexTrainer:
     ``make_model`` builds the architecture on ``data.device``. Every finished vertex goes
     to ``checkpoints``; a mode does not depend on λ, so simplexes grown with several values of
     λ (the search) share their mode, and a simplex grown once for a λ is loaded thereafter.
+    With ``modes.patience`` set, modes stop early on the loss of the held-out ``val``.
 
     Simplexes are independent, so ``runner`` may grow them at once (Ray tasks, see
     :mod:`training.distributed`): first every mode, then every simplex from its saved mode.
@@ -143,6 +161,11 @@ class ComplexTrainer:
     data: TrainingData
     checkpoints: Checkpoints
     runner: Runner = field(default_factory=SequentialRunner)
+    val: LabelledBatches | None = None
+
+    def __post_init__(self) -> None:
+        if self.config.modes.patience is not None and self.val is None:
+            raise ConfigError("modes.patience: early stopping needs a validation split")
 
     def train(self, lam: float, modes: int | None = None) -> list[TrainedSimplex]:
         """The first ``modes`` simplexes (all by default) grown with volume weight ``lam``."""
@@ -184,9 +207,10 @@ class ComplexTrainer:
             eps=config.simplex.eps,
             autocast=autocast_dtype(config, self.data.device),
         )
-        seconds, losses = [], []
+        records = []
         for j in range(1 + (config.simplex.vertices if vertices is None else vertices)):
-            key = (m, j, None if j == 0 else lam)
+            digest = mode_digest(config) if j == 0 else vertex_digest(config)
+            key = (digest, m, j, None if j == 0 else lam)
             saved = self.checkpoints.load(*key, device=self.data.device)
             if saved is None:
                 saved = self._train_vertex(trainer, m, j, init)
@@ -196,9 +220,8 @@ class ComplexTrainer:
             trainer.vertices.append(saved.params)
             if j == 0:
                 trainer.buffers = dict(saved.buffers)
-            seconds.append(saved.seconds)
-            losses.append(saved.final_loss)
-        return TrainedSimplex(trainer.vertices, trainer.buffers, seconds, losses)
+            records.append(saved.record)
+        return TrainedSimplex(trainer.vertices, trainer.buffers, records)
 
     def _train_vertex(
         self, trainer: SimplexTrainer, m: int, j: int, init: Params | None
@@ -209,18 +232,31 @@ class ComplexTrainer:
         start = time.perf_counter()
         if j == 0:
             desc = f"mode {m + 1}/{config.modes.count}"
-            history = trainer.fit_mode(data, config.modes.settings(), rng, init=init, desc=desc)
+            stopping = None
+            if config.modes.patience is not None and self.val is not None:
+                stopping = EarlyStopping(self.val, config.modes.patience)
+            history = trainer.fit_mode(
+                data, config.modes.settings(), rng, init=init, stopping=stopping, desc=desc
+            )
         else:
             desc = f"mode {m + 1} vertex {j} λ={trainer.lam:g}"
             history = trainer.add_vertex(data, config.simplex.settings(), rng, desc=desc)
         seconds = time.perf_counter() - start
         params = trainer.vertices.pop()
         log.info("mode %d vertex %d: loss %.4f in %.1f s", m, j, history.loss[-1], seconds)
+        if history.best_epoch is not None:
+            log.info(
+                "mode %d: best validation loss %.4f at epoch %d of %d",
+                m,
+                min(history.val_loss),
+                history.best_epoch,
+                history.epochs,
+            )
+        cost = Cost(history.passes, history.forward, seconds)
         return SavedVertex(
             params=params,
             buffers=trainer.buffers if j == 0 else {},
-            seconds=seconds,
-            final_loss=history.loss[-1],
+            record=VertexRecord(cost, history.epochs, history.loss[-1]),
         )
 
 
@@ -244,17 +280,30 @@ def draw_members(
         draws.append([])
         for alpha in alphas:
             batchnorm: Params = {}
+            cost = Cost()
             if bn_names:
-                batches = data.in_order(config.modes.batch_size)
+                start = time.perf_counter()
+                sizes: list[int] = []
+                batches = itertools.islice(
+                    data.in_order(config.modes.batch_size), config.draws.batchnorm_batches
+                )
                 fresh = recompute_batchnorm(
                     model,
                     mix_vertices(simplex.vertices, alpha),
                     simplex.buffers,
-                    itertools.islice(batches, config.draws.batchnorm_batches),
+                    _counted(batches, sizes),
                 )
                 batchnorm = {n: fresh[n] for n in bn_names}
-            draws[m].append(Draw(tuple(alpha.tolist()), batchnorm))
+                cost = Cost(forward=sum(sizes), seconds=time.perf_counter() - start)
+            draws[m].append(Draw(tuple(alpha.tolist()), batchnorm, cost))
     return draws
+
+
+def _counted(batches: Iterable[torch.Tensor], sizes: list[int]) -> Iterator[torch.Tensor]:
+    """``batches``, appending each one's length to ``sizes`` as it is read."""
+    for x in batches:
+        sizes.append(len(x))
+        yield x
 
 
 def member_states(

@@ -27,6 +27,7 @@ from serving.predictive import (
 from serving.predictor import Predictor, calibrated_prediction
 from training.calibration import fit_temperature, fit_variance_scale
 from training.corruptions import gaussian_noise
+from training.cost import Cost, total
 from training.data import Dataset
 from training.espro import generator
 from training.metrics import classification_metrics, regression_metrics
@@ -52,16 +53,7 @@ def _comparison(
     predictor = Predictor(
         bundle, device=device, allow_custom_architecture=allow_custom_architecture
     )
-    manifest = bundle.manifest
-    modes = predictor.add_members(
-        [
-            {
-                **bundle.vertices(m)[0],
-                **{n: bundle.tensors[buffer_key(m, n)] for n in manifest.buffer_names},
-            }
-            for m in range(len(manifest.simplexes))
-        ]
-    )
+    modes = predictor.add_members(mode_states(bundle))
     members = modes + predictor.member_indices()
     count = len(modes)
     return functools.partial(predictor.member_outputs, members=members), {
@@ -69,6 +61,16 @@ def _comparison(
         Method.DEEP_ENSEMBLE: list(range(count)),
         Method.ESPRO: list(range(count, len(members))),
     }
+
+
+def mode_states(bundle: Bundle) -> list[dict[str, torch.Tensor]]:
+    """The bundle's modes as members (vertex 0 with its mode's buffers): the deep ensemble
+    inside any bundle, for ``Predictor.add_members``."""
+    names = bundle.manifest.buffer_names
+    return [
+        {**bundle.vertices(m)[0], **{n: bundle.tensors[buffer_key(m, n)] for n in names}}
+        for m in range(len(bundle.manifest.simplexes))
+    ]
 
 
 def fit_scale(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -132,7 +134,7 @@ def evaluate(
                 for severity in severities
             }
         },
-        "training_seconds": training_seconds(bundle),
+        "training_cost": training_cost(bundle),
     }
     if task is Task.CLASSIFICATION:
         results["decisions"] = decision_metrics(bundle, test[methods[Method.ESPRO]], dataset.test.y)
@@ -157,15 +159,18 @@ def decision_metrics(bundle: Bundle, outputs: torch.Tensor, labels: torch.Tensor
     return result
 
 
-def training_seconds(bundle: Bundle) -> dict[str, float]:
-    """Training cost of each method, from the per-vertex times recorded in the manifest."""
-    per_vertex: list[list[float]] = bundle.manifest.training.get("seconds", [])
-    if not per_vertex:
+def training_cost(bundle: Bundle) -> dict[str, dict[str, float]]:
+    """What training each method cost (:mod:`training.cost`): its modes for the single model
+    and the deep ensemble, everything (λ search included) for ESPRO."""
+    training = bundle.manifest.training
+    vertices: list[list[dict[str, Any]]] = training.get("vertices", [])
+    if not vertices or "cost" not in training:
         return {}
+    modes = [Cost.from_dict(v[0]) for v in vertices]
     return {
-        Method.SINGLE: per_vertex[0][0],
-        Method.DEEP_ENSEMBLE: sum(v[0] for v in per_vertex),
-        Method.ESPRO: sum(sum(v) for v in per_vertex),
+        Method.SINGLE: modes[0].as_dict(),
+        Method.DEEP_ENSEMBLE: total(modes).as_dict(),
+        Method.ESPRO: training["cost"]["total"],
     }
 
 
@@ -195,14 +200,15 @@ def results_table(runs: list[dict[str, Any]], task: Task) -> str:
     With several runs (e.g. seeds) each cell is the mean ± standard deviation.
     """
     keys = _metric_names(task)
-    header = "| method | scaling | " + " | ".join(keys) + " | train s |"
-    lines = [header, "|" + "---|" * (len(keys) + 3)]
+    header = "| method | scaling | " + " | ".join(keys) + " | train passes | train s |"
+    lines = [header, "|" + "---|" * (len(keys) + 4)]
     for method in _methods(runs[0]):
-        seconds = [r["training_seconds"][method] for r in runs if r.get("training_seconds")]
-        cost = _cell(seconds, digits=1) if seconds else "-"
+        costs = [r["training_cost"][method] for r in runs if r.get("training_cost")]
+        passes = _cell([c["passes"] for c in costs], digits=0) if costs else "-"
+        seconds = _cell([c["seconds"] for c in costs], digits=1) if costs else "-"
         for scaling in ("raw", "calibrated"):
             cells = " | ".join(_cell([r["test"][method][scaling][k] for r in runs]) for k in keys)
-            lines.append(f"| {method} | {scaling} | {cells} | {cost} |")
+            lines.append(f"| {method} | {scaling} | {cells} | {passes} | {seconds} |")
     return "\n".join(lines)
 
 

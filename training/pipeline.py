@@ -24,6 +24,7 @@ from training.calibration import (
 )
 from training.checkpoint import Checkpoints
 from training.config import TrainConfig
+from training.cost import Cost, total
 from training.data import Dataset, load_dataset
 from training.diagnostics import diagnose
 from training.espro import (
@@ -33,7 +34,6 @@ from training.espro import (
     SequentialRunner,
     TrainedSimplex,
     autocast_dtype,
-    config_digest,
     draw_members,
     simplex_specs,
 )
@@ -109,7 +109,7 @@ def train(
     # refused leaves nothing behind that would refuse the corrected one.
     dataset = load_dataset(config.data)
     with tempfile.TemporaryDirectory(prefix="espro-") as scratch:
-        checkpoints = Checkpoints(workdir or scratch, config_digest(config))
+        checkpoints = Checkpoints(workdir or scratch)
         runner = runner or SequentialRunner()
         return _train(config, dataset, device, output, checkpoints, runner, overwrite, started)
 
@@ -143,29 +143,39 @@ def _train(
         ).to(device)
 
     data = TrainingData(dataset.train.for_device(device), input_spec, device, config.data.augment)
+    val = TrainingData(dataset.val.for_device(device), input_spec, device)
     training: dict[str, Any] = {"config": config.model_dump(mode="json", by_alias=True)}
+    cost: dict[str, Cost] = {}
     lam = config.simplex.lam
-    trainer = ComplexTrainer(config, make_model, task, data, checkpoints, runner)
+    trainer = ComplexTrainer(config, make_model, task, data, checkpoints, runner, val)
+    sample = dataset.train.subset(torch.arange(min(DIAGNOSTIC_SAMPLES, len(dataset.train))))
     if lam is None and config.simplex.vertices > 0:
-        search = search_lambda(trainer, dataset.val, input_spec)
+        search = search_lambda(trainer, dataset.val, sample, input_spec)
         lam = search.best
         training["lambda_search"] = search.as_dict()
-        log.info("chose λ = %g on the validation split (%.1f s)", lam, search.seconds)
+        cost["lambda_search"] = search.cost
+        log.info("chose λ = %g on the validation split", lam)
     training["lambda"] = lam
     simplexes = trainer.train(lam or 0.0)
+    cost["modes"] = total(s.costs[0] for s in simplexes)
+    cost["vertices"] = total(c for s in simplexes for c in s.costs[1:])
     model = make_model()
     draws = draw_members(config, model, simplexes, data)
-    sample = dataset.train.subset(torch.arange(min(DIAGNOSTIC_SAMPLES, len(dataset.train))))
+    cost["batchnorm"] = total(d.cost for own in draws for d in own)
+    phase_start = time.perf_counter()
     diagnostics = [
         diagnose(task, model, simplex, own, sample, dataset.val, input_spec)
         for simplex, own in zip(simplexes, draws, strict=True)
     ]
+    cost["diagnostics"] = Cost(
+        forward=sum((1 + len(own)) * (len(sample) + len(dataset.val)) for own in draws),
+        seconds=time.perf_counter() - phase_start,
+    )
     for m, d in enumerate(diagnostics):
         for warning in d.warnings:
             log.warning("simplex %d is %s", m, warning)
     training |= {
-        "seconds": [s.seconds for s in simplexes],
-        "final_loss": [s.final_losses for s in simplexes],
+        "vertices": [[r.as_dict() for r in s.records] for s in simplexes],
         "diagnostics": [d.model_dump() for d in diagnostics],
     }
     manifest = Manifest(
@@ -186,7 +196,19 @@ def _train(
     log.info(
         "calibrating on %d + %d held-out points", len(dataset.val.y), len(dataset.calibration.y)
     )
-    bundle = Bundle(output, calibrate(bundle, dataset, config, device), bundle.tensors, "")
+    phase_start = time.perf_counter()
+    calibrated = calibrate(bundle, dataset, config, device)
+    members = sum(len(own) for own in draws)
+    # Regression fits its variance scale on the validation split only.
+    held_out = len(dataset.val) + (len(dataset.calibration) if task is Task.CLASSIFICATION else 0)
+    cost["calibration"] = Cost(
+        forward=members * held_out, seconds=time.perf_counter() - phase_start
+    )
+    cost["total"] = total(cost.values())
+    training["cost"] = {phase: c.as_dict() for phase, c in cost.items()}
+    # The evaluation reads each method's cost from the manifest it scores.
+    calibrated = calibrated.model_copy(update={"training": training})
+    bundle = Bundle(output, calibrated, bundle.tensors, "")
     results = evaluate(
         bundle,
         dataset,

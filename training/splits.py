@@ -344,6 +344,11 @@ class TrainingData:
                 x = self.augment.apply(x, generator)
             yield self.input_spec.normalise(x), y.to(self.device, non_blocking=True)
 
+    def labelled(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Inputs and targets in order, never augmented: how a held-out split is scored."""
+        for x, y in self.split.batches(batch_size):
+            yield self.input_spec.normalise(self._inputs(x)), y.to(self.device, non_blocking=True)
+
     def in_order(self, batch_size: int) -> Iterator[torch.Tensor]:
         """Inputs in order and never augmented: what BatchNorm statistics are estimated on."""
         for x, _ in self.split.batches(batch_size):

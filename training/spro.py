@@ -51,11 +51,34 @@ class OptimSettings:
 
 @dataclass
 class VertexHistory:
-    """Per-epoch means of the task loss and of the volume term of one vertex's training."""
+    """Per-epoch means of the task loss and of the volume term of one vertex's training,
+    and what the training cost (:mod:`training.cost`)."""
 
     loss: list[float] = field(default_factory=list)
     log_height: list[float] = field(default_factory=list)
     """Mean ``log(h² + ε‖θ_0‖²)`` per epoch (empty for a mode)."""
+    val_loss: list[float] = field(default_factory=list)
+    """Validation loss after each epoch (only when a mode stops early)."""
+    best_epoch: int | None = None
+    """The epoch (from 1) whose weights were kept, when a mode stops early."""
+    passes: int = 0
+    """Forward-backward example passes: S per example of a SPRO step, 1 of a mode's."""
+    forward: int = 0
+    """Forward-only example passes (the validation loss of early stopping)."""
+
+    @property
+    def epochs(self) -> int:
+        return len(self.loss)
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """Stop a mode when its validation loss has not improved for ``patience`` epochs and keep
+    the weights of its best epoch. ``val`` yields normalised ``(inputs, targets)`` in order."""
+
+    val: LabelledBatches
+    patience: int
+    batch_size: int = 512
 
 
 class Batches(Protocol):
@@ -69,6 +92,14 @@ class Batches(Protocol):
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Inputs and targets on the model's device, shuffled by ``generator``."""
         ...
+
+
+class LabelledBatches(Protocol):
+    """A held-out split as a model reads it (:meth:`training.splits.TrainingData.labelled`)."""
+
+    def __len__(self) -> int: ...
+
+    def labelled(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 def task_loss(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -127,13 +158,15 @@ class SimplexTrainer:
         generator: torch.Generator,
         *,
         init: Mapping[str, torch.Tensor] | None = None,
+        stopping: EarlyStopping | None = None,
         desc: str = "mode",
     ) -> VertexHistory:
-        """Train vertex 0 by ordinary SGD, from ``init`` or the module's own initial weights."""
+        """Train vertex 0 by ordinary SGD, from ``init`` or the module's own initial weights,
+        for ``optim.epochs`` or until ``stopping`` says the validation loss stopped improving."""
         if self.vertices:
             raise RuntimeError("the mode is already trained; call add_vertex to grow the simplex")
         start = init if init is not None else dict(self.model.named_parameters())
-        return self._train(start, data, optim, generator, desc)
+        return self._train(start, data, optim, generator, desc, stopping)
 
     def add_vertex(
         self,
@@ -178,6 +211,19 @@ class SimplexTrainer:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.autocast)
 
+    @torch.no_grad()
+    def _validation_loss(self, params: Params, buffers: Params, stopping: EarlyStopping) -> float:
+        """Mean task loss of the weights ``params`` on the held-out split, in eval mode."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for x, y in stopping.val.labelled(stopping.batch_size):
+            with self._precision(x.device):
+                outputs = functional_call(self.model, (params, buffers), x)
+            total += float(task_loss(self.task, outputs.float(), y)) * len(y)
+            count += len(y)
+        self.model.train()
+        return total / count
+
     def _train(
         self,
         start: Mapping[str, torch.Tensor],
@@ -185,6 +231,7 @@ class SimplexTrainer:
         optim: OptimSettings,
         generator: torch.Generator,
         desc: str,
+        stopping: EarlyStopping | None = None,
     ) -> VertexHistory:
         trainable = {k: v.detach().clone().requires_grad_(True) for k, v in start.items()}
         optimiser = torch.optim.SGD(
@@ -202,6 +249,9 @@ class SimplexTrainer:
         buffers = self.buffers if is_mode else {k: v.clone() for k, v in self.buffers.items()}
         floor = 0.0 if is_mode else self.eps * squared_norm(self.vertices[0])
         history = VertexHistory()
+        # A mode's step is one pass per example; a SPRO step one per example and sample.
+        passes_per_example = 1 if is_mode else self.samples
+        best: tuple[float, int, Params, Params] | None = None  # loss, epoch, weights, buffers
         self.model.train()
         # Quiet unless stderr is a terminal (disable=None); the rate is in examples per second.
         with tqdm(
@@ -226,10 +276,26 @@ class SimplexTrainer:
                     optimiser.step()
                     schedule.step()
                     losses.append(loss.item())
+                    history.passes += passes_per_example * len(yb)
                     bar.update(len(yb))
                 history.loss.append(sum(losses) / len(losses))
                 if volumes:
                     history.log_height.append(sum(volumes) / len(volumes))
                 bar.set_postfix(epoch=f"{epoch + 1}/{optim.epochs}", loss=f"{history.loss[-1]:.4f}")
+                if stopping is None:
+                    continue
+                history.val_loss.append(self._validation_loss(trainable, buffers, stopping))
+                history.forward += len(stopping.val)
+                if best is None or history.val_loss[-1] < best[0]:
+                    best = (history.val_loss[-1], epoch + 1, _copy(trainable), _copy(buffers))
+                elif epoch + 1 - best[1] >= stopping.patience:
+                    break
+        if best is not None:
+            _, history.best_epoch, trainable, best_buffers = best
+            self.buffers.update(best_buffers)
         self.vertices.append({k: v.detach() for k, v in trainable.items()})
         return history
+
+
+def _copy(tensors: Params) -> Params:
+    return {k: v.detach().clone() for k, v in tensors.items()}
