@@ -65,6 +65,22 @@ def _ray_runner(config: TrainConfig, address: str | None) -> Any:
     return RayRunner(num_gpus=1 if resolve_device(config.device).type == "cuda" else 0)
 
 
+_TIME_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def _budget(text: str) -> dict[str, float]:
+    """``--budget``: a number of mode-epochs, or a time with a unit (s, m, h)."""
+    unit = text[-1:].lower()
+    try:
+        if unit in _TIME_UNITS:
+            return {"seconds": float(text[:-1]) * _TIME_UNITS[unit]}
+        return {"mode_epochs": float(text)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither mode-epochs (300) nor a time (900s, 15m, 2h)"
+        ) from None
+
+
 def _train(args: argparse.Namespace) -> int:
     from training.config import load_config, parse_config
     from training.pipeline import train
@@ -77,6 +93,8 @@ def _train(args: argparse.Namespace) -> int:
         default_name += f"-seed{args.seed}"
     if args.lam is not None:
         data["simplex"]["lambda"] = args.lam
+    if args.budget is not None:
+        data["budget"] = args.budget
     config = parse_config(data, "command line")
     output = Path(args.output or Path("runs") / default_name)
     workdir = Path(args.workdir) if args.workdir else output.with_name(output.name + ".work")
@@ -115,6 +133,14 @@ def print_training_summary(path: Path, results: dict[str, Any]) -> None:
         )
         for warning in search["warnings"]:
             print(f"warning: {warning}\n")
+    budget = manifest.training.get("budget")
+    if budget:
+        rows = [
+            f"{p['modes']} modes × order {p['order']}: validation NLL {p['val_nll']:.4f}"
+            + ("  <- chosen" if i == budget["chosen"] else "")
+            for i, p in enumerate(budget["plans"])
+        ]
+        print(f"budget of {budget['passes']:,} passes:\n  " + "\n  ".join(rows) + "\n")
     if "cost" in manifest.training:
         print(cost_table(manifest.training["cost"]) + "\n")
     diagnostics = [
@@ -268,6 +294,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", help="checkpoint directory (default OUTPUT.work)")
     p.add_argument("--seed", type=int, help="override the config's seed")
     p.add_argument("--lambda", dest="lam", type=float, help="fix the volume weight λ (no search)")
+    p.add_argument(
+        "--budget",
+        type=_budget,
+        help="choose modes and simplex order within a budget: mode-epochs (300) or time "
+        "(900s, 15m, 2h)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument(
         "--keep-checkpoints", action="store_true", help="keep the work directory after success"

@@ -156,6 +156,22 @@ class EvaluationConfig(_Section):
     """Noise standard deviations, in units of the normalised input (per-channel std)."""
 
 
+class BudgetConfig(_Section):
+    """A training budget that ``espro train`` spends as the validation split says is best:
+    on more modes, or on simplexes of some order at fewer modes (:mod:`training.budget`)."""
+
+    mode_epochs: float | None = Field(default=None, gt=0)
+    """Forward-backward passes worth this many epochs of one mode over the training split."""
+    seconds: float | None = Field(default=None, gt=0)
+    """Wall seconds, turned into passes at the rate the first mode trained."""
+
+    @model_validator(mode="after")
+    def _one_unit(self) -> BudgetConfig:
+        if (self.mode_epochs is None) == (self.seconds is None):
+            raise ValueError("give exactly one of mode_epochs and seconds")
+        return self
+
+
 class TrainConfig(_Section):
     """Everything ``espro train`` needs; every field has a documented default."""
 
@@ -175,6 +191,9 @@ class TrainConfig(_Section):
     draws: DrawsConfig = Field(default_factory=DrawsConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    budget: BudgetConfig | None = None
+    """Choose the number of modes and the order of the simplexes within this budget; then
+    ``simplex.vertices`` is the highest order tried and ``modes.count`` is not used."""
 
 
 def _without_source_tags(err: ValidationError) -> ValidationError:

@@ -3,6 +3,7 @@ bundle. The bundle is written once, atomically, after everything else has succee
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -18,6 +19,7 @@ from serving.manifest import InputSpec, Manifest, Task, buffer_key, draw_buffer_
 from serving.predictive import member_probabilities, pool
 from serving.predictor import Predictor
 from training.batchnorm import batchnorm_buffer_names
+from training.budget import select
 from training.calibration import (
     calibrate_abstention,
     calibrate_conformal,
@@ -146,15 +148,22 @@ def _train(
     val = TrainingData(dataset.val.for_device(device), input_spec, device)
     training: dict[str, Any] = {"config": config.model_dump(mode="json", by_alias=True)}
     cost: dict[str, Cost] = {}
-    lam = config.simplex.lam
     trainer = ComplexTrainer(config, make_model, task, data, checkpoints, runner, val)
     sample = dataset.train.subset(torch.arange(min(DIAGNOSTIC_SAMPLES, len(dataset.train))))
-    if lam is None and config.simplex.vertices > 0:
+    search = None
+    if config.budget is not None:
+        selection = select(trainer, dataset.val, sample, input_spec)
+        training["budget"] = selection.record
+        cost["selection"] = selection.cost
+        config, search = selection.config, selection.search
+        trainer = dataclasses.replace(trainer, config=config)
+    elif config.simplex.lam is None and config.simplex.vertices > 0:
         search = search_lambda(trainer, dataset.val, sample, input_spec)
-        lam = search.best
+    if search is not None:
         training["lambda_search"] = search.as_dict()
         cost["lambda_search"] = search.cost
-        log.info("chose λ = %g on the validation split", lam)
+        log.info("chose λ = %g on the validation split", search.best)
+    lam = search.best if search is not None else config.simplex.lam
     training["lambda"] = lam
     simplexes = trainer.train(lam or 0.0)
     cost["modes"] = total(s.costs[0] for s in simplexes)

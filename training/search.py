@@ -19,7 +19,7 @@ from serving.engine.reference import ReferenceEngine
 from serving.manifest import InputSpec
 from training.cost import Cost, total
 from training.diagnostics import diagnose
-from training.espro import ComplexTrainer, TrainedSimplex, draw_members, member_states
+from training.espro import ComplexTrainer, Draw, TrainedSimplex, draw_members, member_states
 from training.evaluation import fit_scale, score
 from training.splits import Split, split_outputs
 
@@ -45,6 +45,27 @@ class LambdaSearch:
         return {**asdict(self), "cost": self.cost.as_dict()}
 
 
+def validation_nll(
+    trainer: ComplexTrainer,
+    simplexes: list[TrainedSimplex],
+    val: Split,
+    input_spec: InputSpec,
+) -> tuple[float, list[list[Draw]], Cost]:
+    """The validation NLL, after scaling, of the members drawn from ``simplexes`` as the
+    bundle would draw them; the draws; and what drawing and scoring cost."""
+    started = time.perf_counter()
+    model = trainer.make_model()
+    draws = draw_members(trainer.config, model, simplexes, trainer.data)
+    engine = ReferenceEngine(
+        model, member_states(simplexes, draws), input_spec, device=trainer.data.device
+    )
+    outputs = split_outputs(engine.outputs, val).cpu()
+    nll = score(trainer.task, outputs, val.y, fit_scale(trainer.task, outputs, val.y))["nll"]
+    forward = sum(len(own) for own in draws) * len(val)
+    forward += sum(d.cost.forward for own in draws for d in own)  # BatchNorm recomputation
+    return nll, draws, Cost(forward=forward, seconds=time.perf_counter() - started)
+
+
 def _added_vertices(simplexes: list[TrainedSimplex]) -> Cost:
     return total(c for s in simplexes for c in s.costs[1:])
 
@@ -60,26 +81,17 @@ def search_lambda(
     grown = trainer.train_grid(search.grid, modes)
     scores, broken, scoring = [], [], Cost()
     for lam, simplexes in zip(search.grid, grown, strict=True):
+        nll, draws, cost = validation_nll(trainer, simplexes, val, input_spec)
         started = time.perf_counter()
         model = trainer.make_model()
-        draws = draw_members(config, model, simplexes, trainer.data)
         diagnostics = [
             diagnose(task, model, simplex, own, sample, val, input_spec)
             for simplex, own in zip(simplexes, draws, strict=True)
         ]
-        engine = ReferenceEngine(
-            model, member_states(simplexes, draws), input_spec, device=trainer.data.device
-        )
-        outputs = split_outputs(engine.outputs, val).cpu()
-        scores.append(score(task, outputs, val.y, fit_scale(task, outputs, val.y))["nll"])
+        scores.append(nll)
         broken.append(any(w.startswith("broken") for d in diagnostics for w in d.warnings))
-        members = sum(len(own) for own in draws)
-        forward = members * len(val) + sum(
-            (1 + len(own)) * (len(sample) + len(val)) for own in draws
-        )
-        scoring += total(d.cost for own in draws for d in own) + Cost(
-            forward=forward, seconds=time.perf_counter() - started
-        )
+        forward = sum((1 + len(own)) * (len(sample) + len(val)) for own in draws)
+        scoring += cost + Cost(forward=forward, seconds=time.perf_counter() - started)
         log.info(
             "λ = %g: validation NLL %.4f%s", lam, scores[-1], " (broken)" if broken[-1] else ""
         )
