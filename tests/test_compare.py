@@ -18,7 +18,7 @@ from serving.predictor import Predictor
 from training.compare import BASELINES, CLAIMS, report, summarize
 from training.config import parse_config
 from training.data import load_dataset
-from training.evaluation import fit_scale, score
+from training.evaluation import fit_checked_scale, score
 from training.splits import split_outputs
 from training.stats import (
     DOES_NOT_HOLD,
@@ -132,11 +132,18 @@ def test_deep_ensemble_of_m_modes_matches_direct_evaluation(run):
             for m in range(record["modes"])
         ]
     )
+    val, check = dataset.val, dataset.calibration
 
     def outputs(x: torch.Tensor) -> torch.Tensor:
         return predictor.member_outputs(x, members)
 
-    scale = fit_scale(Task.CLASSIFICATION, split_outputs(outputs, dataset.val), dataset.val.y)
+    scale, _ = fit_checked_scale(
+        Task.CLASSIFICATION,
+        split_outputs(outputs, val),
+        val.y,
+        split_outputs(outputs, check),
+        check.y,
+    )
     test = split_outputs(outputs, dataset.test)
     scored = record["scores"][f"de{record['modes']}"]["clean"]
     assert record["scale"][f"de{record['modes']}"] == pytest.approx(scale)

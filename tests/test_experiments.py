@@ -11,8 +11,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from torch import nn
 
 from serving.cli import main
+from serving.engine.reference import ReferenceEngine
+from serving.simplex import mix_vertices
+from training.espro import TrainedSimplex, draw_members, member_states
+from training.experiments.common import (
+    Setup,
+    draw,
+    make_config,
+    member_outputs,
+    mode_states,
+    setup,
+)
 from training.experiments.registry import EXPERIMENTS, run_experiment
 
 pytestmark = pytest.mark.slow
@@ -38,6 +51,49 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, d
         report, results, _ = run_experiment(name, quick=True, output=root / name)
         done[name] = (report, json.loads(results.read_text()))
     return done
+
+
+class _BatchNormSetup(Setup):
+    def make_model(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(2, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+
+
+@pytest.fixture(scope="module")
+def bn_setup() -> tuple[Setup, TrainedSimplex]:
+    """Two spirals, a tiny BatchNorm MLP and an untrained 2-simplex at stale statistics."""
+    base = setup(make_config(dataset="two_spirals", architecture="mlp", batch_size=32))
+    s = _BatchNormSetup(base.config, base.dataset, base.input_spec, base.num_outputs)
+    vertices = []
+    for j in range(3):
+        torch.manual_seed(j)
+        vertices.append({k: v.detach() for k, v in s.make_model().named_parameters()})
+    buffers = {k: v.clone() for k, v in s.make_model().named_buffers()}
+    buffers["1.running_mean"] += 3.0  # any statistics but a draw's own
+    return s, TrainedSimplex(vertices, buffers, [])
+
+
+def test_drawn_members_carry_the_trainers_batchnorm(bn_setup) -> None:
+    s, simplex = bn_setup
+    config, x = s.config, s.dataset.test.x
+    draws = draw_members(config, s.make_model(), [simplex], s.training_data)
+    trainers = member_states([simplex], draws)
+    expected = ReferenceEngine(s.make_model(), trainers, s.input_spec).outputs(x)
+    members, alphas = draw(
+        s, simplex.vertices, simplex.buffers, config.draws.per_simplex, config.seed, 0
+    )
+    assert [tuple(a.tolist()) for a in alphas] == [d.alpha for d in draws[0]]
+    torch.testing.assert_close(member_outputs(s, members, x), expected, atol=1e-5, rtol=0)
+    stale = [{**mix_vertices(simplex.vertices, a), **simplex.buffers} for a in alphas]
+    without = ReferenceEngine(s.make_model(), stale, s.input_spec).outputs(x)
+    assert (without - expected).abs().max() > 0.1
+
+
+def test_modes_keep_their_buffers_and_bare_parameters_are_refused(bn_setup) -> None:
+    s, simplex = bn_setup
+    (mode,) = mode_states([simplex])
+    assert torch.equal(mode["1.running_mean"], simplex.buffers["1.running_mean"])
+    with pytest.raises(ValueError, match="lacks the buffers"):
+        member_outputs(s, [dict(simplex.vertices[0])], s.dataset.test.x)
 
 
 def test_cli_lists_experiments(capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,7 +6,8 @@ For every seed the ESPRO complex (M modes, k-simplexes) is trained by the pipeli
 counted in modes (at least M). Both runs share a work directory, so the deep ensemble's first M
 modes are ESPRO's own, loaded rather than retrained: DE(M) differs from ESPRO only by the
 simplexes. Every method sees the same validation, test and noisy inputs, and is scored with its
-own temperature (or variance scale) fitted on the validation split. Differences are paired by
+own temperature (or variance scale) fitted on the validation split and checked on the
+calibration split (:func:`training.evaluation.fit_checked_scale`). Differences are paired by
 seed; :mod:`training.stats` turns them into Student-t intervals and verdicts.
 """
 
@@ -36,7 +37,7 @@ from training.cost import Cost, total
 from training.data import Dataset, load_dataset
 from training.errors import ConfigError
 from training.espro import generator
-from training.evaluation import fit_scale, mode_states, score
+from training.evaluation import fit_checked_scale, mode_states, score
 from training.experiments.report import jsonable, machine_info, pyplot, table
 from training.pipeline import train
 from training.splits import split_outputs
@@ -135,8 +136,12 @@ def score_seed(
         f"de{m}": slice(count, count + m) for m in range(1, len(de_members) + 1)
     }
     val = split_outputs(outputs, dataset.val)
-    scales = {name: fit_scale(task, val[r], dataset.val.y) for name, r in rows.items()}
-    del val
+    check = split_outputs(outputs, dataset.calibration)
+    scales = {
+        name: fit_checked_scale(task, val[r], dataset.val.y, check[r], dataset.calibration.y)[0]
+        for name, r in rows.items()
+    }
+    del val, check
     scores: dict[str, dict[str, dict[str, dict[str, float]]]] = {name: {} for name in rows}
     rng = generator(config.seed, "shift")
     settings: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = [(CLEAN, outputs)]
@@ -334,7 +339,8 @@ def report(results: dict[str, Any]) -> str:
         "comparisons. Differences are ESPRO minus the deep ensemble, paired by seed (same seed, "
         "data and noise). A claim that ESPRO is lower *holds* when the whole interval is below 0, "
         "*does not hold* when it is above 0, and is *inconclusive* otherwise. Every method is "
-        "scaled by its own temperature (variance scale) fitted on the validation split.",
+        "scaled by its own temperature (variance scale) fitted on the validation split, kept "
+        "only if it also lowers the NLL of the calibration split (else 1).",
         "",
         "## Verdicts: ESPRO lower than the deep ensemble (calibrated)",
         "",

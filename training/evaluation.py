@@ -25,7 +25,12 @@ from serving.predictive import (
     pool,
 )
 from serving.predictor import Predictor, calibrated_prediction
-from training.calibration import fit_temperature, fit_variance_scale
+from training.calibration import (
+    checked_temperature,
+    checked_variance_scale,
+    fit_temperature,
+    fit_variance_scale,
+)
 from training.corruptions import gaussian_noise
 from training.cost import Cost, total
 from training.data import Dataset
@@ -80,6 +85,20 @@ def fit_scale(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> float
     return fit_variance_scale(outputs, targets)
 
 
+def fit_checked_scale(
+    task: Task,
+    fit_outputs: torch.Tensor,
+    fit_targets: torch.Tensor,
+    check_outputs: torch.Tensor,
+    check_targets: torch.Tensor,
+) -> tuple[float, str | None]:
+    """:func:`fit_scale` on one held-out split, kept only if it lowers the NLL of another
+    (else 1, with a warning): a perfectly fitted split would drive the temperature to 0."""
+    if task is Task.CLASSIFICATION:
+        return checked_temperature(fit_outputs, fit_targets, check_outputs, check_targets)
+    return checked_variance_scale(fit_outputs, fit_targets, check_outputs, check_targets)
+
+
 def score(task: Task, outputs: torch.Tensor, targets: torch.Tensor, scale: float) -> dict:
     """Metrics of member outputs ``[S, N, ·]`` at a temperature (or variance scale)."""
     if task is Task.CLASSIFICATION:
@@ -102,10 +121,13 @@ def evaluate(
     task = manifest.task
     outputs, methods = _comparison(bundle, device, allow_custom_architecture)
     val = split_outputs(outputs, dataset.val)
+    check = split_outputs(outputs, dataset.calibration)
     scales = {
         method: manifest.temperature
         if method is Method.ESPRO
-        else fit_scale(task, val[index], dataset.val.y)
+        else fit_checked_scale(
+            task, val[index], dataset.val.y, check[index], dataset.calibration.y
+        )[0]
         for method, index in methods.items()
     }
 

@@ -39,7 +39,7 @@ from training.espro import (
     draw_members,
     simplex_specs,
 )
-from training.evaluation import evaluate, fit_scale
+from training.evaluation import evaluate, fit_checked_scale
 from training.search import search_lambda
 from training.splits import TrainingData, split_outputs
 
@@ -60,27 +60,34 @@ def _tensors(simplexes: list[TrainedSimplex], draws: list[list[Draw]]) -> dict[s
 
 def calibrate(
     bundle: Bundle, dataset: Dataset, config: TrainConfig, device: torch.device | str = "cpu"
-) -> Manifest:
-    """The manifest with temperature (or variance scale), conformal and abstention fitted."""
+) -> tuple[Manifest, str | None]:
+    """The manifest with temperature (or variance scale), conformal and abstention fitted,
+    and a warning when the scale was rejected or is implausible.
+
+    The scale is fitted on the validation split and kept only if it also helps on the
+    calibration split."""
     manifest = bundle.manifest
     predictor = Predictor(
         bundle, device=device, allow_custom_architecture=config.model.allow_custom
     )
     val = split_outputs(predictor.outputs, dataset.val)
-    cal = config.calibration
-    temperature = fit_scale(manifest.task, val, dataset.val.y) if cal.temperature else 1.0
-    if manifest.task is Task.REGRESSION:
-        return manifest.model_copy(update={"temperature": temperature})
     outputs = split_outputs(predictor.outputs, dataset.calibration)
+    cal = config.calibration
+    temperature, warning = 1.0, None
+    if cal.temperature:
+        temperature, warning = fit_checked_scale(
+            manifest.task, val, dataset.val.y, outputs, dataset.calibration.y
+        )
+    if manifest.task is Task.REGRESSION:
+        return manifest.model_copy(update={"temperature": temperature}), warning
     cal_probs = pool(member_probabilities(outputs, temperature))
     labels = dataset.calibration.y
-    return manifest.model_copy(
-        update={
-            "temperature": temperature,
-            "conformal": calibrate_conformal(cal_probs, labels, cal.conformal_method, cal.coverage),
-            "abstention": calibrate_abstention(cal_probs, labels, cal.abstention_target_error),
-        }
-    )
+    fitted = {
+        "temperature": temperature,
+        "conformal": calibrate_conformal(cal_probs, labels, cal.conformal_method, cal.coverage),
+        "abstention": calibrate_abstention(cal_probs, labels, cal.abstention_target_error),
+    }
+    return manifest.model_copy(update=fitted), warning
 
 
 DIAGNOSTIC_SAMPLES = 2000
@@ -206,10 +213,12 @@ def _train(
         "calibrating on %d + %d held-out points", len(dataset.val.y), len(dataset.calibration.y)
     )
     phase_start = time.perf_counter()
-    calibrated = calibrate(bundle, dataset, config, device)
+    calibrated, warning = calibrate(bundle, dataset, config, device)
+    if warning is not None:
+        log.warning("calibration: %s", warning)
+        training["calibration_warning"] = warning
     members = sum(len(own) for own in draws)
-    # Regression fits its variance scale on the validation split only.
-    held_out = len(dataset.val) + (len(dataset.calibration) if task is Task.CLASSIFICATION else 0)
+    held_out = len(dataset.val) + len(dataset.calibration)
     cost["calibration"] = Cost(
         forward=members * held_out, seconds=time.perf_counter() - phase_start
     )

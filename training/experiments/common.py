@@ -1,9 +1,11 @@
 """Training and scoring helpers shared by the experiments, built on the project's own code.
 
 Modes and simplexes are trained by :class:`training.espro.ComplexTrainer` (SPRO in
-:mod:`training.spro`), members are scored by :func:`training.evaluation.score` after the
-temperature (or variance scale) of :func:`training.evaluation.fit_scale`, and outputs come
-from :class:`serving.engine.reference.ReferenceEngine`, exactly as ``espro train`` does.
+:mod:`training.spro`), drawn members get their BatchNorm statistics from
+:func:`training.espro.draw_members`, members are scored by :func:`training.evaluation.score`
+after the temperature (or variance scale) of :func:`training.evaluation.fit_scale`, and
+outputs come from :class:`serving.engine.reference.ReferenceEngine`, exactly as ``espro train``
+does. A member is a full state: parameters and buffers.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ from serving.simplex import mix_vertices, sample_dirichlet
 from training.checkpoint import Checkpoints
 from training.config import TrainConfig, parse_config
 from training.data import Dataset, load_dataset
-from training.espro import ComplexTrainer, TrainedSimplex, config_digest, generator
+from training.espro import (
+    ComplexTrainer,
+    TrainedSimplex,
+    draw_members,
+    generator,
+    member_states,
+)
 from training.evaluation import fit_scale, score
 from training.splits import TrainingData
 from training.spro import Params
@@ -109,6 +117,10 @@ class Setup:
     def x_train(self) -> torch.Tensor:
         return self.normalised(self.dataset.train.x)
 
+    @property
+    def training_data(self) -> TrainingData:
+        return TrainingData(self.dataset.train, self.input_spec, torch.device("cpu"))
+
 
 def setup(config: TrainConfig) -> Setup:
     dataset = load_dataset(config.data)
@@ -125,26 +137,62 @@ def train_simplexes(s: Setup, lam: float | None = None) -> list[TrainedSimplex]:
     """
     lam = s.config.simplex.lam if lam is None else lam
     with tempfile.TemporaryDirectory(prefix="espro-experiment-") as scratch:
-        data = TrainingData(s.dataset.train, s.input_spec, torch.device("cpu"))
         trainer = ComplexTrainer(
-            s.config, s.make_model, s.task, data, Checkpoints(scratch, config_digest(s.config))
+            s.config,
+            s.make_model,
+            s.task,
+            s.training_data,
+            Checkpoints(scratch),
         )
         return trainer.train(lam or 0.0)
 
 
+def mode_states(simplexes: Sequence[TrainedSimplex]) -> list[Params]:
+    """Every simplex's mode as trained, with its own buffers (a deep ensemble's members)."""
+    return [{**sm.vertices[0], **sm.buffers} for sm in simplexes]
+
+
+def with_batchnorm(s: Setup, points: Sequence[Params], buffers: Params) -> list[Params]:
+    """Full states of parameter ``points`` carrying ``buffers``, each with BatchNorm
+    statistics of its own as the trainer recomputes them.
+
+    Each point goes to :func:`training.espro.draw_members` as a lone mode, which draws it
+    once, so the recomputation (batches, their number and order) is the trainer's own.
+    """
+    lone = [TrainedSimplex([p], dict(buffers), []) for p in points]
+    return member_states(lone, draw_members(s.config, s.make_model(), lone, s.training_data))
+
+
 def draw(
-    vertices: Sequence[Params], count: int, seed: int, *keys: object
+    s: Setup,
+    vertices: Sequence[Params],
+    buffers: Params,
+    count: int,
+    seed: int,
+    *keys: object,
 ) -> tuple[list[Params], torch.Tensor]:
-    """``count`` members drawn uniformly from the simplex (a lone mode is one member)."""
+    """``count`` members drawn uniformly from the simplex (a lone mode is one member), as
+    full states: ``buffers`` (the mode's) with BatchNorm recomputed for each member.
+
+    The draws of ``(config.seed, m)`` are those :func:`training.espro.draw_members` makes
+    for simplex ``m``."""
     if len(vertices) == 1:
-        return [dict(vertices[0])], torch.ones(1, 1, dtype=torch.float64)
-    alphas = sample_dirichlet(len(vertices), count, generator(seed, "draws", *keys))
-    return [mix_vertices(vertices, a) for a in alphas], alphas
+        alphas = torch.ones(1, 1, dtype=torch.float64)
+    else:
+        alphas = sample_dirichlet(len(vertices), count, generator(seed, "draws", *keys))
+    return with_batchnorm(s, [mix_vertices(vertices, a) for a in alphas], buffers), alphas
 
 
 def member_outputs(s: Setup, members: Sequence[Params], x: torch.Tensor) -> torch.Tensor:
-    """Outputs ``[S, N, ·]`` of members on raw inputs ``x``."""
-    return ReferenceEngine(s.make_model(), list(members), s.input_spec).outputs(x)
+    """Outputs ``[S, N, ·]`` of members (full states) on raw inputs ``x``."""
+    model = s.make_model()
+    names = {n for n, _ in model.named_buffers()}
+    for member in members:
+        if missing := sorted(names - member.keys()):
+            raise ValueError(
+                f"a member lacks the buffers {missing[:5]}: build it with draw() or mode_states()"
+            )
+    return ReferenceEngine(model, list(members), s.input_spec).outputs(x)
 
 
 def scores(
@@ -191,6 +239,7 @@ def per_member(s: Setup, members: Sequence[Params], x: torch.Tensor, y: torch.Te
 def loss_plane(
     s: Setup,
     points: Sequence[Params],
+    buffers: Params,
     x: torch.Tensor,
     y: torch.Tensor,
     *,
@@ -200,10 +249,9 @@ def loss_plane(
     """Loss and accuracy in the plane through three points (the paper's visualisation).
 
     The origin is the points' centre; ``u, v`` are the Gram–Schmidt basis of
-    ``p_0 − c, p_1 − c``; the loss is sampled at ``c + a·u + b·v`` on a square grid.
+    ``p_0 − c, p_1 − c``; the loss is sampled at ``c + a·u + b·v`` on a square grid, each
+    grid point carrying ``buffers`` with its own BatchNorm statistics.
     """
-    from torch.func import functional_call
-
     from training.metrics import accuracy, nll
 
     flat = torch.stack([flatten(p) for p in points])
@@ -216,17 +264,15 @@ def loss_plane(
     coords = [[float((p - centre) @ u), float((p - centre) @ v)] for p in flat]
     extent = max(abs(c) for xy in coords for c in xy) * (1 + margin)
     axis = torch.linspace(-extent, extent, resolution, dtype=torch.float64)
-    model = s.make_model().eval()
-    xn = s.normalised(x)
     loss = torch.empty(resolution, resolution)
     acc = torch.empty(resolution, resolution)
-    with torch.no_grad():
-        for i, b in enumerate(axis):
-            for j, a in enumerate(axis):
-                params = unflatten(centre + a * u + b * v, points[0])
-                probs = torch.softmax(functional_call(model, params, (xn,)), dim=-1)
-                loss[i, j] = nll(probs, y)
-                acc[i, j] = accuracy(probs, y)
+    for i, b in enumerate(axis):
+        row = with_batchnorm(
+            s, [unflatten(centre + a * u + b * v, points[0]) for a in axis], buffers
+        )
+        for j, probs in enumerate(torch.softmax(member_outputs(s, row, x), dim=-1)):
+            loss[i, j] = nll(probs, y)
+            acc[i, j] = accuracy(probs, y)
     return {
         "axis": axis.tolist(),
         "loss": loss.tolist(),

@@ -26,11 +26,12 @@ COLLAPSE_ACCURACY_DROP = 0.05
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    s, modes = base_setup(ctx, 2)
+    s, modes, buffers = base_setup(ctx, 2)
     n = ctx.size(200, 1000)
     xs, ys = s.dataset.train.x[:n], s.dataset.train.y[:n]
     mode_distance = float((flatten(modes[0]) - flatten(modes[1])).norm())
-    mode_acc = sum(per_member(s, modes, xs, ys)["accuracy"]) / 2
+    states = [{**p, **b} for p, b in zip(modes, buffers, strict=True)]
+    mode_acc = sum(per_member(s, states, xs, ys)["accuracy"]) / 2
     optim = OptimSettings(epochs=ctx.size(1, 4), lr=0.02, batch_size=ctx.size(64, 128))
     connecting: list = []
     steps = []
@@ -53,7 +54,7 @@ def run(ctx: Context) -> dict[str, Any]:
         with ctx.timed("evaluation"):
             accs = []
             for i, vertices in enumerate(simplexes(modes, connecting)):
-                members, _ = draw(vertices, ctx.size(2, 5), ctx.seed, "dim", j, i)
+                members, _ = draw(s, vertices, buffers[i], ctx.size(2, 5), ctx.seed, "dim", j, i)
                 accs += per_member(s, members, xs, ys)["accuracy"]
             heights = new_vertex_heights(modes, connecting)
             volume = complex_log_volume(modes, connecting)

@@ -46,7 +46,9 @@ def run(ctx: Context) -> dict[str, Any]:
     with ctx.timed("training"):
         (simplex,) = train_simplexes(s)
     data = s.dataset
-    members, alphas = draw(simplex.vertices, ctx.size(6, 20), ctx.seed, "diversity")
+    members, alphas = draw(
+        s, simplex.vertices, simplex.buffers, ctx.size(6, 20), ctx.seed, "diversity"
+    )
     resolution = ctx.size(40, 200)
     extent = float(data.train.x.abs().max()) * 1.1
     axis = torch.linspace(-extent, extent, resolution)

@@ -9,6 +9,7 @@ from training.experiments.common import (
     draw,
     make_config,
     member_outputs,
+    mode_states,
     scores,
     setup,
     train_simplexes,
@@ -45,7 +46,7 @@ def run(ctx: Context) -> dict[str, Any]:
     repeats = ctx.size(2, 5)
     per_count: dict[str, Any] = {}
     with ctx.timed("evaluation"):
-        modes = [dict(sm.vertices[0]) for sm in simplexes]
+        modes = mode_states(simplexes)
         de = scores(
             s.task,
             member_outputs(s, modes, data.val.x),
@@ -59,7 +60,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 members = [
                     m
                     for i, sm in enumerate(simplexes)
-                    for m in draw(sm.vertices, count, ctx.seed, "draws-exp", r, i)[0]
+                    for m in draw(s, sm.vertices, sm.buffers, count, ctx.seed, "draws-exp", r, i)[0]
                 ]
                 val = member_outputs(s, members, data.val.x)
                 test = member_outputs(s, members, data.test.x)

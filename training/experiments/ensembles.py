@@ -76,7 +76,13 @@ def run_dataset(ctx: Context, name: str, config: Any) -> dict[str, Any]:
         for m, simplex in enumerate(simplexes):
             for k in range(order + 1):
                 members, _ = draw(
-                    simplex.vertices[: k + 1], config.draws.per_simplex, ctx.seed, m, k
+                    s,
+                    simplex.vertices[: k + 1],
+                    simplex.buffers,
+                    config.draws.per_simplex,
+                    ctx.seed,
+                    m,
+                    k,
                 )
                 outs[m, k] = (
                     member_outputs(s, members, data.val.x),
@@ -88,7 +94,7 @@ def run_dataset(ctx: Context, name: str, config: Any) -> dict[str, Any]:
                 val = torch.cat([outs[m, k][0] for m in range(count)])
                 test = torch.cat([outs[m, k][1] for m in range(count)])
                 result = scores(s.task, val, data.val.y, test, data.test.y)
-                seconds = sum(sum(simplexes[m].seconds[: k + 1]) for m in range(count))
+                seconds = sum(c.seconds for sm in simplexes[:count] for c in sm.costs[: k + 1])
                 cells.append(
                     {
                         "modes": count,
@@ -105,7 +111,7 @@ def run_dataset(ctx: Context, name: str, config: Any) -> dict[str, Any]:
         "config": config.model_dump(mode="json", by_alias=True),
         "train_size": len(data.train),
         "test_size": len(data.test),
-        "vertex_seconds": [sm.seconds for sm in simplexes],
+        "vertex_seconds": [[c.seconds for c in sm.costs] for sm in simplexes],
         "log_volumes": [
             [None if k == 0 else _log_volume(sm.vertices[: k + 1]) for k in range(order + 1)]
             for sm in simplexes

@@ -13,6 +13,7 @@ from training.experiments.common import (
     draw,
     make_config,
     member_outputs,
+    mode_states,
     scores,
     setup,
     train_simplexes,
@@ -43,11 +44,11 @@ def run(ctx: Context) -> dict[str, Any]:
     with ctx.timed("training"):
         simplexes = train_simplexes(s)
     data = s.dataset
-    mode_members = [dict(sm.vertices[0]) for sm in simplexes]
+    mode_members = mode_states(simplexes)
     espro_members = [
         m
         for i, sm in enumerate(simplexes)
-        for m in draw(sm.vertices, config.draws.per_simplex, ctx.seed, i)[0]
+        for m in draw(s, sm.vertices, sm.buffers, config.draws.per_simplex, ctx.seed, i)[0]
     ]
     methods = {
         "single": mode_members[:1],

@@ -98,14 +98,14 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def _clean(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """JSON-safe: tensors and numpy scalars to floats, non-finite floats to strings."""
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
-        return _clean(value.tolist())
+        return jsonable(value.tolist())
     if hasattr(value, "item") and not isinstance(value, str):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -131,7 +131,7 @@ def write_outputs(
         "results": results,
     }
     json_path = ctx.output / "results.json"
-    json_path.write_text(json.dumps(_clean(payload), indent=2) + "\n")
+    json_path.write_text(json.dumps(jsonable(payload), indent=2) + "\n")
     size = "quick (`--quick`, a smoke test: not evidence)" if ctx.quick else "full"
     header = (
         f"# {title}\n\n"

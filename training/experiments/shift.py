@@ -10,7 +10,14 @@ from typing import Any
 from training.corruptions import CORRUPTIONS
 from training.espro import generator
 from training.evaluation import fit_scale, score
-from training.experiments.common import draw, make_config, member_outputs, setup, train_simplexes
+from training.experiments.common import (
+    draw,
+    make_config,
+    member_outputs,
+    mode_states,
+    setup,
+    train_simplexes,
+)
 from training.experiments.report import Context, pyplot, table
 
 TITLE = "Dataset shift: accuracy, NLL and ECE against corruption severity (MNIST-1D)"
@@ -40,11 +47,11 @@ def run(ctx: Context) -> dict[str, Any]:
     s = setup(config)
     with ctx.timed("training"):
         simplexes = train_simplexes(s)
-    modes = [dict(sm.vertices[0]) for sm in simplexes]
+    modes = mode_states(simplexes)
     drawn = [
         m
         for i, sm in enumerate(simplexes)
-        for m in draw(sm.vertices, config.draws.per_simplex, ctx.seed, i)[0]
+        for m in draw(s, sm.vertices, sm.buffers, config.draws.per_simplex, ctx.seed, i)[0]
     ]
     members = modes + drawn
     methods = {

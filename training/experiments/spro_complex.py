@@ -18,6 +18,7 @@ from training.experiments.common import (
     plot_plane,
     setup,
     train_simplexes,
+    with_batchnorm,
 )
 from training.experiments.connect import complex_log_volume, simplexes, train_connecting_vertex
 from training.experiments.report import Context, pyplot, table
@@ -28,8 +29,9 @@ TITLE = "SPRO mode connecting simplicial complexes on MNIST-1D"
 LAMBDA = 0.1
 
 
-def base_setup(ctx: Context, modes: int) -> Any:
-    """MNIST-1D, a small CNN, and ``modes`` independently trained modes."""
+def base_setup(ctx: Context, modes: int) -> tuple[Any, list, list]:
+    """MNIST-1D, a small CNN, and ``modes`` independently trained modes: their parameters
+    and their buffers."""
     config = make_config(
         dataset="mnist1d",
         architecture="cnn",
@@ -44,7 +46,7 @@ def base_setup(ctx: Context, modes: int) -> Any:
     s = setup(config)
     with ctx.timed("modes"):
         trained = train_simplexes(s)
-    return s, [dict(t.vertices[0]) for t in trained]
+    return s, [dict(t.vertices[0]) for t in trained], [t.buffers for t in trained]
 
 
 def connect(ctx: Context, s: Any, modes: list, count: int, tag: str) -> tuple[list, list]:
@@ -70,20 +72,24 @@ def connect(ctx: Context, s: Any, modes: list, count: int, tag: str) -> tuple[li
     return connecting, histories
 
 
-def draw_scores(ctx: Context, s: Any, modes: list, connecting: list, tag: str) -> dict[str, Any]:
-    """Per-draw train/test loss and accuracy from every simplex, and the pooled ensemble."""
+def draw_scores(
+    ctx: Context, s: Any, modes: list, buffers: list, connecting: list, tag: str
+) -> dict[str, Any]:
+    """Per-draw train/test loss and accuracy from every simplex (each with its mode's
+    buffers), and the pooled ensemble."""
     data = s.dataset
     n = ctx.size(200, 1000)
     xs, ys = data.train.x[:n], data.train.y[:n]
     per_simplex, pooled = [], []
     for i, vertices in enumerate(simplexes(modes, connecting)):
-        members, _ = draw(vertices, ctx.size(3, 10), ctx.seed, tag, i)
+        members, _ = draw(s, vertices, buffers[i], ctx.size(3, 10), ctx.seed, tag, i)
         train = per_member(s, members, xs, ys)
         test = per_member(s, members, data.test.x, data.test.y)
         per_simplex.append({"train": train, "test": test})
         pooled.append(member_outputs(s, members, data.test.x))
     probs = pool(torch.softmax(torch.cat(pooled), dim=-1))
-    mode_scores = per_member(s, modes, xs, ys)
+    states = [{**p, **b} for p, b in zip(modes, buffers, strict=True)]
+    mode_scores = per_member(s, states, xs, ys)
     midpoints = [
         {k: (a[k] + b[k]) / 2 for k in a} for i, a in enumerate(modes) for b in modes[i + 1 :]
     ]
@@ -91,12 +97,12 @@ def draw_scores(ctx: Context, s: Any, modes: list, connecting: list, tag: str) -
         "simplexes": per_simplex,
         "ensemble_test_accuracy": accuracy(probs, data.test.y),
         "modes_train": mode_scores,
-        "mode_midpoints_train": per_member(s, midpoints, xs, ys),
+        "mode_midpoints_train": per_member(s, with_batchnorm(s, midpoints, buffers[0]), xs, ys),
     }
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    s, all_modes = base_setup(ctx, 3)
+    s, all_modes, all_buffers = base_setup(ctx, 3)
     n = ctx.size(200, 1000)
     xs, ys = s.dataset.train.x[:n], s.dataset.train.y[:n]
     resolution = ctx.size(5, 25)
@@ -105,7 +111,7 @@ def run(ctx: Context) -> dict[str, Any]:
     panels = []
     for modes_count in (2, 3):
         tag = f"{modes_count} modes"
-        modes = all_modes[:modes_count]
+        modes, buffers = all_modes[:modes_count], all_buffers[:modes_count]
         with ctx.timed(f"{tag}: connecting vertices"):
             connecting, histories = connect(ctx, s, modes, ctx.size(1, 2), tag)
         with ctx.timed(f"{tag}: evaluation"):
@@ -113,7 +119,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 "connecting_vertices": len(connecting),
                 "training": histories,
                 "log_volume": complex_log_volume(modes, connecting),
-                **draw_scores(ctx, s, modes, connecting, tag),
+                **draw_scores(ctx, s, modes, buffers, connecting, tag),
             }
             names = [f"w{i + 1}" for i in range(modes_count)]
             names += [f"θ{j + 1}" for j in range(len(connecting))]
@@ -127,7 +133,8 @@ def run(ctx: Context) -> dict[str, Any]:
             for choice in choices:
                 if len(set(choice)) < 3:
                     continue
-                plane = loss_plane(s, [params[c] for c in choice], xs, ys, resolution=resolution)
+                points = [params[c] for c in choice]
+                plane = loss_plane(s, points, buffers[0], xs, ys, resolution=resolution)
                 entry["planes"]["-".join(choice)] = plane
                 panels.append((plane, choice, f"{tag}: plane through {', '.join(choice)}"))
         results["complexes"][tag] = entry
