@@ -135,7 +135,7 @@ def test_a_checkpoint_without_its_cost_is_refused_in_one_line(tmp_path):
 
 
 def test_the_manifest_records_what_every_phase_cost(tiny_bundle_path):
-    from training.cost import Cost, total
+    from training.cost import Cost, cost_table, total
 
     training = load_bundle(tiny_bundle_path).manifest.training
     config = parse_config(training["config"])
@@ -149,6 +149,8 @@ def test_the_manifest_records_what_every_phase_cost(tiny_bundle_path):
     assert phases["modes"].passes == 2 * mode["passes"]
     assert phases["batchnorm"] == Cost()  # the MLP has no BatchNorm
     assert phases["calibration"].forward > 0 and phases["total"].seconds > 0
+    rows = [line.split("|")[1].strip() for line in cost_table(training["cost"]).splitlines()[2:]]
+    assert rows == ["modes", "vertices", "batchnorm", "diagnostics", "calibration", "total"]
 
 
 def test_an_existing_bundle_is_not_overwritten_by_default(tiny_bundle_path):

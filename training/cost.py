@@ -60,10 +60,23 @@ def total(costs: Iterable[Cost]) -> Cost:
     return sum(costs, Cost())
 
 
+PHASES = (
+    "modes",
+    "vertices",
+    "lambda_search",
+    "selection",
+    "batchnorm",
+    "diagnostics",
+    "calibration",
+    "total",
+)
+"""The phases of ``espro train`` in the order they run, as the manifest names them."""
+
+
 def cost_table(phases: Mapping[str, Mapping[str, Any]]) -> str:
     """A Markdown table of a manifest's ``training["cost"]``, one row per phase."""
     lines = ["| phase | fwd-bwd passes | forward passes | seconds |", "|---|---:|---:|---:|"]
-    for phase, cost in phases.items():
-        c = Cost.from_dict(cost)
+    for phase in sorted(phases, key=lambda p: PHASES.index(p) if p in PHASES else len(PHASES)):
+        c = Cost.from_dict(phases[phase])
         lines.append(f"| {phase} | {c.passes:,} | {c.forward:,} | {c.seconds:.1f} |")
     return "\n".join(lines)
