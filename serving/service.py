@@ -222,15 +222,21 @@ def model_list(repository: ModelRepository) -> dict[str, Any]:
 
 
 def model_metadata(repository: ModelRepository, name: str, version: str | None) -> ModelMetadata:
-    """The OIP metadata of a model: its versions and its tensor signatures."""
+    """The OIP metadata of a model: its versions and its tensor signatures.
+
+    A model trained on images lists its input twice, as numbers and as BYTES (one encoded
+    image per element): a request sends it in either form."""
     manifest = repository.get(name, version).manifest
     outputs = CLASSIFICATION_OUTPUTS if manifest.task is Task.CLASSIFICATION else REGRESSION_OUTPUTS
     width = manifest.num_outputs
+    inputs = [TensorMetadata(name=INPUT, datatype="FP32", shape=[-1, *manifest.input.shape])]
+    if manifest.input.image is not None:
+        inputs.append(TensorMetadata(name=INPUT, datatype="BYTES", shape=[-1]))
     return ModelMetadata(
         name=name,
         versions=repository.versions(name),
         platform="espro",
-        inputs=[TensorMetadata(name=INPUT, datatype="FP32", shape=[-1, *manifest.input.shape])],
+        inputs=inputs,
         outputs=[
             TensorMetadata(name=out, datatype=dtype, shape=[-1, width][:rank])
             for out, (dtype, rank) in outputs.items()

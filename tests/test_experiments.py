@@ -139,14 +139,42 @@ def test_ensembles_numbers(outputs: dict) -> None:
                 assert 0 <= m["error"] <= 1 and 0 <= m["ece"] <= 1 and 0 <= m["brier"] <= 2
                 assert math.isfinite(m["nll"]) and m["nll"] > 0
             assert cell["train_seconds"] > 0
+            assert "temperature_warning" in cell
+        assert entry["scale_fit"]
+        for rival in entry["comparison"]["equal_cost"]:
+            if rival["rival_modes"] is not None:
+                assert rival["rival_seconds"] >= rival["seconds"]
         if name == "digits":  # learns within the quick size
             best = min(c["calibrated"]["error"] for c in entry["cells"])
             assert best < 0.9, "an ensemble no better than chance"
 
 
+def _cell(modes: int, order: int, seconds: float, nll: float) -> dict[str, Any]:
+    metrics = {"error": nll / 4, "nll": nll, "ece": 0.01, "brier": nll / 2}
+    return {"modes": modes, "order": order, "train_seconds": seconds, "calibrated": metrics}
+
+
+def test_equal_cost_rival_took_at_least_as_long() -> None:
+    from training.experiments.ensembles import _comparison
+
+    cells = [_cell(1, 0, 1.0, 0.9), _cell(2, 0, 2.0, 0.8), _cell(1, 1, 1.5, 0.85)]
+    cells += [_cell(2, 1, 3.0, 0.5)]
+    comparison = _comparison(cells)
+    rows = {(r["modes"], r["order"]): r for r in comparison["equal_cost"]}
+    assert rows[1, 1]["rival_modes"] == 2  # not the cheaper single model
+    assert rows[1, 1]["rival_time_ratio"] == pytest.approx(2.0 / 1.5)
+    assert rows[2, 1]["rival_modes"] is None  # longer than the largest deep ensemble
+    assert rows[2, 1]["nll_delta"] is None
+    summary = comparison["summary"]
+    assert summary["equal_cost_cells"] == 1 and summary["espro_better_nll_equal_cost"] == 0
+    assert summary["espro_better_nll_same_modes"] == 2
+
+
 def test_shift_numbers(outputs: dict) -> None:
     results = outputs["shift"][1]["results"]
     assert {"gaussian_noise", "masking", "translation", "blur"} <= set(results["corruptions"])
+    assert set(results["temperature_warnings"]) == set(results["temperature"])
+    assert sum(results["lowest_nll_counts"].values()) == sum(results["highest_nll_counts"].values())
     for entry in results["corruptions"].values():
         for by_method in entry["severities"].values():
             assert set(by_method) == {"single", "deep_ensemble", "espro"}

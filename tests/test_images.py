@@ -28,7 +28,7 @@ from serving.images import decode_images, dimensions, sniff
 from serving.manifest import ImageSpec, InputSpec
 from serving.predictor import Predictor
 from serving.proto import grpc_predict_v2_pb2 as pb
-from serving.service import INPUT, InferenceService, ModelRepository
+from serving.service import INPUT, InferenceService, ModelRepository, model_metadata
 from training.images import ImageFiles
 
 SPEC = ImageSpec(size=(2, 2), color="grayscale")
@@ -221,3 +221,14 @@ def test_espro_predict_reads_image_files(
     plain = tiny_bundle().write(tmp_path / "plain")
     assert main(["predict", str(plain), str(paths[0])]) == 2
     assert "not trained on images" in capsys.readouterr().err
+
+
+def test_the_metadata_of_an_image_model_lists_its_input_as_numbers_and_as_images(
+    service: InferenceService,
+) -> None:
+    def inputs(model: str) -> list[tuple[str, str, list[int]]]:
+        meta = model_metadata(service.repository, model, None)
+        return [(t.name, t.datatype, t.shape) for t in meta.inputs]
+
+    assert inputs("pets") == [(INPUT, "FP32", [-1, 1, 2, 2]), (INPUT, "BYTES", [-1])]
+    assert inputs("tiny") == [(INPUT, "FP32", [-1, *tiny_bundle().manifest.input.shape])]

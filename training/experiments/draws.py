@@ -6,12 +6,13 @@ import statistics
 from typing import Any
 
 from training.experiments.common import (
+    SCALE_FIT,
     draw,
     make_config,
-    member_outputs,
     mode_states,
     scores,
     setup,
+    split_outputs,
     train_simplexes,
 )
 from training.experiments.report import Context, pyplot, table
@@ -45,15 +46,11 @@ def run(ctx: Context) -> dict[str, Any]:
     counts = ctx.size([1, 2, 4], [1, 2, 3, 5, 10, 20, 40])
     repeats = ctx.size(2, 5)
     per_count: dict[str, Any] = {}
+    warnings: dict[str, str] = {}
     with ctx.timed("evaluation"):
-        modes = mode_states(simplexes)
-        de = scores(
-            s.task,
-            member_outputs(s, modes, data.val.x),
-            data.val.y,
-            member_outputs(s, modes, data.test.x),
-            data.test.y,
-        )
+        de = scores(data, split_outputs(s, mode_states(simplexes)), "deep ensemble")
+        if de["scale_warning"]:
+            warnings["deep ensemble"] = de["scale_warning"]
         for count in counts:
             runs = []
             for r in range(repeats):
@@ -62,9 +59,10 @@ def run(ctx: Context) -> dict[str, Any]:
                     for i, sm in enumerate(simplexes)
                     for m in draw(s, sm.vertices, sm.buffers, count, ctx.seed, "draws-exp", r, i)[0]
                 ]
-                val = member_outputs(s, members, data.val.x)
-                test = member_outputs(s, members, data.test.x)
-                result = scores(s.task, val, data.val.y, test, data.test.y)
+                label = f"{count} draws, set {r}"
+                result = scores(data, split_outputs(s, members), label)
+                if result["scale_warning"]:
+                    warnings[label] = result["scale_warning"]
                 runs.append(
                     {
                         "error": 1 - result["calibrated"]["accuracy"],
@@ -88,6 +86,8 @@ def run(ctx: Context) -> dict[str, Any]:
             "nll": de["calibrated"]["nll"],
         },
         "draws": per_count,
+        "scale_fit": SCALE_FIT,
+        "temperature_warnings": warnings,
     }
     _report(ctx, results)
     return results
@@ -132,3 +132,7 @@ def _report(ctx: Context, results: dict[str, Any]) -> None:
         ]
     )
     ctx.add(table(["draws per simplex", "error", "± std", "NLL", "± std"], rows))
+    if warnings := results.get("temperature_warnings"):
+        ctx.add(
+            "Temperature warnings: " + "; ".join(f"{k}: {w}" for k, w in warnings.items()) + "."
+        )

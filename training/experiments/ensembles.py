@@ -4,6 +4,10 @@ One training per data set: five modes, each grown to a 3-simplex. Because every 
 seeded by its position alone, the first ``k + 1`` vertices of a mode's simplex are the
 ``k``-simplex, so each (modes, order) cell reuses those vertices and its training time is the
 sum of the times of the vertices it uses (the paper's Figures 8 and A.7).
+
+The equal-cost comparison pits each ESPRO cell against the cheapest deep ensemble that took at
+least as long to train. With at most ``modes.count`` modes, most ESPRO cells cost more than the
+largest deep ensemble; those cells have no rival of equal cost and are not counted.
 """
 
 from __future__ import annotations
@@ -12,18 +16,23 @@ from typing import Any
 
 import torch
 
+from training.calibration import PLAUSIBLE_SCALE
 from training.experiments.common import (
+    SCALE_FIT,
+    SCALE_FIT_UNCHECKED,
+    SPLITS,
     draw,
     make_config,
-    member_outputs,
     scores,
     setup,
+    split_outputs,
     train_simplexes,
 )
 from training.experiments.report import Context, pyplot, table
 
-TITLE = "Ensembles: ESPRO against deep ensembles at equal members and equal training time"
+TITLE = "Ensembles: ESPRO against deep ensembles of the same modes and of equal training time"
 METRICS = ("error", "nll", "ece", "brier")
+RIVAL_KEYS = ("rival_modes", "rival_seconds", "rival_time_ratio", "error_delta", "nll_delta")
 
 
 def _configs(ctx: Context) -> dict[str, Any]:
@@ -71,7 +80,7 @@ def run_dataset(ctx: Context, name: str, config: Any) -> dict[str, Any]:
         simplexes = train_simplexes(s)
     modes, order = config.modes.count, config.simplex.vertices
     data = s.dataset
-    outs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    outs: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     with ctx.timed(f"{name} evaluation"):
         for m, simplex in enumerate(simplexes):
             for k in range(order + 1):
@@ -84,24 +93,22 @@ def run_dataset(ctx: Context, name: str, config: Any) -> dict[str, Any]:
                     m,
                     k,
                 )
-                outs[m, k] = (
-                    member_outputs(s, members, data.val.x),
-                    member_outputs(s, members, data.test.x),
-                )
+                outs[m, k] = split_outputs(s, members)
         cells = []
         for k in range(order + 1):
             for count in range(1, modes + 1):
-                val = torch.cat([outs[m, k][0] for m in range(count)])
-                test = torch.cat([outs[m, k][1] for m in range(count)])
-                result = scores(s.task, val, data.val.y, test, data.test.y)
+                pooled = {p: torch.cat([outs[m, k][p] for m in range(count)]) for p in SPLITS}
+                label = f"{name} {_label({'modes': count, 'order': k})}"
+                result = scores(data, pooled, label)
                 seconds = sum(c.seconds for sm in simplexes[:count] for c in sm.costs[: k + 1])
                 cells.append(
                     {
                         "modes": count,
                         "order": k,
-                        "members": int(val.shape[0]),
+                        "members": int(pooled["test"].shape[0]),
                         "train_seconds": seconds,
                         "temperature": result["scale"],
+                        "temperature_warning": result["scale_warning"],
                         "raw": _flat(result["raw"]),
                         "calibrated": _flat(result["calibrated"]),
                         "aurc": result["calibrated"]["aurc"],
@@ -109,6 +116,7 @@ def run_dataset(ctx: Context, name: str, config: Any) -> dict[str, Any]:
                 )
     return {
         "config": config.model_dump(mode="json", by_alias=True),
+        "scale_fit": SCALE_FIT,
         "train_size": len(data.train),
         "test_size": len(data.test),
         "vertex_seconds": [[c.seconds for c in sm.costs] for sm in simplexes],
@@ -133,14 +141,15 @@ def _label(cell: dict[str, Any]) -> str:
 
 
 def _comparison(cells: list[dict[str, Any]]) -> dict[str, Any]:
-    """ESPRO against the deep ensemble of the same modes, and of at most the same time."""
+    """ESPRO against the deep ensemble of the same modes, and against the cheapest deep
+    ensemble that took at least as long to train (``None`` when none did)."""
     de = {c["modes"]: c for c in cells if c["order"] == 0}
-    same_members, same_budget = [], []
+    same_modes, equal_cost = [], []
     for c in cells:
         if c["order"] == 0:
             continue
         base = de[c["modes"]]
-        same_members.append(
+        same_modes.append(
             {
                 "modes": c["modes"],
                 "order": c["order"],
@@ -149,35 +158,50 @@ def _comparison(cells: list[dict[str, Any]]) -> dict[str, Any]:
                 "nll_delta": c["calibrated"]["nll"] - base["calibrated"]["nll"],
             }
         )
-        affordable = [d for d in de.values() if d["train_seconds"] <= c["train_seconds"]]
-        rival = max(affordable, key=lambda d: d["modes"]) if affordable else de[1]
-        same_budget.append(
-            {
-                "modes": c["modes"],
-                "order": c["order"],
-                "seconds": c["train_seconds"],
+        costlier = [d for d in de.values() if d["train_seconds"] >= c["train_seconds"]]
+        entry = {
+            "modes": c["modes"],
+            "order": c["order"],
+            "seconds": c["train_seconds"],
+            **dict.fromkeys(RIVAL_KEYS),
+        }
+        if costlier:
+            rival = min(costlier, key=lambda d: d["train_seconds"])
+            entry |= {
                 "rival_modes": rival["modes"],
                 "rival_seconds": rival["train_seconds"],
-                "budget_exceeds_largest_ensemble": c["train_seconds"]
-                > max(d["train_seconds"] for d in de.values()),
+                "rival_time_ratio": rival["train_seconds"] / c["train_seconds"],
                 "error_delta": c["calibrated"]["error"] - rival["calibrated"]["error"],
                 "nll_delta": c["calibrated"]["nll"] - rival["calibrated"]["nll"],
             }
-        )
-    n = len(same_members)
+        equal_cost.append(entry)
+    rivalled = [r for r in equal_cost if r["rival_modes"] is not None]
     return {
-        "same_members": same_members,
-        "same_budget": same_budget,
+        "same_modes": same_modes,
+        "equal_cost": equal_cost,
         "summary": {
             **{
-                f"espro_better_{m}_same_modes": sum(r[f"{m}_better"] for r in same_members)
+                f"espro_better_{m}_same_modes": sum(r[f"{m}_better"] for r in same_modes)
                 for m in METRICS
             },
-            "cells": n,
-            "espro_better_error_same_budget": sum(r["error_delta"] < 0 for r in same_budget),
-            "espro_better_nll_same_budget": sum(r["nll_delta"] < 0 for r in same_budget),
+            "cells": len(same_modes),
+            "largest_ensemble_modes": max(de),
+            "largest_ensemble_seconds": de[max(de)]["train_seconds"],
+            "equal_cost_cells": len(rivalled),
+            "espro_better_error_equal_cost": sum(r["error_delta"] < 0 for r in rivalled),
+            "espro_better_nll_equal_cost": sum(r["nll_delta"] < 0 for r in rivalled),
         },
     }
+
+
+def _scale_flag(cell: dict[str, Any]) -> str | None:
+    """The temperature fit's warning, or for results that record none, an implausible T."""
+    if cell.get("temperature_warning"):
+        return cell["temperature_warning"]
+    low, high = PLAUSIBLE_SCALE
+    if "temperature_warning" not in cell and not low <= cell["temperature"] <= high:
+        return f"temperature {cell['temperature']:.3g} is outside the plausible [{low:g}, {high:g}]"
+    return None
 
 
 def _plots(ctx: Context, results: dict[str, Any]) -> None:
@@ -238,16 +262,28 @@ def run(ctx: Context) -> dict[str, Any]:
     for name, config in _configs(ctx).items():
         results[name] = run_dataset(ctx, name, config)
         results[name]["comparison"] = _comparison(results[name]["cells"])
+    _report(ctx, results)
+    return results
+
+
+def _report(ctx: Context, results: dict[str, Any]) -> None:
+    """The report of ``results`` (what :func:`run` returns, or a results.json's)."""
+    fit = next(iter(results.values())).get("scale_fit", SCALE_FIT_UNCHECKED)
     ctx.add(
         "Modes are SGD solutions of a small CNN; ESPRO grows a k-simplex at each with SPRO "
         "(λ fixed, see `training/experiments/common.py`) and pools "
-        "`draws.per_simplex` uniform draws per simplex. *raw* is as trained, *cal* after "
-        "temperature scaling fitted on the validation split (each row its own temperature). "
-        "`train s` sums the wall time of the vertices the row uses."
+        "`draws.per_simplex` uniform draws per simplex, so ESPRO with M modes has that many "
+        f"times the members of the deep ensemble of M. *raw* is as trained, *cal* after a "
+        f"temperature {fit} (each row its own temperature). `train s` sums the wall time of "
+        "the vertices the row uses."
     )
     _plots(ctx, results)
     for name, r in results.items():
-        ctx.add(f"## {name} ({r['train_size']} training, {r['test_size']} test examples)")
+        epochs = r["config"]["modes"]["epochs"], r["config"]["simplex"]["epochs"]
+        ctx.add(
+            f"## {name} ({r['train_size']} training, {r['test_size']} test examples; modes "
+            f"trained {epochs[0]} epochs, each further vertex {epochs[1]})"
+        )
         rows = [
             [
                 _label(c),
@@ -260,32 +296,47 @@ def run(ctx: Context) -> dict[str, Any]:
         header = ["method", "members", "train s"]
         header += [f"{m} {s}" for m in METRICS for s in ("raw", "cal")]
         ctx.add(table(header, rows))
-        summary = r["comparison"]["summary"]
+        flagged = [(c, flag) for c in r["cells"] if (flag := _scale_flag(c))]
+        if flagged:
+            ctx.add(
+                "Temperature fits to distrust (their *cal* columns are not calibrated scores): "
+                + "; ".join(f"{_label(c)}: {flag}" for c, flag in flagged)
+                + "."
+            )
+        comparison = _comparison(r["cells"])
+        summary = comparison["summary"]
         ctx.add(
             f"ESPRO cells better than the deep ensemble of the same modes (calibrated), out of "
             f"{summary['cells']}: error {summary['espro_better_error_same_modes']}, NLL "
             f"{summary['espro_better_nll_same_modes']}, ECE "
             f"{summary['espro_better_ece_same_modes']}, Brier "
-            f"{summary['espro_better_brier_same_modes']}. Against the largest deep ensemble "
-            f"trained in no more time: error better in "
-            f"{summary['espro_better_error_same_budget']}, NLL better in "
-            f"{summary['espro_better_nll_same_budget']}."
+            f"{summary['espro_better_brier_same_modes']}."
         )
         budget_rows = [
             [
                 f"ESPRO {b['modes']} x {b['order']}",
                 f"{b['seconds']:.1f}",
-                f"DE {b['rival_modes']} ({b['rival_seconds']:.1f} s)"
-                + (" *" if b["budget_exceeds_largest_ensemble"] else ""),
-                b["error_delta"],
-                b["nll_delta"],
+                *(
+                    [
+                        f"DE {b['rival_modes']} ({b['rival_seconds']:.1f} s)",
+                        f"{b['rival_time_ratio']:.2f}",
+                        b["error_delta"],
+                        b["nll_delta"],
+                    ]
+                    if b["rival_modes"] is not None
+                    else ["no rival of equal cost", "—", "—", "—"]
+                ),
             ]
-            for b in r["comparison"]["same_budget"]
+            for b in comparison["equal_cost"]
         ]
         ctx.add(
-            "Equal budget: each ESPRO cell against the largest deep ensemble trained in no "
-            "more time (Δ = ESPRO − DE, calibrated; negative favours ESPRO; * the budget "
-            "exceeds the 5-member ensemble, which is then the rival).\n\n"
-            + table(["ESPRO", "train s", "rival", "Δ error", "Δ NLL"], budget_rows)
+            "Equal cost: each ESPRO cell against the cheapest deep ensemble that took at least "
+            "as long to train (time ratio = DE's time / ESPRO's; Δ = ESPRO − DE, calibrated; "
+            "negative favours ESPRO). The largest deep ensemble here, DE "
+            f"{summary['largest_ensemble_modes']}, took "
+            f"{summary['largest_ensemble_seconds']:.1f} s; an ESPRO cell that took longer has "
+            f"no rival of equal cost. {summary['equal_cost_cells']} of {summary['cells']} cells "
+            f"have one; ESPRO's error is lower in {summary['espro_better_error_equal_cost']} "
+            f"of them and its NLL in {summary['espro_better_nll_equal_cost']}.\n\n"
+            + table(["ESPRO", "train s", "rival", "time ratio", "Δ error", "Δ NLL"], budget_rows)
         )
-    return results

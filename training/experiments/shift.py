@@ -1,16 +1,20 @@
 """Robustness to dataset shift: single model, deep ensemble and ESPRO under corruptions.
 
-Temperatures are fitted on the clean validation split (as deployed) and then held fixed.
+Temperatures are fitted on the clean validation split, checked on the clean calibration split
+(as deployed) and then held fixed.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from training.corruptions import CORRUPTIONS
 from training.espro import generator
-from training.evaluation import fit_scale, score
+from training.evaluation import fit_checked_scale, score
 from training.experiments.common import (
+    SCALE_FIT,
+    SCALE_FIT_UNCHECKED,
     draw,
     make_config,
     member_outputs,
@@ -22,6 +26,8 @@ from training.experiments.report import Context, pyplot, table
 
 TITLE = "Dataset shift: accuracy, NLL and ECE against corruption severity (MNIST-1D)"
 KEYS = ("accuracy", "nll", "ece")
+
+log = logging.getLogger(__name__)
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -61,10 +67,20 @@ def run(ctx: Context) -> dict[str, Any]:
     }
     data = s.dataset
     val = member_outputs(s, members, data.val.x)
-    scales = {m: fit_scale(s.task, val[i], data.val.y) for m, i in methods.items()}
+    check = member_outputs(s, members, data.calibration.x)
+    fits = {
+        m: fit_checked_scale(s.task, val[i], data.val.y, check[i], data.calibration.y)
+        for m, i in methods.items()
+    }
+    for m, (_, warning) in fits.items():
+        if warning:
+            log.warning("shift %s: %s", m, warning)
+    scales = {m: scale for m, (scale, _) in fits.items()}
     results: dict[str, Any] = {
         "config": config.model_dump(mode="json", by_alias=True),
+        "scale_fit": SCALE_FIT,
         "temperature": scales,
+        "temperature_warnings": {m: warning for m, (_, warning) in fits.items()},
         "members": {m: len(i) for m, i in methods.items()},
         "corruptions": {},
     }
@@ -106,14 +122,18 @@ def _report(ctx: Context, results: dict[str, Any]) -> None:
                 ax.set_title(name)
             if row == 0 and col == 0:
                 ax.legend(fontsize=8)
+    fit = results.get("scale_fit", SCALE_FIT_UNCHECKED)
+    warnings = {m: w for m, w in results.get("temperature_warnings", {}).items() if w}
     ctx.add(
         "Single = mode 0; deep ensemble = the modes; ESPRO = draws from a simplex grown at each "
-        f"mode (members: {results['members']}). Temperatures fitted on clean validation data: "
+        f"mode (members: {results['members']}). Temperatures (clean data; {fit}): "
         + ", ".join(f"{m} {t:.3f}" for m, t in results["temperature"].items())
         + ". All scores temperature-scaled."
+        + "".join(f" Temperature warning, {m}: {w}." for m, w in warnings.items())
     )
     ctx.figure(fig, "shift", "Accuracy, NLL and ECE against severity, per corruption.")
     wins = {m: 0 for m in methods}
+    losses = {m: 0 for m in methods}
     total = 0
     for name in names:
         entry = results["corruptions"][name]
@@ -123,11 +143,15 @@ def _report(ctx: Context, results: dict[str, Any]) -> None:
             if float(severity) > 0:
                 total += 1
                 wins[min(methods, key=lambda m: by_method[m]["nll"])] += 1
+                losses[max(methods, key=lambda m: by_method[m]["nll"])] += 1
         header = ["severity", *[f"{k} {m}" for k in KEYS for m in methods]]
         ctx.add(f"## {name} ({entry['unit']})\n\n" + table(header, rows))
     results["lowest_nll_counts"] = wins
+    results["highest_nll_counts"] = losses
     ctx.add(
-        f"Lowest NLL over the {total} corrupted settings: "
+        f"Over the {total} corrupted settings, lowest NLL: "
         + ", ".join(f"{m} {n}" for m, n in wins.items())
+        + "; highest NLL: "
+        + ", ".join(f"{m} {n}" for m, n in losses.items())
         + "."
     )
