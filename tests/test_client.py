@@ -476,6 +476,39 @@ def test_the_cli_speaks_the_protocol_it_is_told(
     assert paths == ["/v2/models/tiny/versions/1/infer", "/v1/models/tiny/predict"]
 
 
+def test_the_cli_sends_image_files_to_a_model_trained_on_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from torchvision.io import encode_png
+
+    from serving.images import decode_images
+    from serving.manifest import ImageSpec, InputSpec
+
+    spec = ImageSpec(size=(2, 2), color="grayscale")
+    image_input = InputSpec(shape=(1, 2, 2), mean=(0.5,), std=(0.25,), image=spec)
+    predictor = Predictor(
+        load_bundle(tiny_bundle(name="pets", input=image_input).write(tmp_path / "pets"))
+    )
+    http_mock(EsproHttp(InferenceService(ModelRepository([predictor]))), monkeypatch)
+    pngs = [
+        encode_png(torch.randint(0, 256, (3, 4, 4), dtype=torch.uint8)).numpy().tobytes()
+        for _ in range(2)
+    ]
+    files = [tmp_path / "cat.png", tmp_path / "dog.PNG"]
+    for path, data in zip(files, pngs, strict=True):
+        path.write_bytes(data)
+    assert main(["predict", HTTP_URL, *map(str, files), "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    want = predictor.predict(decode_images(pngs, spec)).probs.numpy()
+    np.testing.assert_allclose(answer["probabilities"], want, atol=FP32_ATOL, rtol=0)
+
+    np.save(tmp_path / "x.npy", X)
+    assert main(["predict", HTTP_URL, str(files[0]), str(tmp_path / "x.npy")]) == 2
+    assert "pass one .npy file, or only image files" in capsys.readouterr().err
+    assert main(["predict", HTTP_URL, str(tmp_path / "bird.jpg")]) == 2
+    assert "bird.jpg: no such image file" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- the real server
 
 

@@ -75,8 +75,14 @@ def _parser() -> argparse.ArgumentParser:
         )
         return sub
 
-    predict = command("predict", "predict the instances of a .npy file [B, *input_shape]")
-    predict.add_argument("inputs", help="a .npy file")
+    predict = command(
+        "predict", "predict the instances of a .npy file [B, *input_shape], or image files"
+    )
+    predict.add_argument(
+        "inputs",
+        nargs="+",
+        help="a .npy file, or PNG/JPEG files for a model trained on images",
+    )
     predict.add_argument(
         "--model", help="default: the only model served (native and oip-rest protocols)"
     )
@@ -126,6 +132,21 @@ def _read_inputs(path: str) -> np.ndarray:
     if array.ndim == 0 or len(array) == 0:
         raise UsageError(f"{path}: expected a batch [B, *input_shape] with B ≥ 1")
     return array
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _read_predict_inputs(paths: list[str]) -> np.ndarray | list[Path]:
+    """One ``.npy`` file's instances, or image files (read by the client as it sends them)."""
+    if all(p.lower().endswith(IMAGE_SUFFIXES) for p in paths):
+        for path in paths:
+            if not os.path.isfile(path):
+                raise UsageError(f"{path}: no such image file")
+        return [Path(p) for p in paths]
+    if len(paths) != 1:
+        raise UsageError("pass one .npy file, or only image files (.png, .jpg, .jpeg)")
+    return _read_inputs(paths[0])
 
 
 def _read_token(path: Path) -> str:
@@ -187,7 +208,7 @@ def _run(args: argparse.Namespace) -> tuple[str, int]:
     """What to print, and the exit status."""
     token = None if args.token_file is None else _read_token(args.token_file)
     if args.command == "predict":
-        inputs = _read_inputs(args.inputs)
+        inputs = _read_predict_inputs(args.inputs)
         if args.chunk_size < 1:
             raise UsageError(f"--chunk-size: must be at least 1, got {args.chunk_size}")
         if args.version is not None and _protocol(args) == "native":
@@ -219,7 +240,8 @@ def _run(args: argparse.Namespace) -> tuple[str, int]:
             rows = [[m.name, v.version, v.bundle_sha256] for m in models for v in m.versions]
             return _table(["model", "version", "bundle_sha256"], rows), 0
         client.chunk_size = args.chunk_size
-        prediction = client.predict(
+        send = client.predict if isinstance(inputs, np.ndarray) else client.predict_images
+        prediction = send(
             args.model or _only_model(client),
             inputs,
             version=args.version,
