@@ -17,7 +17,7 @@ import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
@@ -132,26 +132,36 @@ def cnn(
     channels: Sequence[int] = (32, 64),
     kernel_size: int = 3,
     hidden: int = 128,
+    head: Literal["avg", "flatten"] = "avg",
 ) -> nn.Sequential:
-    """A small CNN: conv-ReLU-maxpool blocks, global average pooling and a hidden layer.
+    """A small CNN: conv-ReLU-maxpool blocks, then a hidden layer and the outputs.
 
     ``input_shape`` ``[C, L]`` gives 1-D convolutions, ``[C, H, W]`` 2-D convolutions.
+    ``head="avg"`` averages the features over positions (global average pooling);
+    ``"flatten"`` keeps position: the hidden layer reads every feature at every position.
     """
     dims = _spatial_dims("cnn", tuple(input_shape), allowed=(1, 2))
+    if head not in ("avg", "flatten"):
+        raise ValueError(f"cnn head must be 'avg' or 'flatten', got {head!r}")
     conv, max_pool = _CONV[dims], _MAX_POOL[dims]
     blocks: list[nn.Module] = []
+    sizes = list(input_shape[1:])
     for width_in, width_out in itertools.pairwise([input_shape[0], *channels]):
         blocks += [
             conv(width_in, width_out, kernel_size, padding=kernel_size // 2),
             nn.ReLU(inplace=True),
             max_pool(2, ceil_mode=True),  # ceil_mode keeps a size-1 input valid
         ]
+        # The convolution keeps an odd kernel's size (an even one's plus one); the pool halves it.
+        sizes = [-(-(size + 2 * (kernel_size // 2) - kernel_size + 1) // 2) for size in sizes]
+    pool = _AVG_POOL[dims](1) if head == "avg" else nn.Identity()
+    features = channels[-1] * (math.prod(sizes) if head == "flatten" else 1)
     return nn.Sequential(
         OrderedDict(
             features=nn.Sequential(*blocks),
-            pool=_AVG_POOL[dims](1),
+            pool=pool,
             flatten=nn.Flatten(),
-            classifier=nn.Sequential(*_mlp_layers([channels[-1], hidden], num_outputs)),
+            classifier=nn.Sequential(*_mlp_layers([features, hidden], num_outputs)),
         )
     )
 

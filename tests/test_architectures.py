@@ -58,6 +58,50 @@ def test_cnn_convolution_follows_input_rank(
     assert _forward(model, input_shape).shape == (2, 4)
 
 
+@pytest.mark.parametrize("input_shape", [(1, 40), (2, 9), (1, 8, 8), (3, 7, 5), (3, 1, 1)])
+@pytest.mark.parametrize("kernel_size", [3, 4])
+def test_cnn_flatten_head_maps_inputs_to_outputs(
+    input_shape: tuple[int, ...], kernel_size: int
+) -> None:
+    model = create_model(
+        "cnn",
+        input_shape=input_shape,
+        num_outputs=4,
+        channels=(8, 16, 16),
+        kernel_size=kernel_size,
+        head="flatten",
+    )
+    assert not any(
+        isinstance(m, nn.AdaptiveAvgPool1d | nn.AdaptiveAvgPool2d) for m in model.modules()
+    )
+    assert _forward(model, input_shape).shape == (2, 4)
+
+
+def test_cnn_flatten_head_reads_every_position() -> None:
+    def hidden_inputs(input_shape: tuple[int, ...], head: str) -> int:
+        model = create_model(
+            "cnn", input_shape=input_shape, num_outputs=4, channels=(8, 16), head=head
+        )
+        return model.classifier[0].in_features
+
+    # Two 2x2 pools: 40 -> 10 positions, 80 -> 20; 8x8 -> 2x2.
+    assert hidden_inputs((1, 40), "flatten") == 16 * 10
+    assert hidden_inputs((1, 80), "flatten") == 16 * 20
+    assert hidden_inputs((1, 8, 8), "flatten") == 16 * 4
+    assert hidden_inputs((1, 40), "avg") == hidden_inputs((1, 80), "avg") == 16
+
+    def count(input_shape: tuple[int, ...]) -> int:
+        model = create_model("cnn", input_shape=input_shape, num_outputs=4, head="flatten")
+        return sum(parameter.numel() for parameter in model.parameters())
+
+    assert count((1, 40)) < count((1, 80))
+
+
+def test_cnn_rejects_an_unknown_head() -> None:
+    with pytest.raises(ValueError, match="head"):
+        create_model("cnn", input_shape=(1, 40), num_outputs=2, head="max")
+
+
 @pytest.mark.parametrize("input_shape", [(4,), (1, 2, 8, 8)])
 def test_cnn_rejects_other_ranks(input_shape: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match="rank 2 or 3"):
