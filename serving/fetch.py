@@ -10,6 +10,11 @@ together download it once. A digest already cached is not downloaded again, and 
 manifest cannot be reached falls back to the digest it gave last, so that replicas restarting
 while the store is down still serve.
 
+A URL may pin its bundle with a ``#sha256=<digest>`` fragment (the ``bundle_sha256`` that
+every answer and ``espro-client models`` report): a pinned bundle already in the cache loads
+without asking the store, and a store whose manifest has another digest is refused, so that
+whoever can write to the store cannot change what a pinned deployment serves.
+
 Credentials come from the store's own configuration (``AWS_*`` variables, instance roles,
 ``GOOGLE_APPLICATION_CREDENTIALS``), never from espro; messages and logs show a URL without
 its user, password or query. Local paths are not URLs: :func:`resolve_bundle` returns them as
@@ -93,9 +98,12 @@ def fetch_bundle(
 
     Every refusal is a :class:`~serving.errors.BundleError` naming the URL, the file and the
     problem (missing, over ``max_file_bytes``, cut short, a sha256 that differs from the
-    manifest's), and leaves nothing in the cache but what was there."""
-    store = _Store.open(url)
+    manifest's or from the URL's pin), and leaves nothing in the cache but what was there."""
+    url, pin = _split_pin(url)
     cache = Path(cache) if cache is not None else cache_dir()
+    if pin is not None and (cache / pin).is_dir():
+        return cache / pin
+    store = _Store.open(url)
     try:
         cache.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache))
@@ -107,10 +115,14 @@ def fetch_bundle(
             manifest, digest = store.manifest(staging)
         except _Unreachable as err:
             digest = _remembered(cache, url)
-            if digest is None:
+            if digest is None or pin is not None:
                 raise
             logger.warning("%s; using the bundle it last gave, %s", err, digest)
             return cache / digest
+        if pin is not None and digest != pin:
+            raise BundleError(
+                f"{store.source}: the manifest's sha256 is {digest}; the URL pins {pin}"
+            )
         target = cache / digest
         with _locked(cache / f".{digest}.lock"):
             if not target.is_dir():
@@ -124,6 +136,20 @@ def fetch_bundle(
         return target
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _split_pin(url: str) -> tuple[str, str | None]:
+    """``url`` without its ``#sha256=<digest>`` fragment, and the digest it pins (if any)."""
+    parts = urlsplit(url)
+    if not parts.fragment:
+        return url, None
+    pin = parts.fragment.removeprefix("sha256=")
+    if not parts.fragment.startswith("sha256=") or not _SHA256.fullmatch(pin):
+        raise BundleError(
+            f"{public_url(url)}: a URL's fragment pins a bundle as #sha256=<64 lowercase hex "
+            "digits>, nothing else"
+        )
+    return urlunsplit(parts._replace(fragment="")), pin
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import sys
 import threading
 from collections.abc import Iterator
@@ -291,6 +292,24 @@ def test_file_urls_are_fetched_and_local_paths_are_left_alone(bundle: Path, cach
     local = resolve_bundle(bundle.as_uri())
     assert local.parent == cache and local.name == load_bundle(bundle).digest
     assert files_of(local) == files_of(bundle)
+
+
+def test_a_pinned_url_loads_its_digest_and_refuses_any_other(
+    bundle: Path, cache: Path, tmp_path: Path
+) -> None:
+    digest = load_bundle(bundle).digest
+    store = Path(shutil.copytree(bundle, tmp_path / "store"))
+    assert fetch_bundle(f"{store.as_uri()}#sha256={digest}") == cache / digest
+    # Once cached, a pinned bundle loads without asking the store: it may be gone.
+    shutil.rmtree(store)
+    assert fetch_bundle(f"{store.as_uri()}#sha256={digest}") == cache / digest
+    other = "0" * 64
+    refusal = f"the manifest's sha256 is {digest}; the URL pins {other}"
+    with pytest.raises(BundleError, match=refusal):
+        fetch_bundle(f"{bundle.as_uri()}#sha256={other}")
+    assert cache_entries(cache) == [digest]
+    with pytest.raises(BundleError, match=r"pins a bundle as #sha256=<64 lowercase hex digits>"):
+        fetch_bundle(f"{bundle.as_uri()}#md5=abc")
 
 
 def test_concurrent_fetches_of_one_digest_publish_it_once(bundle: Path, cache: Path) -> None:
