@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Server, TinyBundle, tiny_bundle
+from helpers import PETS_IMAGES, Server, TinyBundle, tiny_bundle
 
 
 @pytest.fixture
@@ -90,12 +90,13 @@ def ray_cluster() -> Iterator[None]:
 def server(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The espro app on the session's Ray, for the whole session.
 
-    It serves ``tiny`` versions 1 and 2, ``tiny-bn`` (BatchNorm) and ``slow`` (50 ms per
-    member) with the ``fused:graphs`` engine, 2 fresh draws allowed and a 1 MiB body limit;
-    Serve's doors answer a request still waiting after 20 s with 408 / ``DEADLINE_EXCEEDED``.
-    The replica also serves gRPC on its direct door.
+    It serves ``tiny`` versions 1 and 2, ``tiny-bn`` (BatchNorm), ``slow`` (50 ms per member)
+    and ``pets`` (trained on 2x2 grayscale images) with the ``fused:graphs`` engine, 2 fresh
+    draws allowed and a 1 MiB body limit; Serve's doors answer a request still waiting after
+    20 s with 408 / ``DEADLINE_EXCEEDED``. The replica also serves gRPC on its direct door.
     """
     from serving import launch
+    from serving.manifest import InputSpec
     from serving.settings import AppConfig, LaunchConfig
 
     root = tmp_path_factory.mktemp("served")
@@ -104,6 +105,10 @@ def server(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "tiny/2": tiny_bundle(seed=1, version="2").write(root / "tiny-2"),
         "tiny-bn": tiny_bundle(batchnorm=True).write(root / "tiny-bn"),
         "slow": tiny_bundle(slow=True, num_vertices=(2,), draws=1).write(root / "slow"),
+        "pets": tiny_bundle(
+            name="pets",
+            input=InputSpec(shape=(1, 2, 2), mean=(0.5,), std=(0.25,), image=PETS_IMAGES),
+        ).write(root / "pets"),
     }
     config = AppConfig(
         bundles=[str(path) for path in bundles.values()],

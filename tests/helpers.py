@@ -26,6 +26,7 @@ from serving.manifest import (
     ArchitectureSpec,
     ConformalSpec,
     DrawSpec,
+    ImageSpec,
     InputSpec,
     Manifest,
     SimplexSpec,
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 
 INPUT_SHAPE = (4,)
 CLASS_NAMES = ("cat", "dog", "bird")
+PETS_IMAGES = ImageSpec(size=(2, 2), color="grayscale")
+"""The image spec of the served ``pets`` model: images decode to ``[1, 2, 2]`` instances."""
 
 FP32_ATOL = 1e-5
 """How far float32 outputs may differ when computed through other batch shapes, kernels or

@@ -155,7 +155,7 @@ def test_tritonclient_health_and_metadata(server):
         assert triton_grpc(server, door).get_server_metadata().extensions == ["binary_tensor_data"]
     assert triton_http(server).get_server_metadata()["name"] == "espro"
     models = requests.get(f"{server.http}/v1/models", timeout=10).json()["models"]
-    assert {m["name"] for m in models} == {"tiny", "tiny-bn", "slow"}
+    assert {m["name"] for m in models} == {"tiny", "tiny-bn", "slow", "pets"}
 
 
 def test_openapi_documents_the_routes(server):

@@ -39,7 +39,7 @@ from espro_client._proto import grpc_predict_v2_pb2 as pb
 from espro_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from espro_client.cli import main
 
-from helpers import CLASS_NAMES, FP32_ATOL, tiny_bundle
+from helpers import CLASS_NAMES, FP32_ATOL, PETS_IMAGES, tiny_bundle
 from serving.bundle import load_bundle
 from serving.errors import STATUS_TRAILER, ServiceError
 from serving.predictor import Predictor
@@ -512,6 +512,25 @@ def test_the_cli_sends_image_files_to_a_model_trained_on_images(
 # --------------------------------------------------------------------------- the real server
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_the_server_decodes_images_as_the_bundle_was_trained(server: Any, protocol: str) -> None:
+    from torchvision.io import encode_png
+
+    from serving.images import decode_images
+
+    pngs = [
+        encode_png(torch.randint(0, 256, (3, 7, 5), dtype=torch.uint8)).numpy().tobytes()
+        for _ in range(3)
+    ]
+    predictor = Predictor(load_bundle(server.bundles["pets"]))
+    want = predictor.predict(decode_images(pngs, PETS_IMAGES))
+    with real_client(server, protocol) as c:
+        p = c.predict_images("pets", pngs)
+        with pytest.raises(BadRequest, match="not images"):
+            c.predict_images("tiny", pngs[:1])
+    np.testing.assert_allclose(p.probabilities, want.probs.numpy(), atol=FP32_ATOL, rtol=0)
+
+
 def real_client(server: Any, protocol: str, **options: Any) -> Client:
     url = f"grpc://{server.grpc}" if protocol == "oip-grpc" else server.http
     return Client(url, protocol=protocol, **options)  # type: ignore[arg-type]
@@ -562,7 +581,7 @@ def test_health_ready_metadata_and_models(server: Any, protocol: str) -> None:
         if protocol == "oip-grpc":
             return
         models = {m.name: m for m in c.models()}
-    assert set(models) == {"tiny", "tiny-bn", "slow"}
+    assert set(models) == {"tiny", "tiny-bn", "slow", "pets"}
     versions = {v.version: v.bundle_sha256 for v in models["tiny"].versions}
     assert versions == {
         "1": load_bundle(server.bundles["tiny/1"]).digest,
