@@ -283,17 +283,45 @@ def _remembered(cache: Path, url: str) -> str | None:
     return digest if _SHA256.fullmatch(digest) and (cache / digest).is_dir() else None
 
 
+def prune_cache(keep: Sequence[str | Path], *, cache: str | Path | None = None) -> list[str]:
+    """Remove every bundle from the cache but those of ``keep`` (fetched first, so that what
+    is kept is whole), with what killed fetches left behind; return the removed digests.
+
+    A bundle loads from its cache directory: prune while no server is loading one that it
+    removes."""
+    cache = Path(cache) if cache is not None else cache_dir()
+    kept = {resolve_bundle(location, cache=cache).resolve() for location in keep}
+    removed = []
+    for entry in sorted(cache.iterdir()) if cache.is_dir() else []:
+        if entry.name.startswith(".staging-"):
+            shutil.rmtree(entry, ignore_errors=True)
+        elif _SHA256.fullmatch(entry.name) and entry.resolve() not in kept:
+            with _locked(cache / f".{entry.name}.lock"):
+                shutil.rmtree(entry)
+            (cache / f".{entry.name}.lock").unlink(missing_ok=True)
+            removed.append(entry.name)
+    return removed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m serving.fetch LOCATION...``: fetch each bundle into the cache (a warm-up,
-    or a check of a URL without starting a server) and print its local directory."""
+    """``python -m serving.fetch [--prune] LOCATION...``: fetch each bundle into the cache (a
+    warm-up, or a check of a URL without starting a server) and print its local directory;
+    with ``--prune``, then remove every other bundle from the cache."""
+    import argparse
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    locations = sys.argv[1:] if argv is None else list(argv)
-    if not locations or any(arg.startswith("-") for arg in locations):
-        print("usage: python -m serving.fetch LOCATION...", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="python -m serving.fetch", description=main.__doc__)
+    parser.add_argument("locations", nargs="+", metavar="LOCATION")
+    parser.add_argument(
+        "--prune", action="store_true", help="remove every other bundle from the cache"
+    )
+    args = parser.parse_args(argv)
     try:
-        for location in locations:
+        for location in args.locations:
             print(resolve_bundle(location))
+        if args.prune:
+            for digest in prune_cache(args.locations):
+                logger.info("removed %s", digest)
     except BundleError as err:
         print(f"error: {' '.join(str(err).splitlines())}", file=sys.stderr)
         return 2

@@ -22,7 +22,15 @@ from serving import serve_flags
 from serving.bundle import load_bundle
 from serving.cli import build_parser
 from serving.errors import BundleError
-from serving.fetch import CACHE_ENV, fetch_bundle, is_url, main, public_url, resolve_bundle
+from serving.fetch import (
+    CACHE_ENV,
+    fetch_bundle,
+    is_url,
+    main,
+    prune_cache,
+    public_url,
+    resolve_bundle,
+)
 from serving.launch import check_bundles
 from serving.manifest import MANIFEST_FILE, TENSORS_FILE
 from serving.service import ModelRepository
@@ -324,6 +332,19 @@ def test_the_prefetch_command(bundle: Path, cache: Path, capsys: pytest.CaptureF
     assert capsys.readouterr().out == f"{cache / load_bundle(bundle).digest}\n"
     assert main([(bundle.parent / "none").as_uri()]) == 2
     assert capsys.readouterr().err.startswith("error: file://")
+
+
+def test_prune_keeps_the_bundles_it_is_given_and_removes_the_rest(
+    bundle: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    other = tiny_bundle(seed=5).write(tmp_path / "other")
+    old = fetch_bundle(other.as_uri())
+    (cache / ".staging-killed").mkdir()
+    kept = load_bundle(bundle).digest
+    assert main(["--prune", bundle.as_uri()]) == 0
+    assert capsys.readouterr().out == f"{cache / kept}\n"
+    assert cache_entries(cache) == [kept] and not old.exists()
+    assert prune_cache([bundle.as_uri()]) == []
 
 
 def test_the_cache_holds_what_the_manifest_hashes(bundle: Path, cache: Path) -> None:
