@@ -1,21 +1,40 @@
 """Engine benchmark: latency, achieved GFLOP/s and its share of the machine's matmul peaks.
 
-For the CNN on 3x32x32 inputs and the MLP on the same inputs flattened, one 2-simplex (three
-vertices, independently initialised) and K members drawn from it, every engine at every
-batch size: the median latency of warm repeats, the model FLOPs done per second (the
-reference's FLOPs: S member forward passes, counted by ``FlopCounterMode``; the shortcut
-skips some of them, so its figure is the effective rate), that rate over the fp32 and bf16
-``torch.matmul`` peaks measured in the same run, the speed-up over the reference loop and the
-largest probability error against it. ::
+For the CNN on 3x32x32 inputs and the MLP on the same inputs flattened (and, on request,
+ResNet-18 with the CIFAR stem: real size and BatchNorm), one 2-simplex (three vertices,
+independently initialised) and K members drawn from it, every engine at every batch size: the
+median latency of warm repeats, the model FLOPs done per second (the reference's FLOPs: S
+member forward passes, counted by ``FlopCounterMode``; the shortcut skips some of them, so its
+figure is the effective rate), that rate over the fp32 and bf16 ``torch.matmul`` peaks
+measured in the same run, the speed-up over the reference loop and the largest probability
+error against it. ::
 
     python benchmarks/engine.py                       # CPU, writes results/engine-cpu.json
     python benchmarks/engine.py --device cuda         # writes results/engine-cuda.json
     python benchmarks/engine.py --quick --out x.json  # a seconds-long smoke test
     python benchmarks/engine.py --markdown results/engine-cpu.json  # the docs' table
 
+ResNet-18 (``--models resnet18``; not run by default) has BatchNorm, and ESPRO gives every
+drawn member statistics of its own, so each member's state holds the model's buffers as well
+as its parameters, with running statistics perturbed per member (:func:`member_buffers`).
+Without ``--members`` it runs 15 members. Its cells, about 1.1 GFLOP per member and image::
+
+    python benchmarks/engine.py --threads 1 --models resnet18 --members 15 --batches 1 8 64 \\
+        --engines reference fused onnx auto --out benchmarks/results/engine-resnet18-cpu.json
+
+take about 4-5 minutes on one free core (``--threads 1``, as the recorded CPU runs) and up to
+7 GB of memory: ``onnx`` and ``auto`` each export the 15 members to ONNX on first use (about
+40 s each), batch 64 costs 7-9 s a call for every engine (four calls a cell), batches 1 and 8
+under 1.5 s. Two threads halve the compute only on otherwise idle cores; beside other work they
+are many times slower (threads waiting for each other at every operator). ``shortcut`` does
+not apply to ResNet-18 (not an ``nn.Sequential``: it runs as ``fused``), so it is left out
+above; ``--quick --models resnet18`` is the smoke test (4 members on 3x8x8 inputs).
+
 A cell whose smaller-K sibling (same model, engine and batch) took longer than
-``--max-call-s`` per call is skipped (recorded with ``"skipped"``), and so is ONNX past
-``--onnx-max-members`` (its export takes seconds per member): that bounds the run.
+``--max-call-s`` per call is skipped (recorded with ``"skipped"``), and so are ONNX and
+``auto`` (which times ONNX among its candidates) past ``--onnx-max-members`` (the export takes
+seconds per member): that bounds the run. A single K, such as ResNet-18's 15, has no smaller
+sibling: every cell of it runs.
 """
 
 from __future__ import annotations
@@ -39,7 +58,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from serving.architectures import create_model
 from serving.engine import create_engine, parse_engine
-from serving.engine.auto import AutoEngine
+from serving.engine.auto import AutoEngine, onnx_available
 from serving.engine.base import Engine, Origin
 from serving.manifest import InputSpec
 from serving.simplex import mix_vertices, sample_dirichlet
@@ -48,7 +67,14 @@ RESULTS = Path(__file__).parent / "results"
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "cnn": ("cnn", {"channels": [32, 64], "hidden": 128}),
     "mlp": ("mlp", {"hidden": [256, 256]}),
+    "resnet18": ("resnet18", {"small_input": True}),
 }
+DEFAULT_MODELS = ("cnn", "mlp")
+"""The models run without ``--models``: ResNet-18 takes minutes and runs on request."""
+DEFAULT_MEMBERS: dict[str, tuple[int, ...]] = {"resnet18": (15,)}
+"""Members per model without ``--members`` (else :data:`TOY_MEMBERS`): ResNet-18's as asked
+for, fifteen, which also keeps its cells to minutes on two CPU cores."""
+TOY_MEMBERS = (1, 4, 16, 64)
 CPU_ENGINES = ("reference", "fused", "shortcut", "fused:bf16", "shortcut:bf16", "onnx")
 CUDA_ENGINES = (
     "reference",
@@ -115,7 +141,11 @@ def build_ensemble(
     model_name: str, input_shape: Sequence[int], members: int, seed: int = 0
 ) -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]], list[Origin], list[list[Any]]]:
     """A model, ``members`` states drawn from one simplex of independently initialised
-    vertices, their origins and the vertices."""
+    vertices, their origins and the vertices (their parameters).
+
+    A model with buffers (BatchNorm) gets them in every state too, as ESPRO recomputes each
+    drawn member's statistics: see :func:`member_buffers`. A model without them (the toy
+    ones) gets states of parameters only, drawn exactly as before."""
     architecture, kwargs = MODELS[model_name]
     torch.manual_seed(seed)
     build = functools.partial(
@@ -126,7 +156,30 @@ def build_ensemble(
     alphas = sample_dirichlet(NUM_VERTICES, members, torch.Generator().manual_seed(seed))
     states = [mix_vertices(vertices, alpha) for alpha in alphas]
     origins = [Origin(0, tuple(alpha.tolist())) for alpha in alphas]
-    return build().eval(), states, origins, [vertices]
+    model = build().eval()
+    buffers = dict(model.named_buffers())
+    if buffers:
+        generator = torch.Generator().manual_seed(seed + 1)  # the global stream is untouched
+        states = [state | member_buffers(buffers, generator) for state in states]
+    return model, states, origins, [vertices]
+
+
+def member_buffers(
+    buffers: dict[str, torch.Tensor], generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """One member's buffers: the initial ones with the BatchNorm statistics perturbed, running
+    means by N(0, 0.1²) and running variances by U(0, 0.5), so every member normalises with
+    statistics of its own (as ESPRO's recomputed ones are); others (``num_batches_tracked``)
+    as they are. Members drawn from one ``generator`` in turn get the same statistics for
+    any number of members."""
+    out = {}
+    for name, tensor in buffers.items():
+        if name.endswith("running_mean"):
+            tensor = tensor + 0.1 * torch.randn(tensor.shape, generator=generator)
+        elif name.endswith("running_var"):
+            tensor = tensor + 0.5 * torch.rand(tensor.shape, generator=generator)
+        out[name] = tensor.detach().clone()
+    return out
 
 
 def forward_flops(model: torch.nn.Module, input_shape: Sequence[int]) -> int:
@@ -174,12 +227,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = []
     too_slow: set[tuple[str, str, int]] = set()
     spec = InputSpec(shape=input_shape, mean=(0.0,) * input_shape[0], std=(1.0,) * input_shape[0])
+    flops_per_member_instance: dict[str, int] = {}
     for model_name in args.models:
-        for k in sorted(args.members):
+        for k in sorted(members_of(args, model_name)):
             model, states, origins, vertices = build_ensemble(model_name, input_shape, k)
-            flops = forward_flops(model, input_shape)
+            flops = flops_per_member_instance[model_name] = forward_flops(model, input_shape)
             engines, build_ms = {}, {}
             for name in args.engines:  # auto times the others here: its build is its choice
+                if exports_onnx(name) and k > args.onnx_max_members:
+                    continue  # skipped below, unbuilt: auto would export every member too
                 start = time.perf_counter()
                 engines[name] = create_engine(
                     name, model, states, spec, device=device, vertices=vertices, origins=origins
@@ -189,13 +245,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(1))
                 reference: tuple[str, torch.Tensor] | None = None  # the first fp32 engine run
                 reference_seconds: float | None = None
-                for name, engine in engines.items():
+                for name in args.engines:
                     cell = {"model": model_name, "engine": name, "members": k, "batch": batch}
-                    if (model_name, name, batch) in too_slow or (
-                        name == "onnx" and k > args.onnx_max_members
-                    ):
+                    if (model_name, name, batch) in too_slow or name not in engines:
                         results.append(cell | {"skipped": "too slow for this run's bounds"})
                         continue
+                    engine = engines[name]
                     memory_before = reset_memory_peak(device)
                     start = time.perf_counter()  # the first call warms up: stacking, export, ...
                     probs = engine.outputs(x).float().softmax(-1).cpu()
@@ -249,14 +304,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "loadavg_after": os.getloadavg(),
         "input_shape": input_shape,
         "models": {name: MODELS[name] for name in args.models},
-        "flops_per_member_instance": {
-            name: forward_flops(build_ensemble(name, input_shape, 1)[0], input_shape)
-            for name in args.models
-        },
+        "members": {name: sorted(members_of(args, name)) for name in args.models},
+        "flops_per_member_instance": flops_per_member_instance,
         "matmul_peak_gflops": peaks,
         "results": results,
         "targets": targets(results),
     }
+
+
+def members_of(args: argparse.Namespace, model_name: str) -> Sequence[int]:
+    """The member counts run for a model: ``--members``, else the model's default."""
+    return args.members or DEFAULT_MEMBERS.get(model_name, TOY_MEMBERS)
+
+
+def exports_onnx(engine: str) -> bool:
+    """Whether building or first calling ``engine`` exports the members to ONNX (``onnx``, and
+    ``auto`` where ONNX Runtime is installed: it times ``onnx`` among its candidates)."""
+    name = parse_engine(engine).name
+    return name == "onnx" or (name == "auto" and onnx_available())
 
 
 def _shortcut_applied(engine: Engine, members: int) -> bool | None:
@@ -272,7 +337,7 @@ def _auto_choice(engine: Engine) -> dict[str, Any]:
 
 def _row(cell: dict[str, Any]) -> str:
     return (
-        f"{cell['model']:4} {cell['engine']:22} K={cell['members']:<3} B={cell['batch']:<3} "
+        f"{cell['model']:8} {cell['engine']:22} K={cell['members']:<3} B={cell['batch']:<3} "
         f"{cell['latency_ms']:9.2f} ms {cell['gflops']:8.2f} GFLOP/s "
         f"x{cell['speedup_vs_reference'] or math.nan:.2f} err {cell['max_prob_error']:.1e}"
         + (f" {cell['peak_memory_mib']:8.1f} MiB" if "peak_memory_mib" in cell else "")
@@ -396,9 +461,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(MODELS))
     parser.add_argument("--engines", nargs="+", help="engine strings (default: per device)")
-    parser.add_argument("--members", nargs="+", type=int, default=[1, 4, 16, 64])
+    parser.add_argument(
+        "--members", nargs="+", type=int, help="default: 15 for resnet18, else 1 4 16 64"
+    )
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
     parser.add_argument("--input-shape", nargs="+", type=int, default=[3, 32, 32])
     parser.add_argument("--repeats", type=int, default=3)
@@ -406,7 +473,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--peak-size", type=int, help="matmul side (default 1024 CPU, 8192 GPU)")
     parser.add_argument("--max-call-s", type=float, default=2.0)
-    parser.add_argument("--onnx-max-members", type=int, default=16, help="export takes long")
+    parser.add_argument(
+        "--onnx-max-members", type=int, default=16, help="for onnx and auto: export takes long"
+    )
     parser.add_argument("--out", type=Path, help="JSON path (default results/engine-DEVICE.json)")
     parser.add_argument(
         "--markdown", type=Path, help="print the table of a report JSON for the docs, and stop"
@@ -419,7 +488,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         engines = CUDA_ENGINES if args.device.startswith("cuda") else CPU_ENGINES
         onnx = not args.quick and onnx_runs_on(torch.device(args.device))
         args.engines = [e for e in engines if onnx or not e.startswith("onnx")]
-    args.engines = ["reference", *(e for e in args.engines if e != "reference")]
+    args.engines = list(dict.fromkeys(["reference", *args.engines]))  # once each
     if args.quick:
         args.members, args.batches, args.input_shape = [4], [2], [3, 8, 8]
         args.repeats, args.min_seconds, args.peak_size = 1, 0.0, args.peak_size or 64
