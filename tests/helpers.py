@@ -314,6 +314,45 @@ def tiny_config(**sections: Any) -> TrainConfig:
     return parse_config(data)
 
 
+# --------------------------------------------------------------------------- image folders
+
+SHAPES = ("circle", "square", "triangle")
+
+
+def shape_pngs(
+    root: Path, per_class: int, *, size: int = 12, splits: Sequence[str] = ("train",), seed: int = 0
+) -> dict[str, list[Path]]:
+    """A torchvision-style image folder, ``root/<split>/<shape>/<i>.png``: RGB ``size`` x
+    ``size`` PNGs of one filled shape each (:data:`SHAPES`), of a random position, radius and
+    colour (its class's channel the brightest) on a noisy dark background. Returns every
+    split's files, in order."""
+    from torchvision.io import write_png  # seconds to import: not where replicas import this
+
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    files: dict[str, list[Path]] = {}
+    for split in splits:
+        for c, shape in enumerate(SHAPES):
+            (root / split / shape).mkdir(parents=True)
+            for i in range(per_class):
+                r = int(torch.randint(size // 5, size // 3, (1,), generator=g)) + 1
+                cy, cx = (int(v) for v in torch.randint(r, size - r, (2,), generator=g))
+                dy, dx = (yy - cy).abs(), (xx - cx).abs()
+                mask = {
+                    "circle": dy**2 + dx**2 <= r * r,
+                    "square": (dy <= r) & (dx <= r),
+                    "triangle": (dy <= r) & (2 * dx <= yy - cy + r),
+                }[shape]
+                image = torch.randint(0, 60, (3, size, size), generator=g, dtype=torch.uint8)
+                colour = torch.randint(60, 140, (3, 1, 1), generator=g, dtype=torch.uint8)
+                colour[c] += 100  # each class its own hue too: learnt in a few epochs
+                image = torch.where(mask, colour, image)
+                path = root / split / shape / f"{i}.png"
+                write_png(image, str(path))
+                files.setdefault(split, []).append(path)
+    return files
+
+
 # --------------------------------------------------------------------------- a real server
 
 

@@ -35,7 +35,7 @@ class Prediction:
     model_name: str
     model_version: str
     bundle_sha256: str | None = None
-    """The served bundle's hash (``None`` over gRPC, which does not carry it)."""
+    """The hash of the bundle that answered (every protocol carries it)."""
     class_names: np.ndarray | None = None
     """Str ``[B]``: the name of each label (``native`` protocol only)."""
     prediction_sets: np.ndarray | None = None
