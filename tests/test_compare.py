@@ -210,3 +210,17 @@ def test_a_deep_ensemble_config_is_refused(tmp_path, capsys):
     (tmp_path / "de.yaml").write_text(yaml.safe_dump(config))
     assert main(["compare", str(tmp_path / "de.yaml"), "--out", str(tmp_path)]) == 2
     assert "simplex.vertices" in capsys.readouterr().err
+
+
+def test_the_equal_time_rival_is_the_most_modes_trained_within_espros_seconds():
+    from training.compare import equal_time_modes
+
+    def record(espro: float, modes: list[float]) -> dict:
+        cost = {"espro": {"seconds": espro}} | {
+            f"de{m}": {"seconds": s} for m, s in enumerate(modes, start=1)
+        }
+        return {"de_modes": len(modes), "cost": cost}
+
+    assert equal_time_modes(record(25.0, [10.0, 20.0, 30.0])) == 2
+    assert equal_time_modes(record(99.0, [10.0, 20.0, 30.0])) == 3  # at most M'
+    assert equal_time_modes(record(5.0, [10.0, 20.0, 30.0])) == 1  # at least one mode

@@ -33,7 +33,7 @@ from serving.manifest import Task, buffer_key, vertex_key
 from serving.predictor import Predictor
 from training.config import TrainConfig, parse_config
 from training.corruptions import gaussian_noise
-from training.cost import Cost, total
+from training.cost import PHASES, Cost, total
 from training.data import Dataset, load_dataset
 from training.errors import ConfigError
 from training.espro import generator
@@ -49,7 +49,9 @@ METRICS = {Task.CLASSIFICATION: ("nll", "error", "ece", "brier"), Task.REGRESSIO
 """What the report shows, lower is better for each."""
 CLAIMS = {Task.CLASSIFICATION: ("nll", "error"), Task.REGRESSION: ("nll", "rmse")}
 """The metrics of the headline claims "ESPRO is lower than DE(·)", calibrated."""
-BASELINES = ("de_M", "de_M'")
+BASELINES = ("de_M", "de_M'", "de_T")
+"""The deep ensembles ESPRO is compared with: DE(M), of its modes; DE(M'), of its passes; and
+DE(M''), of its wall seconds (machine- and load-dependent, so secondary to passes)."""
 """DE(M), the same modes without simplexes, and DE(M'), a deep ensemble of equal cost."""
 CLEAN = "clean"
 
@@ -209,16 +211,27 @@ def run_seed(
 def _series(records: list[dict[str, Any]], section: str, method: str, *path: str) -> list[float]:
     """One number per seed: ``section`` (``scores`` or ``cost``) of ``method`` at ``path``.
 
-    ``method`` is ``espro``, ``de{m}``, or a role: ``de_M`` (DE(M)) or ``de_M'`` (DE(M'))."""
+    ``method`` is ``espro``, ``de{m}``, or a role of :data:`BASELINES`."""
     values = []
     for r in records:
-        value = r[section][
-            {"de_M": f"de{r['modes']}", "de_M'": f"de{r['de_modes']}"}.get(method, method)
-        ]
+        roles = {
+            "de_M": f"de{r['modes']}",
+            "de_M'": f"de{r['de_modes']}",
+            "de_T": f"de{equal_time_modes(r)}",
+        }
+        value = r[section][roles.get(method, method)]
         for key in path:
             value = value[key]
         values.append(value)
     return values
+
+
+def equal_time_modes(record: dict[str, Any]) -> int:
+    """The most modes (at least 1, at most M') whose training took no longer than ESPRO's
+    whole run, in wall seconds."""
+    budget = record["cost"]["espro"]["seconds"]
+    fits = range(1, record["de_modes"] + 1)
+    return max((m for m in fits if record["cost"][f"de{m}"]["seconds"] <= budget), default=1)
 
 
 def summarize(records: list[dict[str, Any]], task: Task) -> dict[str, Any]:
@@ -280,9 +293,16 @@ NAMES = {"nll": "NLL", "error": "error", "ece": "ECE", "brier": "Brier", "rmse":
 def labels(records: list[dict[str, Any]]) -> dict[str, str]:
     """How the report names ``espro`` and the roles of :data:`BASELINES`."""
     modes, order = records[0]["modes"], records[0]["vertices"]
-    de = sorted({r["de_modes"] for r in records})
-    prime = str(de[0]) if len(de) == 1 else f"{de[0]}-{de[-1]}"
-    return {"espro": f"ESPRO({modes}, {order})", "de_M": f"DE({modes})", "de_M'": f"DE({prime})"}
+
+    def span(counts: set[int]) -> str:
+        return str(min(counts)) if len(counts) == 1 else f"{min(counts)}-{max(counts)}"
+
+    return {
+        "espro": f"ESPRO({modes}, {order})",
+        "de_M": f"DE({modes})",
+        "de_M'": f"DE({span({r['de_modes'] for r in records})})",
+        "de_T": f"DE({span({equal_time_modes(r) for r in records})}, equal s)",
+    }
 
 
 def _cell(interval: dict[str, Any], digits: int = 4) -> str:
@@ -328,6 +348,9 @@ def report(results: dict[str, Any]) -> str:
             for r in records
         )
         + " (per seed)  ",
+        "M'' (deep ensemble of ESPRO's wall seconds) = "
+        + ", ".join(str(equal_time_modes(r)) for r in records)
+        + " (per seed; seconds depend on the machine and on what else it ran)  ",
         "DE's first M modes are ESPRO's modes: "
         + ", ".join("yes" if r["shared_modes"] else "no" for r in records)
         + " (per seed)  ",
@@ -399,7 +422,7 @@ def report(results: dict[str, Any]) -> str:
             ],
         )
     )
-    phases = sorted(records[0]["espro_phases"], key=lambda p: p == "total")  # total last
+    phases = [p for p in PHASES if p in records[0]["espro_phases"]]
     lines += ["", f"{name['espro']} by phase (mean over seeds):", ""]
     lines.append(
         table(
