@@ -1,8 +1,9 @@
 """Spend a training budget as the validation split says is best: more modes, or simplexes.
 
 For a budget of B forward-backward passes (:mod:`training.cost`) every order k from 0 (a deep
-ensemble) to ``simplex.vertices`` gets a plan: as many modes M_k as fit once each mode's k
-vertices, and the λ search when λ is left out, are paid for. The plans share their work: mode m
+ensemble) to ``simplex.vertices``, at every number of epochs per vertex tried, gets a plan: as
+many modes M_k as fit once each mode's k vertices, and the λ search when λ is left out, are
+paid for. The plans share their work: mode m
 is the same in every plan, and vertex j of a simplex is the same at every order above j (the
 checkpoints are keyed so), so trying all orders costs little more than the largest plan.
 Each plan's pooled members are scored on the validation split after temperature scaling, and
@@ -33,27 +34,37 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Plan:
-    """``modes`` modes with a simplex of order ``order`` at each (0: a deep ensemble)."""
+    """``modes`` modes with a simplex of order ``order`` at each (0: a deep ensemble), each
+    added vertex trained ``vertex_epochs`` epochs."""
 
     modes: int
     order: int
+    vertex_epochs: int
     passes: int
     """Planned forward-backward passes, the λ search included."""
 
 
 def plans(config: TrainConfig, budget: int, train_size: int) -> list[Plan]:
-    """One plan per order that fits at least one mode into ``budget`` passes."""
+    """One plan per order and epochs per vertex that fits at least one mode into ``budget``."""
+    simplex = config.simplex
     mode = config.modes.epochs * train_size
-    vertex = config.simplex.epochs * config.simplex.samples * train_size
-    searched = config.simplex.lam is None
-    # The search grows one vertex per mode searched for each λ but the chosen one.
-    search = (len(config.simplex.search.grid) - 1) * config.simplex.search.modes * vertex
+    searched = simplex.lam is None
+    # The search grows the first vertex at every mode searched for every λ of the grid; a plan
+    # whose vertices train as long as the search's reuses those of the chosen λ.
+    searched_vertices = len(simplex.search.grid) * simplex.search.modes
+    search_vertex = simplex.epochs * simplex.samples * train_size
+    epochs_tried = sorted({simplex.epochs, *(config.budget.vertex_epochs if config.budget else [])})
+    shapes = [(0, simplex.epochs)] + [
+        (order, epochs) for order in range(1, simplex.vertices + 1) for epochs in epochs_tried
+    ]
     result = []
-    for order in range(config.simplex.vertices + 1):
-        fixed = search if order and searched else 0
+    for order, epochs in shapes:
+        vertex = epochs * simplex.samples * train_size
+        reused = simplex.search.modes if epochs == simplex.epochs else 0
+        fixed = (searched_vertices - reused) * search_vertex if order and searched else 0
         count = (budget - fixed) // (mode + order * vertex)
         if count >= 1:
-            result.append(Plan(count, order, fixed + count * (mode + order * vertex)))
+            result.append(Plan(count, order, epochs, fixed + count * (mode + order * vertex)))
     if not result:
         raise ConfigError(
             f"budget: {budget:,} passes do not train one mode of {mode:,} "
@@ -98,16 +109,24 @@ def select(trainer: ComplexTrainer, val: Split, sample: Split, input_spec: Input
         lam = search.best
     scores, trained = [], []
     for plan in candidates:
-        chosen = _with(config, modes=plan.modes, vertices=plan.order, lam=lam or 0.0)
+        chosen = _planned(config, plan, lam or 0.0)
         simplexes = dataclasses.replace(trainer, config=chosen).train(lam or 0.0)
         nll, _, scoring = validation_nll(trainer, simplexes, val, input_spec)
         scores.append(nll)
-        trained.append({(m, j): c for m, s in enumerate(simplexes) for j, c in enumerate(s.costs)})
+        # A vertex is the same in every plan that trains it as long: mode m's, vertex j's.
+        trained.append(
+            {
+                (m, j, plan.vertex_epochs if j else None): c
+                for m, s in enumerate(simplexes)
+                for j, c in enumerate(s.costs)
+            }
+        )
         spent += scoring
         log.info(
-            "budget: %d modes × order %d (%s passes): validation NLL %.4f",
+            "budget: %d modes × order %d, %d epochs per vertex (%s passes): validation NLL %.4f",
             plan.modes,
             plan.order,
+            plan.vertex_epochs,
             f"{plan.passes:,}",
             nll,
         )
@@ -117,7 +136,12 @@ def select(trainer: ComplexTrainer, val: Split, sample: Split, input_spec: Input
     others = {key: cost for plan in trained for key, cost in plan.items() if key not in shipped}
     spent += total(others.values())
     plan = candidates[best]
-    log.info("budget: chose %d modes × order %d", plan.modes, plan.order)
+    log.info(
+        "budget: chose %d modes × order %d, %d epochs per vertex",
+        plan.modes,
+        plan.order,
+        plan.vertex_epochs,
+    )
     record = {
         "passes": budget,
         "plans": [
@@ -126,8 +150,7 @@ def select(trainer: ComplexTrainer, val: Split, sample: Split, input_spec: Input
         ],
         "chosen": best,
     }
-    chosen = _with(config, modes=plan.modes, vertices=plan.order, lam=lam)
-    return Selection(chosen, record, search, spent)
+    return Selection(_planned(config, plan, lam), record, search, spent)
 
 
 def _with(
@@ -136,13 +159,25 @@ def _with(
     modes: int | None = None,
     vertices: int | None = None,
     lam: float | None = None,
+    vertex_epochs: int | None = None,
 ) -> TrainConfig:
-    """``config`` with another number of modes, order or λ (valid values by construction)."""
-    modes_section = config.modes.model_copy(update={"count": modes or config.modes.count})
-    simplex = config.simplex.model_copy(
+    """``config`` with another number of modes, order, λ or epochs per vertex (valid values
+    by construction)."""
+    simplex = config.simplex
+    changes = {
+        "vertices": vertices if vertices is not None else simplex.vertices,
+        "lam": lam if lam is not None else simplex.lam,
+        "epochs": vertex_epochs if vertex_epochs is not None else simplex.epochs,
+    }
+    return config.model_copy(
         update={
-            "vertices": config.simplex.vertices if vertices is None else vertices,
-            "lam": config.simplex.lam if lam is None else lam,
+            "modes": config.modes.model_copy(update={"count": modes or config.modes.count}),
+            "simplex": simplex.model_copy(update=changes),
         }
     )
-    return config.model_copy(update={"modes": modes_section, "simplex": simplex})
+
+
+def _planned(config: TrainConfig, plan: Plan, lam: float | None) -> TrainConfig:
+    return _with(
+        config, modes=plan.modes, vertices=plan.order, lam=lam, vertex_epochs=plan.vertex_epochs
+    )

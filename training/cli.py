@@ -136,8 +136,8 @@ def print_training_summary(path: Path, results: dict[str, Any]) -> None:
     budget = manifest.training.get("budget")
     if budget:
         rows = [
-            f"{p['modes']} modes × order {p['order']}: validation NLL {p['val_nll']:.4f}"
-            + ("  <- chosen" if i == budget["chosen"] else "")
+            f"{p['modes']} modes × order {p['order']} ({p['vertex_epochs']} epochs per vertex): "
+            f"validation NLL {p['val_nll']:.4f}" + ("  <- chosen" if i == budget["chosen"] else "")
             for i, p in enumerate(budget["plans"])
         ]
         print(f"budget of {budget['passes']:,} passes:\n  " + "\n  ".join(rows) + "\n")

@@ -164,6 +164,8 @@ class BudgetConfig(_Section):
     """Forward-backward passes worth this many epochs of one mode over the training split."""
     seconds: float | None = Field(default=None, gt=0)
     """Wall seconds, turned into passes at the rate the first mode trained."""
+    vertex_epochs: list[int] = Field(default_factory=list)
+    """Epochs per added vertex to try besides ``simplex.epochs``."""
 
     @model_validator(mode="after")
     def _one_unit(self) -> BudgetConfig:
