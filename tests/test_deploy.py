@@ -16,7 +16,7 @@ import subprocess
 import tomllib
 from functools import cache
 from itertools import chain
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import jsonschema
@@ -113,7 +113,11 @@ def test_every_install_command_uses_the_constraints() -> None:
                 commands.append((path.name, line))
     assert len(commands) >= 5, commands
     for name, line in commands:
-        assert "-c constraints.txt" in line, f"{name}: {line}"
+        # CI's lowest-versions job pins the client's own dependencies at their floors and
+        # everything else as constraints.txt does (.ci/lowest-client-pins prints that file).
+        lowest = re.search(r"\.ci/lowest-client-pins > (\S+/constraints\.txt)\b", line)
+        constraints = lowest[1] if lowest else "constraints.txt"
+        assert f"-c {constraints}" in line, f"{name}: {line}"
 
 
 # ---------------------------------------------------------------------------- Kubernetes
@@ -587,16 +591,6 @@ def test_the_restricted_check_refuses_what_the_profile_refuses() -> None:
         assert any(expected in v for v in restricted_violations(spec)), expected
 
 
-def test_the_documented_copy_pod_meets_pod_security_restricted() -> None:
-    """docs/deploy.md copies a bundle onto the PVC through a pod of its own, in the namespace
-    that enforces the profile."""
-    docs = (ROOT / "docs" / "deploy.md").read_text()
-    (overrides,) = re.findall(r"kubectl -n espro run copy .*?--overrides='(.*?)'", docs, re.DOTALL)
-    spec = json.loads(overrides)["spec"]
-    assert not restricted_violations(spec)
-    assert "pod-security.kubernetes.io/enforce=restricted" in docs
-
-
 def image_home() -> str:
     """The home directory of the images' user (deploy/Dockerfile.*: useradd --create-home)."""
     homes = set()
@@ -667,29 +661,129 @@ def test_upgrades_and_failures(overlay: str) -> None:
         assert keys == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
 
 
-def test_gpu_prod_replicas_check_bearer_tokens_from_a_secret() -> None:
-    """auth_token_file names a file of a Secret mounted read-only in every Ray pod, which
-    the replicas read; the readiness probes use the health endpoints, which stay open."""
-    (ray_service,) = objects("overlays/gpu-prod", "RayService")
-    (app,) = serve_config(ray_service)["applications"]
-    token_file = Path(AppConfig.model_validate(app["args"]).auth_token_file)
-    for template in pods(ray_service["spec"]["rayClusterConfig"]):
+API_TOKENS_SECRET = "espro-api-tokens"
+API_TOKENS_KEY = "tokens"
+SECRET_DEFAULT_MODE = 0o644  # Kubernetes' default for a secret volume's files
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_overlay_requires_bearer_tokens_from_the_secret(overlay: str) -> None:
+    """Nothing answers without a token: ``auth_token_file`` names the key ``tokens`` of the
+    espro-api-tokens Secret, which every pod that runs Serve mounts read-only (Serve's proxies
+    run on every node; the replicas read the file wherever Serve places them). The Secret is
+    required, so no pod starts without it; its files are mounted whole (a subPath mount would
+    miss a rotation), readable by the pods' user through their fsGroup and by no one else.
+    The readiness probes ask the health endpoints, which stay open."""
+    (ray_service,) = objects(f"overlays/{overlay}", "RayService")
+    config = serve_config(ray_service)
+    assert config["proxy_location"] == "EveryNode"  # so: every Ray pod runs a proxy
+    (app,) = config["applications"]
+    token_file = AppConfig.model_validate(app["args"]).auth_token_file
+    assert token_file is not None, f"{overlay} answers without a token"
+    token_path = PurePosixPath(token_file)
+    assert token_path.is_absolute()
+    cluster = ray_service["spec"]["rayClusterConfig"]
+    for template in pods(cluster):
         spec = template["spec"]
         (container,) = spec["containers"]
+        where = f"{overlay}: {container['name']}"
         (mount,) = [
-            m for m in container["volumeMounts"] if token_file.is_relative_to(m["mountPath"])
+            m for m in container["volumeMounts"] if token_path.is_relative_to(m["mountPath"])
         ]
-        assert mount["readOnly"] is True
+        assert mount.get("readOnly") is True, where
+        assert not {"subPath", "subPathExpr"} & set(mount), where
         (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        assert set(volume) == {"name", "secret"}, where
         secret = volume["secret"]
-        assert secret["secretName"] and not secret.get("optional")
-        assert token_file.relative_to(mount["mountPath"]).parts == ("tokens",)
+        assert secret["secretName"] == API_TOKENS_SECRET, where
+        assert not secret.get("optional"), where
+        in_volume = token_path.relative_to(mount["mountPath"]).as_posix()
+        mode = secret.get("defaultMode", SECRET_DEFAULT_MODE)
+        if "items" in secret:
+            (item,) = [i for i in secret["items"] if i["path"] == in_volume]
+            assert item["key"] == API_TOKENS_KEY, where
+            mode = item.get("mode", mode)
+        else:
+            assert in_volume == API_TOKENS_KEY, where
+        # A secret volume's files belong to root, and to the fsGroup's group where the pod
+        # sets one; the containers' processes have the fsGroup among their groups.
+        context = spec["securityContext"] | (container.get("securityContext") or {})
+        assert context["runAsUser"] != 0 and context.get("fsGroup") is not None, where
+        assert mode & 0o040, f"{where}: mode {mode:o} does not let the fsGroup read the tokens"
+        assert not mode & 0o227, f"{where}: mode {mode:o} lets others read or anyone write"
         probe = container.get("readinessProbe", {}).get("httpGet", {})
-        assert probe.get("path", "/v2/health/ready").startswith("/v2/health/")
-    for overlay in ("cpu-dev", "cpu-direct"):  # open, as `espro serve` is by default
-        (other,) = objects(f"overlays/{overlay}", "RayService")
-        (other_app,) = serve_config(other)["applications"]
-        assert AppConfig.model_validate(other_app["args"]).auth_token_file is None
+        assert probe.get("path", "/v2/health/ready").startswith("/v2/health/"), where
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_prometheus_scrapes_the_metrics_port_without_credentials(overlay: str) -> None:
+    """The metrics port is Ray's exporter, not one of the app's doors: it asks for no token,
+    so the ServiceMonitor sends none, and the clients' tokens never reach Prometheus."""
+    (monitor,) = objects(f"overlays/{overlay}", "ServiceMonitor")
+    for endpoint in monitor["spec"]["endpoints"]:
+        credentials = {"authorization", "basicAuth", "bearerTokenFile", "bearerTokenSecret"}
+        assert not credentials & set(endpoint) and "oauth2" not in endpoint, endpoint
+        assert endpoint.get("scheme", "http") == "http", endpoint
+
+
+def shell_commands(markdown: str) -> list[str]:
+    """The commands of a Markdown text's ``bash`` blocks, one per line, continuations joined,
+    comment lines left out."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", markdown, re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def test_the_walkthrough_serves_a_stored_bundle_with_tokens_and_metrics() -> None:
+    """docs/deploy.md's walk-through from an empty cluster: the restricted namespace, the
+    bundle uploaded to the URL that cpu-dev serves, the token Secret created before the
+    overlay is applied, a request without the token shown refused, every other client
+    command sending the token (to loopback, the port-forward, where espro-client sends
+    one over plain text), and the metrics in Prometheus."""
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    walk = docs[docs.index("From an empty cluster") : docs.index("### Bundles on a volume")]
+    commands = shell_commands(walk)
+
+    def first(pattern: str) -> int:
+        found = [i for i, command in enumerate(commands) if re.search(pattern, command)]
+        assert found, pattern
+        return found[0]
+
+    apply = first(r"^kubectl apply -k k8s/overlays/cpu-dev$")
+    assert first(r"label namespace espro pod-security\.kubernetes\.io/enforce=restricted") < apply
+    token = first(r"^openssl rand -hex 32 > tokens\.txt$")
+    secret = first(
+        rf"^kubectl -n espro create secret generic {API_TOKENS_SECRET} "
+        rf"--from-file={API_TOKENS_KEY}=\./tokens\.txt$"
+    )
+    assert token < secret < apply
+    (service,) = objects("overlays/cpu-dev", "RayService")
+    (app,) = serve_config(service)["applications"]
+    bundles = AppConfig.model_validate(app["args"]).bundles
+    assert all(is_url(bundle) for bundle in bundles)
+    for bundle in bundles:
+        assert first(rf"^aws s3 cp --recursive \S+ {re.escape(bundle)}$") < apply
+    forward = first(r"port-forward svc/espro-serve-svc 8000:8000 9000:9000")
+    bearer = 'Authorization: Bearer $(cat tokens.txt)"'
+    refused = 0
+    for command in commands[forward + 1 :]:
+        words = shlex.split(command.split(" #", 1)[0]) if command.startswith("espro-") else []
+        if command.startswith("curl "):
+            if "/v2/health/" in command:
+                continue
+            if bearer not in command:
+                assert "# 401" in command, command
+                refused += 1
+        elif words[:1] == ["espro-client"] and words[1] != "health":
+            assert words[words.index("--token-file") + 1] == "tokens.txt", command
+            assert re.match(r"(http|grpc)://127\.0\.0\.1:", words[2]), command
+    assert refused == 1
+    assert first(r"^kubectl -n monitoring port-forward svc/prometheus-operated ") > forward
+    assert "ray_espro_model_info" in walk
 
 
 def helm_release(chart: str) -> str:
