@@ -15,7 +15,7 @@ from serving.bundle import load_bundle
 from serving.cli import main
 from serving.manifest import Task, buffer_key
 from serving.predictor import Predictor
-from training.compare import BASELINES, CLAIMS, report, summarize
+from training.compare_summary import BASELINES, CLAIMS, report, summarize
 from training.config import parse_config
 from training.data import load_dataset
 from training.evaluation import fit_checked_scale, score
@@ -213,7 +213,7 @@ def test_a_deep_ensemble_config_is_refused(tmp_path, capsys):
 
 
 def test_the_equal_time_rival_is_the_most_modes_trained_within_espros_seconds():
-    from training.compare import equal_time_modes
+    from training.compare_summary import equal_time_modes
 
     def record(espro: float, modes: list[float]) -> dict:
         cost = {"espro": {"seconds": espro}} | {
