@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import pytest
 
+from helpers import wait_until
 from serving import metrics_relay
 from serving.metrics_relay import MetricsRelay
 
@@ -155,7 +156,14 @@ def test_connections_beyond_the_bound_are_closed_unanswered(
                 assert extra.recv(1024) == b""  # closed unanswered
             idle.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
             assert idle.recv(1024).startswith(b"HTTP/1.0 200")
-        assert fetch(relay.port, "/metrics").body == METRICS  # its slot is free again
+
+        def answered() -> bytes | None:
+            try:
+                return fetch(relay.port, "/metrics").body
+            except ConnectionError:  # refused: the slot is released just after the answer
+                return None
+
+        assert wait_until(answered, "the slot to be free again") == METRICS
     finally:
         relay.close()
 
