@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bundles import member_buffers
 from torch.utils.flop_counter import FlopCounterMode
 
 from serving.architectures import create_model
@@ -162,24 +163,6 @@ def build_ensemble(
         generator = torch.Generator().manual_seed(seed + 1)  # the global stream is untouched
         states = [state | member_buffers(buffers, generator) for state in states]
     return model, states, origins, [vertices]
-
-
-def member_buffers(
-    buffers: dict[str, torch.Tensor], generator: torch.Generator
-) -> dict[str, torch.Tensor]:
-    """One member's buffers: the initial ones with the BatchNorm statistics perturbed, running
-    means by N(0, 0.1²) and running variances by U(0, 0.5), so every member normalises with
-    statistics of its own (as ESPRO's recomputed ones are); others (``num_batches_tracked``)
-    as they are. Members drawn from one ``generator`` in turn get the same statistics for
-    any number of members."""
-    out = {}
-    for name, tensor in buffers.items():
-        if name.endswith("running_mean"):
-            tensor = tensor + 0.1 * torch.randn(tensor.shape, generator=generator)
-        elif name.endswith("running_var"):
-            tensor = tensor + 0.5 * torch.rand(tensor.shape, generator=generator)
-        out[name] = tensor.detach().clone()
-    return out
 
 
 def forward_flops(model: torch.nn.Module, input_shape: Sequence[int]) -> int:

@@ -192,8 +192,11 @@ def serve_until_stopped(settings: ServeSettings) -> None:
     print(f"espro is serving {len(app.bundles)} bundle(s):")
     print(f"  HTTP     http://{host}:{launch.http_port}  (native /v1, OIP /v2, docs /docs)")
     print(f"  gRPC     {host}:{launch.grpc_port}  (inference.GRPCInferenceService)")
+    if app.direct_http_port is not None:
+        direct = f"http://{app.direct_host}:{app.direct_http_port}"
+        print(f"  HTTP     {direct}  (the same, from each replica past Serve's proxy)")
     if app.direct_grpc_port is not None:
-        direct = f"{app.direct_grpc_host}:{app.direct_grpc_port}"
+        direct = f"{app.direct_host}:{app.direct_grpc_port}"
         print(f"  gRPC     {direct}  (the same, from each replica past Serve's proxy)")
     if launch.address is None:
         metrics_host = "127.0.0.1" if is_loopback(host) else host

@@ -45,7 +45,7 @@ SPELLINGS: dict[tuple[Model, str], Spelling] = {
     (DeploymentOptions, "num_cpus"): Spelling("--replica-cpus"),
     (AppConfig, "batch_wait_timeout_s"): Spelling("--batch-wait-ms", 1000),
     (AppConfig, "max_body_bytes"): Spelling("--max-body-mb", 1 / MiB),
-    (AppConfig, "direct_grpc_host"): Spelling("--host"),  # where every door listens
+    (AppConfig, "direct_host"): Spelling("--host"),  # where every door listens
     (LaunchConfig, "num_cpus"): Spelling("--ray-cpus"),
     (LaunchConfig, "num_gpus"): Spelling("--ray-gpus"),
 }

@@ -71,10 +71,15 @@ class AppConfig(Tuning):
     """A port where each replica also serves the OIP gRPC service itself, past Serve's proxy
     (:mod:`serving.app.direct`): more one-image requests per second on the same cores, but
     outside Serve's routing, queue bound and autoscaling. None: only Serve's doors."""
-    direct_grpc_host: str = "127.0.0.1"
-    """The address the direct door binds (``0.0.0.0`` or ``::`` for every interface)."""
+    direct_http_port: int | None = Field(default=None, ge=1, le=65535)
+    """A port where each replica also serves the HTTP routes (native and OIP REST) itself,
+    past Serve's proxy, with the same auth and answers, but outside Serve's routing, queue
+    bound, ``request_timeout_s`` and autoscaling. None: only Serve's doors."""
+    direct_host: str = "127.0.0.1"
+    """The address the direct doors bind (``0.0.0.0`` or ``::`` for every interface)."""
     max_direct_rpcs: int = Field(default=256, ge=1)
-    """Calls a replica's direct door runs at once; past it they get ``RESOURCE_EXHAUSTED``."""
+    """Requests each of a replica's direct doors runs at once; past it they get
+    ``RESOURCE_EXHAUSTED`` (gRPC) or 503 with ``Retry-After`` (HTTP)."""
 
     @field_validator("engine")
     @classmethod

@@ -93,7 +93,8 @@ def server(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
     It serves ``tiny`` versions 1 and 2, ``tiny-bn`` (BatchNorm), ``slow`` (50 ms per member)
     and ``pets`` (trained on 2x2 grayscale images) with the ``fused:graphs`` engine, 2 fresh
     draws allowed and a 1 MiB body limit; Serve's doors answer a request still waiting after
-    20 s with 408 / ``DEADLINE_EXCEEDED``. The replica also serves gRPC on its direct door.
+    20 s with 408 / ``DEADLINE_EXCEEDED``. The replica also serves gRPC and HTTP on its direct
+    doors.
     """
     from serving import launch
     from serving.manifest import InputSpec
@@ -120,6 +121,7 @@ def server(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
         max_body_bytes=1 << 20,
         torch_threads=1,
         direct_grpc_port=19050,
+        direct_http_port=19051,
     )
     ports = LaunchConfig(http_port=18000, grpc_port=19000, request_timeout_s=20)
     launch.start(config, ports)
@@ -128,6 +130,7 @@ def server(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
             http="http://127.0.0.1:18000",
             grpc="127.0.0.1:19000",
             direct="127.0.0.1:19050",
+            direct_http="http://127.0.0.1:19051",
             metrics="http://127.0.0.1:18080/metrics",
             bundles=bundles,
             config=config,

@@ -8,12 +8,16 @@ Fixtures live in conftest.py; this module is plain code. Replicas import it too 
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import ipaddress
 import os
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -364,6 +368,8 @@ class Server:
     grpc: str
     direct: str
     """The replica's own gRPC door, past Serve's proxy."""
+    direct_http: str
+    """The replica's own HTTP door, past Serve's proxy."""
     metrics: str
     bundles: dict[str, Path]
     config: Any  # serving.settings.AppConfig (imported lazily: Ray only where needed)
@@ -439,3 +445,17 @@ def reachable_beyond_loopback() -> list[Listener]:
     """The listeners another machine could reach: bound to the wildcard or to any address
     but loopback."""
     return [listener for listener in listeners() if not listener.address.is_loopback]
+
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+@contextlib.contextmanager
+def benchmark_module(name: str) -> Iterator[ModuleType]:
+    """``benchmarks/{name}.py``, imported with its folder on ``sys.path`` as when run (the
+    benchmarks import their shared modules by name)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))

@@ -392,11 +392,38 @@ def test_the_direct_door_listens_on_loopback_and_counts_its_calls(server):
     assert {s.labels["model"] for s in direct} <= {"tiny", "gated", "unknown"}
 
 
+def test_the_direct_http_door_answers_as_serves_and_counts_its_requests(server):
+    port = int(server.direct_http.rsplit(":", 1)[1])
+    assert {str(x.address) for x in listeners() if x.port == port} == {"127.0.0.1"}
+    body = {"inputs": X.tolist()}
+    direct = requests.post(f"{server.direct_http}/v1/models/tiny/predict", json=body, timeout=30)
+    served = native(server, "tiny", body)
+    assert direct.status_code == served.status_code == 200
+    pairs = zip(direct.json()["predictions"], served.json()["predictions"], strict=True)
+    for ours, theirs in pairs:
+        np.testing.assert_allclose(ours["probabilities"], theirs["probabilities"], atol=FP32_ATOL)
+    oip = thttp.InferenceServerClient(server.direct_http.removeprefix("http://"))
+    inputs = [thttp.InferInput(INPUT, list(X.shape), "FP32")]
+    inputs[0].set_data_from_numpy(X, binary_data=True)
+    answer = oip.infer("tiny", inputs).as_numpy("probabilities")
+    np.testing.assert_allclose(answer, offline(server, "tiny/2").probs, atol=FP32_ATOL)
+    unknown = requests.post(f"{server.direct_http}/v1/models/nope/predict", json=body, timeout=30)
+    assert unknown.status_code == 404 and "nope" in unknown.json()["error"]
+    for door in ("native-direct", "rest-direct"):
+        wait_until(
+            lambda door=door: any(
+                s.labels.get("door") == door and s.labels["status"] == "200" and s.value >= 1
+                for s in getattr(scrape(server).get("ray_espro_requests"), "samples", [])
+            ),
+            f"a {door} request counted",
+        )
+
+
 def test_no_door_or_ray_process_listens_beyond_loopback(server):
     """Serve's doors, the direct door, each replica's internal gRPC server and Ray's own
     ports all bind loopback, though the namespace has a second address (conftest)."""
     found = listeners()
-    assert {18000, 19000, 19050} <= {x.port for x in found}
+    assert {18000, 19000, 19050, 19051} <= {x.port for x in found}
     assert any("ServeReplica" in x.command for x in found), found
     assert reachable_beyond_loopback() == []
 
@@ -405,10 +432,10 @@ def test_a_replica_runs_no_internal_call_without_the_ray_token(server):
     """Each replica's internal gRPC server unpickles what it is sent; without Ray's token
     (espro turns Ray's token authentication on) it refuses before reading the message. The
     replica's other port, Ray's core worker, knows no such method."""
-    direct = int(server.direct.rsplit(":", 1)[1])
+    direct = {int(door.rsplit(":", 1)[1]) for door in (server.direct, server.direct_http)}
     codes = {}
     for listener in listeners():
-        if "ServeReplica" in listener.command and listener.port != direct:
+        if "ServeReplica" in listener.command and listener.port not in direct:
             with grpc.insecure_channel(f"127.0.0.1:{listener.port}") as channel:
                 call = channel.unary_unary("/ray.serve.ASGIService/HandleRequest")
                 with pytest.raises(grpc.RpcError) as refused:
@@ -781,7 +808,8 @@ def test_bearer_tokens_guard_http_and_grpc_but_not_health(server, tmp_path):
         assert result.as_numpy("probabilities").shape == (5, 3)
 
         doors = [(server.http, "native"), (server.http, "oip-rest"), (server.grpc, "oip-grpc")]
-        for url, protocol in [*doors, (server.direct, "oip-grpc")]:
+        direct = [(server.direct, "oip-grpc"), (server.direct_http, "native")]
+        for url, protocol in [*doors, *direct, (server.direct_http, "oip-rest")]:
             with Client(url, protocol=protocol, token=token) as espro:
                 assert espro.predict("tiny", X).probabilities.shape == (5, 3)
             wrong = Client(url, protocol=protocol, token="nope")

@@ -4,26 +4,21 @@ the engines answer the reference's probabilities with them. (The toy models' smo
 
 from __future__ import annotations
 
-import importlib.util
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
-from helpers import FP32_ATOL
-
-BENCHMARK = Path(__file__).parents[1] / "benchmarks" / "engine.py"
+from helpers import FP32_ATOL, benchmark_module
 
 
 @pytest.fixture(scope="module")
-def benchmark() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("engine_benchmark", BENCHMARK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def benchmark() -> Iterator[ModuleType]:
+    with benchmark_module("engine") as module:
+        yield module
 
 
 def test_resnet18_runs_on_request_with_fifteen_members(benchmark: ModuleType) -> None:

@@ -4,9 +4,7 @@ baseline."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -14,7 +12,8 @@ from types import ModuleType
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+from helpers import benchmark_module
+
 CELLS = [
     ("memory", None, "fp32"),
     ("memory", None, "bf16"),
@@ -27,13 +26,8 @@ CELLS = [
 
 @pytest.fixture(scope="module")
 def benchmark() -> Iterator[ModuleType]:
-    """The benchmark, imported with its folder on ``sys.path`` as when run (it imports
-    ``engine``)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("training_throughput")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_module("training_throughput") as module:
+        yield module
 
 
 def test_quick_run_reports_every_cell(benchmark: ModuleType, tmp_path: Path) -> None:

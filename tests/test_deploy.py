@@ -229,14 +229,14 @@ def test_serve_config_is_the_espro_app(overlay: str) -> None:
             assert Path(bundle).is_relative_to(MODELS_MOUNT) and mounted, bundle
     assert args.device == ("cuda" if overlay == "gpu-prod" else "cpu")
     # The deployment entry names the one deployment build_app makes and holds Serve's options:
-    # autoscaled replicas, except with the direct door, whose calls Serve's autoscaler does
-    # not see; a GPU per replica exactly when the device is CUDA.
+    # autoscaled replicas, except with direct doors, whose calls Serve's autoscaler does not
+    # see; a GPU per replica exactly when the device is CUDA.
     (deployment,) = app["deployments"]
     assert deployment["name"] == "espro"
     actor = deployment["ray_actor_options"]
     assert actor["num_gpus"] == (1 if args.device == "cuda" else 0)
     assert deployment["max_ongoing_requests"] >= args.max_batch_size
-    if args.direct_grpc_port is None:
+    if not direct_ports(args):
         autoscaling = deployment["autoscaling_config"]
         assert "num_replicas" not in deployment
         assert autoscaling["target_ongoing_requests"] <= deployment["max_ongoing_requests"]
@@ -346,10 +346,10 @@ def test_services_monitoring_and_budget_select_the_serving_pods(overlay: str) ->
     assert head_ports["serve"] == 8000 and head_ports["serve-grpc"] == 9000
     assert head_ports["metrics"] == 8080
     (app,) = serve_config(ray_service)["applications"]
-    direct = AppConfig.model_validate(app["args"]).direct_grpc_port
+    direct = direct_ports(AppConfig.model_validate(app["args"]))
     for worker in workers:
         expected = {"metrics": 8080, "serve": 8000, "serve-grpc": 9000}
-        assert container_ports(worker) == expected | ({"direct-grpc": direct} if direct else {})
+        assert container_ports(worker) == expected | direct
         probe = worker["spec"]["containers"][0]["readinessProbe"]["httpGet"]
         assert probe == {"path": "/v2/health/ready", "port": "serve"}
     metrics = service(f"overlays/{overlay}", "espro-metrics")
@@ -365,23 +365,31 @@ def test_services_monitoring_and_budget_select_the_serving_pods(overlay: str) ->
     assert selected(cluster, budget["spec"]["selector"]["matchLabels"]) == {"worker"}
 
 
-def test_the_direct_overlay_exposes_every_replicas_direct_door() -> None:
+def direct_ports(args: AppConfig) -> dict[str, int]:
+    """The container port names and numbers of the direct doors ``args`` turns on."""
+    ports = {"direct-grpc": args.direct_grpc_port, "direct-http": args.direct_http_port}
+    return {name: port for name, port in ports.items() if port is not None}
+
+
+def test_the_direct_overlay_exposes_every_replicas_direct_doors() -> None:
     """The replicas run on the workers only (the head has no CPUs for them), each listening
-    on the pod's network; a Service reaches that port on every worker."""
+    on the pod's network; a Service per door reaches its port on every worker."""
     (ray_service,) = objects("overlays/cpu-direct", "RayService")
     (app,) = serve_config(ray_service)["applications"]
     args = AppConfig.model_validate(app["args"])
-    assert args.direct_grpc_port is not None and args.direct_grpc_host == "0.0.0.0"
+    assert args.direct_host == "0.0.0.0"
     cluster = ray_service["spec"]["rayClusterConfig"]
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-    door = service("overlays/cpu-direct", "espro-direct-grpc")
-    assert selected(cluster, door["spec"]["selector"]) == {"worker"}
-    (port,) = door["spec"]["ports"]
-    assert (port["port"], port["targetPort"]) == (args.direct_grpc_port, "direct-grpc")
-    for overlay in ("cpu-dev", "gpu-prod"):  # the door stays off unless asked for
+    assert direct_ports(args).keys() == {"direct-grpc", "direct-http"}
+    for name, number in direct_ports(args).items():
+        door = service("overlays/cpu-direct", f"espro-{name}")
+        assert selected(cluster, door["spec"]["selector"]) == {"worker"}
+        (port,) = door["spec"]["ports"]
+        assert (port["port"], port["targetPort"]) == (number, name)
+    for overlay in ("cpu-dev", "gpu-prod"):  # the doors stay off unless asked for
         (other,) = objects(f"overlays/{overlay}", "RayService")
         (other_app,) = serve_config(other)["applications"]
-        assert AppConfig.model_validate(other_app["args"]).direct_grpc_port is None
+        assert not direct_ports(AppConfig.model_validate(other_app["args"]))
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
@@ -407,8 +415,8 @@ def test_only_the_doors_and_metrics_are_open_beyond_the_ray_pods(overlay: str) -
     assert selected(cluster, spec["podSelector"]["matchLabels"]) == {"head", "worker"}
     assert spec["policyTypes"] == ["Ingress"]
     (app,) = serve_config(ray_service)["applications"]
-    direct = AppConfig.model_validate(app["args"]).direct_grpc_port
-    doors = {8000, 9000, 8080} | ({direct} if direct else set())
+    direct = direct_ports(AppConfig.model_validate(app["args"]))
+    doors = {8000, 9000, 8080, *direct.values()}
     open_ports, operator = set(), set()
     for rule in spec["ingress"]:
         ports = {p["port"] for p in rule.get("ports", [])}

@@ -20,7 +20,7 @@ def test_defaults_bind_loopback_and_batch_within_the_replica_limit():
     launch = LaunchConfig()
     assert launch.host == "127.0.0.1" and launch.address is None
     app = AppConfig(bundles=["b"])
-    assert app.direct_grpc_port is None and app.direct_grpc_host == "127.0.0.1"
+    assert app.direct_grpc_port is None and app.direct_host == "127.0.0.1"
     assert DeploymentOptions().max_ongoing_requests >= app.max_batch_size
     assert app.tuning() == Tuning(bundles=["b"])
 
@@ -70,7 +70,7 @@ def test_serve_flags_become_validated_configs():
     assert app.direct_grpc_port is None
     direct = ["serve", "a", "--direct-grpc-port", "9100", "--host", "0.0.0.0"]
     app, _, launch = serve_configs(build_parser().parse_args(direct))
-    assert (app.direct_grpc_host, app.direct_grpc_port, launch.host) == ("0.0.0.0", 9100, "0.0.0.0")
+    assert (app.direct_host, app.direct_grpc_port, launch.host) == ("0.0.0.0", 9100, "0.0.0.0")
     scaled = [
         "serve",
         "a",

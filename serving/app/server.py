@@ -1,8 +1,9 @@
 """The Ray Serve deployment: one ingress that owns the models, batches, and answers all doors.
 
 HTTP (native JSON and OIP v2 REST) arrives through FastAPI routes; OIP v2 gRPC arrives through
-Serve's gRPC proxy as calls of the methods named after the RPCs, and, where configured, through
-the replica's own direct gRPC door (:mod:`serving.app.direct`) as calls of the same methods.
+Serve's gRPC proxy as calls of the methods named after the RPCs. Where configured, the replica's
+own direct doors (:mod:`serving.app.direct`) take HTTP into the same routes and gRPC into the
+same methods, past Serve's proxies.
 Every door decodes its request into a :class:`~serving.service.Job` on the event loop and
 submits it to the :class:`~serving.service.InferenceService`, which batches it with the jobs
 of other requests; this module adds auth, metrics and the replica's lifecycle.
@@ -42,13 +43,13 @@ from serving.service import (
 from serving.settings import AppConfig, Tuning
 from serving.wire import PredictRequest, PredictResponse
 
-from .direct import RPCS, start_direct_door
+from .direct import DIRECT_SCOPE, RPCS, DirectHttpDoor, start_direct_door, start_direct_http_door
 from .metrics import ServerMetrics
 from .openapi import json_answer, json_body
 
 logger = logging.getLogger("ray.serve")
 DRAIN_S = 10.0
-"""How long a stopping replica's direct door lets its calls in flight finish."""
+"""How long a stopping replica's direct doors let the requests in flight finish."""
 
 api = FastAPI(
     title="espro",
@@ -95,7 +96,8 @@ class ModelServer(OipGrpcMethods):
         torch.set_num_threads(config.torch_threads or _reserved_cpus())
         _log_to_serve()
         self.config, self.device = config, device
-        self._direct: grpc.aio.Server | None = None
+        self._direct_grpc: grpc.aio.Server | None = None
+        self._direct_http: DirectHttpDoor | None = None
         self.tokens = self._read_tokens()
         self.metrics = ServerMetrics()
         self.service = InferenceService(ModelRepository(), __version__, self.metrics)
@@ -132,26 +134,41 @@ class ModelServer(OipGrpcMethods):
         )
         if self._model_info is None:
             self._model_info = asyncio.create_task(self._refresh_model_info())
-        port = self.config.direct_grpc_port
-        if port is not None and self._direct is None:
-            methods = {name: getattr(self, name) for name in RPCS}
-            methods["ModelInfer"] = functools.partial(self.grpc_infer, door="grpc-direct")
-            self._direct = await start_direct_door(
-                methods,
-                host=self.config.direct_grpc_host,
-                port=port,
-                max_message_bytes=self.config.max_body_bytes,
-                max_in_flight=self.config.max_direct_rpcs,
-            )
+        await self._open_direct_doors()
         served = (f"{p.manifest.name}:{p.manifest.version}" for p in repository.predictors())
         logger.info("serving %s on %s", ", ".join(served), self.device)
 
+    async def _open_direct_doors(self) -> None:
+        """Start the direct doors the config names, once per replica."""
+        config = self.config
+        if config.direct_grpc_port is not None and self._direct_grpc is None:
+            methods = {name: getattr(self, name) for name in RPCS}
+            methods["ModelInfer"] = functools.partial(self.grpc_infer, door="grpc-direct")
+            self._direct_grpc = await start_direct_door(
+                methods,
+                host=config.direct_host,
+                port=config.direct_grpc_port,
+                max_message_bytes=config.max_body_bytes,
+                max_in_flight=config.max_direct_rpcs,
+            )
+        if config.direct_http_port is not None and self._direct_http is None:
+            self._direct_http = await start_direct_http_door(
+                self.app,  # this replica's FastAPI app, as Serve's ingress bound it
+                host=config.direct_host,
+                port=config.direct_http_port,
+                max_in_flight=config.max_direct_rpcs,
+                drain_s=DRAIN_S,
+            )
+
     async def __del__(self) -> None:
-        """Serve calls this as the replica stops: the direct door takes no new calls and
-        finishes those in flight."""
-        if self._direct is not None:
-            await self._direct.stop(DRAIN_S)
-            self._direct = None
+        """Serve calls this as the replica stops: the direct doors take no new requests and
+        finish those in flight."""
+        if self._direct_grpc is not None:
+            await self._direct_grpc.stop(DRAIN_S)
+            self._direct_grpc = None
+        if self._direct_http is not None:
+            await self._direct_http.stop()
+            self._direct_http = None
 
     async def _refresh_model_info(self) -> None:
         while True:
@@ -164,6 +181,8 @@ class ModelServer(OipGrpcMethods):
     ) -> Response:
         """Answer an HTTP request, turning refusals into their status and counting it."""
         start = time.perf_counter()
+        if request.scope.get(DIRECT_SCOPE):
+            door = f"{door}-direct"
         try:
             self.tokens.check(request.headers.get("authorization"))
             response = await work()
