@@ -62,7 +62,7 @@ def simplex_bundle(
         for j in range(vertices):
             for key, tensor in build().named_parameters():
                 tensors[vertex_key(m, j, key)] = tensor.detach()
-        tensors |= {buffer_key(m, n): tensor for n, tensor in buffers.items()}
+        tensors |= {buffer_key(m, n): tensor.clone() for n, tensor in buffers.items()}
         alphas = sample_dirichlet(vertices, draws, torch.Generator().manual_seed(seed + m))
         for s in range(draws if batchnorm else 0):
             own = member_buffers(buffers, statistics)

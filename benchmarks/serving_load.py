@@ -1,22 +1,33 @@
 """Serving benchmark: closed-loop load over every door, against the in-process engine, the espro
-server and a KServe peer, in one run.
+server and two peer servers, in one run.
 
-The bundle is the reference CNN (``cnn`` on 3×32×32 inputs, channels (32, 64), hidden 128,
-10 classes; 3 simplexes × 5 draws = 15 members, random weights). For every concurrency and
-request size (images per request), three targets get the same load:
+The bundles (``--models``) take 3×32×32 inputs and have 10 classes and 3 simplexes × 5 draws =
+15 members of random weights: ``cnn`` (channels (32, 64), hidden 128) and ``resnet18``
+(torchvision's ResNet-18 with the CIFAR stem, every member with BatchNorm statistics of its own).
+For every model, concurrency and request size (images per request), each target gets the same
+load:
 
 - ``engine``: :class:`serving.predictor.Predictor` called in this process, back to back, on
   the batch the server would form: ``min(concurrency, max_batch_size)`` requests of that size
   (``max_batch_size`` counts requests, as the server's batcher does), with the replicas' torch
   threads. Its images/s is the capacity the server's doors and batching can at best deliver.
-- ``espro``: the server (``serving.launch.start``) with each ``--engines`` back end, over
-  native JSON, OIP REST JSON, OIP REST with the binary tensor extension, OIP gRPC through
-  Serve's proxy, and OIP gRPC through the replica's direct door (``grpc-direct``).
+- ``espro``: the server (``serving.launch.start``), every model in one application, with each
+  ``--engines`` back end (default ``auto``, the server's): native JSON, OIP REST JSON, OIP REST
+  with the binary tensor extension and OIP gRPC through Serve's proxy, and the replica's direct
+  doors past it: ``native-direct`` and ``rest-binary-direct`` (the same HTTP requests to the
+  replica's own HTTP server) and ``grpc-direct`` (its own gRPC server).
 - ``kserve``: ``benchmarks/kserve_peer.py`` (KServe's ``ModelServer``, one forward pass per
-  member per request) in its own virtual environment, over the OIP doors.
+  member per request, no batching across requests).
+- ``mlserver``: ``benchmarks/mlserver_peer.py`` (Seldon MLServer with its adaptive batching,
+  running espro's own ``Predictor`` with each ``--engines`` back end).
 - ``serve-noop``: a Ray Serve application that answers "ok" without a model, on the same Serve
   after espro's cells, under the one-image HTTP load: what Serve's proxy and replica path alone
   allow on this machine.
+
+A peer runs in its own virtual environment (``.venv-kserve``, ``.venv-mlserver``: without it
+its cells are skipped with the reason), one model at a time, over the OIP doors it has; each
+espro direct door is compared with the peer's door of the same requests, and a door that fails
+its first request has its cells recorded as skipped with the answer (MLServer's REST binary).
 
 The load generator runs in its own process pinned to one core: N workers, each sending its next
 request when the previous answer arrives, for ``--warmup`` seconds and then ``--duration``
@@ -30,8 +41,11 @@ loopback-only network namespace::
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 \\
     unshare --net sh -c 'ip link set lo up; exec .venv/bin/python benchmarks/serving_load.py'
 
-``--quick`` runs tiny cells (about 2 minutes); the default grid (6 s windows, both engines,
-the KServe peer) about 14 minutes on 2 cores.
+``--quick`` runs tiny cells (1 s windows) of ``cnn`` alone unless ``--models`` says otherwise:
+about 3 minutes on 2 cores with both peers. The default grid (6 s windows, 4 concurrencies × 2
+request sizes, both models, seven doors, both peers) takes far longer, most of it in
+``resnet18``'s cells: on one torch thread of a small CPU the engine answers 2 to 3 of its
+images/s, against 200 to 350 of ``cnn``'s.
 """
 
 from __future__ import annotations
@@ -68,39 +82,49 @@ from serving.settings import AppConfig
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-DOORS = ("native", "rest-json", "rest-binary", "grpc", "grpc-direct")
-GRPC_DOORS = ("grpc", "grpc-direct")
-TARGET_NAMES = ("engine", "espro", "kserve")
-KSERVE_UNSUPPORTED = {
-    "native": "KServe has no espro native API (its v1 protocol, `:predict` with `instances`, "
-    "is another contract)",
-    "grpc-direct": "KServe's gRPC server runs in its model's process already: its grpc cells "
-    "are the peer of both espro gRPC doors",
+DOORS = (
+    "native",
+    "native-direct",
+    "rest-json",
+    "rest-binary",
+    "rest-binary-direct",
+    "grpc",
+    "grpc-direct",
+)
+DIRECT_DOORS = {
+    "native-direct": "native",
+    "rest-binary-direct": "rest-binary",
+    "grpc-direct": "grpc",
 }
-PEER_DOOR = {"grpc-direct": "grpc"}
-"""The KServe door an espro door is compared with, where their names differ."""
+"""espro's doors past Serve's proxy, each sending the requests of the door it names to the
+replica's own server; a peer's door of those requests is their peer."""
 MAX_BATCH_SIZE = AppConfig.model_fields["max_batch_size"].default
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 OK_CODES = {"200", "OK"}
-KSERVE_ENGINE = "member-loop"
 
+ARCHITECTURES = {"cnn": {"channels": [32, 64], "hidden": 128}, "resnet18": {"small_input": True}}
+"""The models (``--models``): each is its architecture's name, with these kwargs."""
 INPUT_SHAPE = (3, 32, 32)
-CNN = {"channels": [32, 64], "hidden": 128}
 SIMPLEXES, VERTICES, DRAWS = 3, 3, 5
 
 Cell = dict[str, Any]
 
 
-# --------------------------------------------------------------------------- the bundle
+# --------------------------------------------------------------------------- the bundles
 
 
-def reference_bundle(path: Path, seed: int = 0) -> Path:
-    """The reference CNN with 3 simplexes × 5 draws = 15 members, written to ``path``."""
+def bundle_name(model: str) -> str:
+    """The name ``model``'s bundle is served under."""
+    return f"{model}-reference"
+
+
+def reference_bundle(path: Path, model: str, seed: int = 0) -> Path:
+    """``model`` with 3 simplexes × 5 draws = 15 members, written to ``path``."""
     return simplex_bundle(
         path,
-        name="cnn-reference",
-        architecture="cnn",
-        kwargs=CNN,
+        name=bundle_name(model),
+        architecture=model,
+        kwargs=ARCHITECTURES[model],
         input_shape=INPUT_SHAPE,
         num_outputs=10,
         simplexes=SIMPLEXES,
@@ -108,6 +132,52 @@ def reference_bundle(path: Path, seed: int = 0) -> Path:
         draws=DRAWS,
         seed=seed,
     )
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A peer server: ``benchmarks/{name}_peer.py`` run by ``.venv-{name}``'s Python (as
+    ``benchmarks/{name}-requirements.txt`` says), serving one bundle over OIP REST and gRPC."""
+
+    name: str
+    title: str
+    """Its name in the tables."""
+    http_port: int
+    grpc_port: int
+    no_native: str
+    """Why it has no espro native API."""
+    engine: str | None = None
+    """How it computes, when it has a way of its own; None: it runs espro's engines, each of
+    ``--engines`` in turn (``--engine E``)."""
+
+    @property
+    def unsupported(self) -> dict[str, str]:
+        """The doors it lacks, and why."""
+        direct = {
+            door: f"{self.title} has no proxy in front: its {base} cells are the peer of "
+            f"espro's {base} and {door}"
+            for door, base in DIRECT_DOORS.items()
+        }
+        return direct | {"native": self.no_native, "native-direct": self.no_native}
+
+    def engines(self, args: argparse.Namespace) -> list[str]:
+        """The engines it runs, in turn."""
+        return [self.engine] if self.engine else list(args.engines)
+
+
+PEERS = (
+    Peer(
+        "kserve",
+        "KServe",
+        28500,
+        28501,
+        no_native="KServe has no espro native API (its v1 protocol, `:predict` with "
+        "`instances`, is another contract)",
+        engine="member-loop",
+    ),
+    Peer("mlserver", "MLServer", 28600, 28601, no_native="MLServer has no espro native API"),
+)
+TARGET_NAMES = ("engine", "espro", *(peer.name for peer in PEERS))
 
 
 # --------------------------------------------------------------------------- the load
@@ -122,7 +192,9 @@ class Endpoint:
     model: str
     input_shape: tuple[int, ...]
     direct: str | None = None
-    """espro's direct gRPC door (``grpc-direct``)."""
+    """espro's direct gRPC door (``grpc-direct``), ``host:port``."""
+    direct_http: str | None = None
+    """espro's direct HTTP door (``native-direct``, ``rest-binary-direct``), ``http://host:port``."""
 
 
 @dataclass(frozen=True)
@@ -161,15 +233,25 @@ def instances(load: Load) -> np.ndarray:
     return rng.standard_normal((load.images, *load.endpoint.input_shape), dtype=np.float32)
 
 
+def route(load: Load) -> tuple[str, str | None]:
+    """The door whose requests ``load`` sends (a direct door's base door) and where to."""
+    endpoint, door = load.endpoint, DIRECT_DOORS.get(load.door, load.door)
+    direct = load.door in DIRECT_DOORS
+    if door == "grpc":
+        return door, endpoint.direct if direct else endpoint.grpc
+    return door, endpoint.direct_http if direct else endpoint.http
+
+
 def http_request(load: Load, x: np.ndarray) -> tuple[str, bytes, dict[str, str]]:
     """URL, body and headers of a native or OIP REST request carrying ``x``."""
-    if load.door == "native":
+    door, base = route(load)
+    if door == "native":
         body = json.dumps({"inputs": x.tolist()}).encode()
-        url = f"{load.endpoint.http}/v1/models/{load.endpoint.model}/predict"
+        url = f"{base}/v1/models/{load.endpoint.model}/predict"
         return url, body, {"content-type": "application/json"}
-    url = f"{load.endpoint.http}/v2/models/{load.endpoint.model}/infer"
+    url = f"{base}/v2/models/{load.endpoint.model}/infer"
     tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32"}
-    if load.door == "rest-json":
+    if door == "rest-json":
         body = json.dumps({"inputs": [tensor | {"data": x.ravel().tolist()}]}).encode()
         return url, body, {"content-type": "application/json"}
     raw = x.tobytes()
@@ -201,8 +283,8 @@ async def sender(load: Load) -> AsyncIterator[Callable[[], Awaitable[Answer]]]:
     shared by 128 workers cost the load generator 21 ms of CPU per request in its pool
     handling, encode/httpx#3215, and the cell measured the load generator.)"""
     x = instances(load)
-    if load.door in GRPC_DOORS:
-        address = load.endpoint.grpc if load.door == "grpc" else load.endpoint.direct
+    door, address = route(load)
+    if door == "grpc":
         async with grpc.aio.insecure_channel(address) as channel:
             call = channel.unary_unary(MODEL_INFER)  # bytes in, bytes out: no decoding here
             body = grpc_request(load, x)
@@ -395,10 +477,11 @@ def grid(
     return cells
 
 
-def label(target: str, engine: str, door: str, cell: GridCell) -> Cell:
+def label(target: str, model: str, engine: str, door: str, cell: GridCell) -> Cell:
     """The fields that name a cell."""
     return {
         "target": target,
+        "model": model,
         "engine": engine,
         "door": door,
         "concurrency": cell.concurrency,
@@ -435,6 +518,7 @@ def engine_capacity(predictor: Predictor, rows: int, timing: Timing) -> dict[str
 
 def engine_cells(
     bundle: Path,
+    model: str,
     engine: str,
     cells: Sequence[GridCell],
     timing: Timing,
@@ -446,7 +530,7 @@ def engine_cells(
     measured: dict[int, dict[str, Any]] = {}
     results = []
     for cell in cells:
-        result = label("engine", engine, "in-process", cell)
+        result = label("engine", model, engine, "in-process", cell)
         if cell.skipped:
             result["skipped"] = cell.skipped
         else:
@@ -466,6 +550,7 @@ def engine_cells(
 def door_cells(
     loadgen: LoadGenerator,
     target: str,
+    model: str,
     engine: str,
     endpoint: Endpoint,
     doors: Sequence[str],
@@ -483,7 +568,7 @@ def door_cells(
             first = loadgen.probe(make_load(endpoint, door, GridCell(1, 1), timing))
             why = None if first["ok"] else f"the door answers {first['code']}: {first['detail']}"
         for cell in cells:
-            result = label(target, engine, door, cell)
+            result = label(target, model, engine, door, cell)
             if cell.skipped or why:
                 result["skipped"] = cell.skipped or why
             else:
@@ -495,7 +580,8 @@ def door_cells(
 
 def skipped_cells(
     target: str,
-    engine: str,
+    model: str,
+    engines: Sequence[str],
     doors: Sequence[str],
     cells: Sequence[GridCell],
     why: str,
@@ -503,7 +589,8 @@ def skipped_cells(
 ) -> list[Cell]:
     """Every cell of a target that cannot run, with the reason."""
     results = [
-        label(target, engine, door, cell) | {"skipped": cell.skipped or why}
+        label(target, model, engine, door, cell) | {"skipped": cell.skipped or why}
+        for engine in engines
         for door in doors
         for cell in cells
     ]
@@ -522,48 +609,53 @@ def make_load(endpoint: Endpoint, door: str, cell: GridCell, timing: Timing) -> 
 
 def espro_cells(
     args: argparse.Namespace,
-    bundle: Path,
+    bundles: dict[str, Path],
     loadgen: LoadGenerator,
     cells: Sequence[GridCell],
     timing: Timing,
     report: Callable[[Cell], None],
 ) -> tuple[list[Cell], dict[str, Any]]:
-    """The espro server on loopback, each engine in turn (a redeploy between them); its
-    cells and the memory of its processes (this driver's included, the load generator's
-    apart)."""
+    """The espro server on loopback serving every model, each engine in turn (a redeploy
+    between them); its cells and the memory of its processes (this driver's included, the
+    load generator's apart)."""
     from serving import launch
-    from serving.settings import LaunchConfig
+    from serving.settings import DeploymentOptions, LaunchConfig
 
     def config(engine: str) -> AppConfig:
         return AppConfig(
-            bundles=[str(bundle)],
+            bundles=[str(bundle) for bundle in bundles.values()],
             engine=engine,
-            num_cpus=args.threads,
             torch_threads=args.threads,
             direct_grpc_port=args.direct_grpc_port,
+            direct_http_port=args.direct_http_port,
             batch_wait_timeout_s=args.batch_wait_ms / 1000,
         )
 
     ports = LaunchConfig(
         http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port
     )
-    endpoint = Endpoint(
-        f"http://127.0.0.1:{args.http_port}",
-        f"127.0.0.1:{args.grpc_port}",
-        "cnn-reference",
-        INPUT_SHAPE,
-        direct=f"127.0.0.1:{args.direct_grpc_port}",
-    )
+    endpoints = {
+        model: Endpoint(
+            f"http://127.0.0.1:{args.http_port}",
+            f"127.0.0.1:{args.grpc_port}",
+            bundle_name(model),
+            INPUT_SHAPE,
+            direct=f"127.0.0.1:{args.direct_grpc_port}",
+            direct_http=f"http://127.0.0.1:{args.direct_http_port}",
+        )
+        for model in bundles
+    }
     results: list[Cell] = []
-    launch.start(config(args.engines[0]), ports)
+    launch.start(config(args.engines[0]), ports, DeploymentOptions(num_cpus=args.threads))
     try:
         for k, engine in enumerate(args.engines):
             if k:
                 launch.deploy(config(engine))
-            results += door_cells(
-                loadgen, "espro", engine, endpoint, args.doors, cells, timing, report
-            )
-        results += serve_ceiling_cells(endpoint, loadgen, cells, timing, report)
+            for model, endpoint in endpoints.items():
+                results += door_cells(
+                    loadgen, "espro", model, engine, endpoint, args.doors, cells, timing, report
+                )
+        results += serve_ceiling_cells(endpoints[args.models[0]], loadgen, cells, timing, report)
         info = {
             "memory": memory(),
             "loadgen_rss_mib": memory(loadgen.process.pid)["total_rss_mib"],
@@ -595,26 +687,25 @@ def serve_ceiling_cells(
     serve.run(NoOp.bind(), name="noop", route_prefix="/noop")
     try:
         noop = Endpoint(f"{endpoint.http}/noop", endpoint.grpc, "noop", endpoint.input_shape)
-        doors = ["native"]
-        return door_cells(loadgen, "serve-noop", "none", noop, doors, one_image, timing, report)
+        return door_cells(
+            loadgen, "serve-noop", "none", "none", noop, ["native"], one_image, timing, report
+        )
     finally:
         serve.delete("noop")
 
 
 @contextlib.contextmanager
-def kserve_peer(args: argparse.Namespace, bundle: Path, log: Path) -> Iterator[int]:
-    """The KServe peer running on loopback, until the block ends; yields its pid."""
-    command = [args.kserve_python, str(HERE / "kserve_peer.py"), str(bundle)]
-    command += ["--http-port", str(args.kserve_http_port)]
-    command += ["--grpc-port", str(args.kserve_grpc_port), "--threads", str(args.threads)]
+def running(command: list[str], endpoint: Endpoint, log: Path) -> Iterator[int]:
+    """``command``, a peer serving ``endpoint``, running until the block ends; yields its pid
+    once the model is ready."""
     with log.open("w") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
     try:
-        url = f"http://127.0.0.1:{args.kserve_http_port}/v2/models/cnn-reference/ready"
-        deadline = time.monotonic() + 180
+        url = f"{endpoint.http}/v2/models/{endpoint.model}/ready"
+        deadline = time.monotonic() + 600  # auto times its engines, an ONNX export included
         while not _answers(url):
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the KServe peer did not start: {log.read_text()[-2000:]}")
+                raise RuntimeError(f"{command[1]} did not start: {log.read_text()[-2000:]}")
             time.sleep(0.5)
         yield process.pid
     finally:
@@ -633,39 +724,47 @@ def _answers(url: str) -> bool:
         return False
 
 
-def kserve_cells(
+def peer_cells(
     args: argparse.Namespace,
+    peer: Peer,
+    model: str,
     bundle: Path,
     loadgen: LoadGenerator,
     cells: Sequence[GridCell],
     timing: Timing,
     report: Callable[[Cell], None],
 ) -> tuple[list[Cell], dict[str, Any]]:
-    """The KServe peer's cells (skipped with the reason when its venv is missing), the memory
-    of its process, and how far its probabilities are from espro's."""
-    if not Path(args.kserve_python).exists():
-        why = f"no {args.kserve_python}: create it as benchmarks/kserve-requirements.txt says"
-        return skipped_cells("kserve", KSERVE_ENGINE, args.doors, cells, why, report), {}
-    endpoint = Endpoint(
-        f"http://127.0.0.1:{args.kserve_http_port}",
-        f"127.0.0.1:{args.kserve_grpc_port}",
-        "cnn-reference",
-        INPUT_SHAPE,
+    """A peer's cells on one model, each of its engines in turn (skipped with the reason when
+    its venv is missing); per engine, the memory of its processes and how far its
+    probabilities are from espro's."""
+    python, http_port, grpc_port = (
+        getattr(args, f"{peer.name}_{option}") for option in ("python", "http_port", "grpc_port")
     )
-    with kserve_peer(args, bundle, bundle.parent / "kserve.log") as pid:
-        difference = probability_difference(endpoint, bundle, timing)
-        results = door_cells(
-            loadgen,
-            "kserve",
-            KSERVE_ENGINE,
-            endpoint,
-            args.doors,
-            cells,
-            timing,
-            report,
-            unsupported=KSERVE_UNSUPPORTED,
-        )
-        return results, {"memory": memory(pid), "max_probability_difference": difference}
+    engines = peer.engines(args)
+    if not Path(python).exists():
+        why = f"no {python}: create it as benchmarks/{peer.name}-requirements.txt says"
+        return skipped_cells(peer.name, model, engines, args.doors, cells, why, report), {}
+    endpoint = Endpoint(
+        f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", bundle_name(model), INPUT_SHAPE
+    )
+    command = [python, str(HERE / f"{peer.name}_peer.py"), str(bundle)]
+    command += ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
+    command += ["--threads", str(args.threads)]
+    wait_ms = str(args.batch_wait_ms)
+    results: list[Cell] = []
+    info = {}
+    for engine in engines:
+        # A peer running espro's engines batches too: it waits as long as espro's batcher.
+        own = [] if peer.engine else ["--engine", engine, "--max-batch-time-ms", wait_ms]
+        log = bundle.parent / f"{peer.name}-{model}-{engine}.log"
+        with running(command + own, endpoint, log) as pid:
+            difference = probability_difference(endpoint, bundle, timing)
+            results += door_cells(
+                loadgen, peer.name, model, engine, endpoint, args.doors, cells, timing, report,
+                unsupported=peer.unsupported,
+            )  # fmt: skip
+            info[engine] = {"memory": memory(pid), "max_probability_difference": difference}
+    return results, info
 
 
 def probability_difference(endpoint: Endpoint, bundle: Path, timing: Timing) -> float:
@@ -688,10 +787,15 @@ def probability_difference(endpoint: Endpoint, bundle: Path, timing: Timing) -> 
 TARGETS = (
     ("1 image per request, c=32: >= 65% of the in-process engine", 1, 32, "engine", 0.65),
     ("1 image per request, c=32: >= 1.5x the KServe peer, p99 no worse", 1, 32, "kserve", 1.5),
+    ("1 image per request, c=32: >= 1.0x the MLServer peer", 1, 32, "mlserver", 1.0),
+    ("1 image per request, c=32: REST binary >= 0.8x Serve gRPC", 1, 32, "grpc", 0.8),
     ("16 images per request, c=8: >= 85% of the in-process engine", 16, 8, "engine", 0.85),
     ("1 image per request, c=128: >= 90% of c=32, no errors", 1, 128, "c32", 0.9),
 )  # fmt: skip
-"""The serving targets: text, images per request, concurrency, the baseline, the ratio."""
+"""The serving targets: text, images per request, concurrency, the baseline, the ratio.
+Against Serve gRPC (espro's ``grpc`` door) only the REST binary doors are held."""
+KEY = ("target", "model", "engine", "door", "concurrency", "images_per_request")
+"""The fields that tell a cell from the others."""
 
 
 def _ratio(numerator: float, denominator: float | None) -> float | None:
@@ -699,77 +803,62 @@ def _ratio(numerator: float, denominator: float | None) -> float | None:
 
 
 def ratios(cells: Sequence[Cell]) -> list[Cell]:
-    """For every measured espro cell: its images/s over the in-process engine's (same engine,
-    concurrency and request size), over the KServe peer's (same door; its gRPC for
-    ``grpc-direct``) and over its own at
-    c = 32 (same engine, door and size), p99s side by side, and for one-image cells its
-    requests/s over Serve's no-op ceiling (same concurrency)."""
-    measured = [cell for cell in cells if "images_per_s" in cell]
-    engine = {
-        (c["engine"], c["concurrency"], c["images_per_request"]): c
-        for c in measured
-        if c["target"] == "engine"
-    }
-    kserve = {  # keyed by espro's door
-        (door, c["concurrency"], c["images_per_request"]): c
-        for c in measured
-        if c["target"] == "kserve"
-        for door in DOORS
-        if PEER_DOOR.get(door, door) == c["door"]
-    }
-    noop = {c["concurrency"]: c for c in measured if c["target"] == "serve-noop"}
-    at_32 = {
-        (c["engine"], c["door"], c["images_per_request"]): c
-        for c in measured
-        if c["target"] == "espro" and c["concurrency"] == 32
-    }
+    """For every measured espro cell: its images/s over the in-process engine's (same model,
+    engine, concurrency and request size), over each peer's (same door, the door of the same
+    requests for a direct one; the peer's own engine or the same), over espro's ``grpc``
+    door's and over its own at c = 32 (same model, engine and size; same door for c = 32),
+    p99s side by side, and for one-image cells its requests/s over Serve's no-op ceiling
+    (same concurrency)."""
+    measured = {tuple(c[k] for k in KEY): c for c in cells if "images_per_s" in c}
     results = []
-    for c in measured:
-        if c["target"] != "espro":
+    for (target, model, engine, door, concurrency, images), c in measured.items():
+        if target != "espro":
             continue
-        base = engine.get((c["engine"], c["concurrency"], c["images_per_request"]), {})
-        peer = kserve.get((c["door"], c["concurrency"], c["images_per_request"]), {})
-        ceiling = noop.get(c["concurrency"], {}) if c["images_per_request"] == 1 else {}
-        c32 = at_32.get((c["engine"], c["door"], c["images_per_request"]), {})
-        p99, peer_p99 = c["p99_ms"], peer.get("p99_ms")
-        results.append(
-            {key: c[key] for key in ("engine", "door", "concurrency", "images_per_request")}
-            | {
-                "server_images_per_s": c["images_per_s"],
-                "engine_images_per_s": base.get("images_per_s"),
-                "server_over_engine": _ratio(c["images_per_s"], base.get("images_per_s")),
-                "kserve_images_per_s": peer.get("images_per_s"),
-                "server_over_kserve": _ratio(c["images_per_s"], peer.get("images_per_s")),
-                "server_over_c32": _ratio(c["images_per_s"], c32.get("images_per_s")),
-                "errors": c["errors"],
-                "server_p99_ms": p99,
-                "kserve_p99_ms": peer_p99,
-                "p99_not_worse": None if p99 is None or peer_p99 is None else p99 <= peer_p99,
-                "serve_noop_requests_per_s": ceiling.get("requests_per_s"),
-                "server_over_serve_noop": _ratio(
-                    c["requests_per_s"], ceiling.get("requests_per_s")
-                ),
+        base = measured.get(("engine", model, engine, "in-process", concurrency, images), {})
+        grpc_door = measured.get(("espro", model, engine, "grpc", concurrency, images), {})
+        c32 = measured.get(("espro", model, engine, door, 32, images), {})
+        ceiling = measured.get(("serve-noop", "none", "none", "native", concurrency, images), {})
+        row = {key: c[key] for key in KEY[1:]} | {
+            "server_images_per_s": c["images_per_s"],
+            "engine_images_per_s": base.get("images_per_s"),
+            "server_over_engine": _ratio(c["images_per_s"], base.get("images_per_s")),
+            "server_over_grpc": _ratio(c["images_per_s"], grpc_door.get("images_per_s")),
+            "server_over_c32": _ratio(c["images_per_s"], c32.get("images_per_s")),
+            "errors": c["errors"],
+            "server_p99_ms": c["p99_ms"],
+            "serve_noop_requests_per_s": ceiling.get("requests_per_s"),
+            "server_over_serve_noop": _ratio(c["requests_per_s"], ceiling.get("requests_per_s")),
+        }
+        for peer in PEERS:
+            key = (peer.name, model, peer.engine or engine, DIRECT_DOORS.get(door, door))
+            theirs = measured.get((*key, concurrency, images), {})
+            row |= {
+                f"{peer.name}_images_per_s": theirs.get("images_per_s"),
+                f"server_over_{peer.name}": _ratio(c["images_per_s"], theirs.get("images_per_s")),
+                f"{peer.name}_p99_ms": theirs.get("p99_ms"),
             }
-        )
+        results.append(row)
     return results
 
 
 def targets(rows: Sequence[Cell]) -> list[Cell]:
-    """Each serving target, per engine and door where its cells were measured."""
+    """Each serving target, per model, engine and door where its cells were measured."""
     results = []
     for text, images, concurrency, baseline, threshold in TARGETS:
         for row in rows:
             if (row["images_per_request"], row["concurrency"]) != (images, concurrency):
                 continue
+            if baseline == "grpc" and DIRECT_DOORS.get(row["door"], row["door"]) != "rest-binary":
+                continue  # a REST binary target
             value = row[f"server_over_{baseline}"]
             met = value is not None and value >= threshold
-            if baseline == "kserve":
-                met = met and bool(row["p99_not_worse"])
+            if baseline == "kserve":  # and p99 no worse
+                met = met and row["server_p99_ms"] <= row["kserve_p99_ms"]
             if baseline == "c32":
                 met = met and not row["errors"]
             results.append(
-                {"target": text, "engine": row["engine"], "door": row["door"], "ratio": value}
-                | {"met": met if value is not None else None}
+                {"target": text, "model": row["model"], "engine": row["engine"]}
+                | {"door": row["door"], "ratio": value, "met": met if value is not None else None}
             )
     return results
 
@@ -781,7 +870,7 @@ def _number(value: float | None, width: int, digits: int = 1) -> str:
 def cell_row(cell: Cell) -> str:
     """One printed line per cell."""
     name = (
-        f"{cell['target']:6} {cell['engine']:11} {cell['door']:11} "
+        f"{cell['target']:10} {cell['model']:8} {cell['engine']:11} {cell['door']:18} "
         f"c={cell['concurrency']:<3} i={cell['images_per_request']:<3}"
     )
     if "skipped" in cell:
@@ -795,21 +884,41 @@ def cell_row(cell: Cell) -> str:
     )
 
 
+COLUMNS = (
+    ("model", "model", None),
+    ("engine", "engine", None),
+    ("door", "door", None),
+    ("c", "concurrency", 0),
+    ("images", "images_per_request", 0),
+    ("img/s", "server_images_per_s", 1),
+    ("p99 ms", "server_p99_ms", 0),
+    ("× engine", "server_over_engine", 2),
+    *((f"× {peer.title}", f"server_over_{peer.name}", 2) for peer in PEERS),
+    ("× Serve gRPC", "server_over_grpc", 2),
+    ("× Serve no-op", "server_over_serve_noop", 2),
+)
+"""The ratio tables' columns: heading, field, digits (None: a name, aligned left)."""
+
+
+def columns(row: Cell) -> list[str]:
+    """A ratio row's values, in :data:`COLUMNS`' order ("–": not measured)."""
+    return [
+        row[key] if digits is None else "–" if row[key] is None else f"{row[key]:.{digits}f}"
+        for _, key, digits in COLUMNS
+    ]
+
+
 def ratio_table(rows: Sequence[Cell]) -> str:
     """The ratios as a plain-text table."""
-    lines = [
-        f"{'engine':11} {'door':11} {'c':>3} {'i':>3} {'img/s':>8} {'/engine':>8} "
-        f"{'/kserve':>8} {'/noop':>6} {'p99 ms':>8} {'kserve p99':>10}"
-    ]
-    for r in rows:
-        lines.append(
-            f"{r['engine']:11} {r['door']:11} {r['concurrency']:>3} {r['images_per_request']:>3} "
-            f"{_number(r['server_images_per_s'], 8)} {_number(r['server_over_engine'], 8, 2)} "
-            f"{_number(r['server_over_kserve'], 8, 2)} "
-            f"{_number(r['server_over_serve_noop'], 6, 2)} {_number(r['server_p99_ms'], 8)} "
-            f"{_number(r['kserve_p99_ms'], 10)}"
+    table = [[heading for heading, _, _ in COLUMNS], *map(columns, rows)]
+    widths = [max(map(len, values)) for values in zip(*table, strict=True)]
+    return "\n".join(
+        " ".join(
+            value.ljust(width) if digits is None else value.rjust(width)
+            for value, width, (_, _, digits) in zip(line, widths, COLUMNS, strict=True)
         )
-    return "\n".join(lines)
+        for line in table
+    )
 
 
 # --------------------------------------------------------------------------- the run
@@ -821,12 +930,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loadavg_before, started = os.getloadavg(), time.perf_counter()
     cells = grid(args.concurrency, args.images, args.max_inflight_images)
     timing = Timing(args.warmup, args.duration, args.timeout)
-    per_target = {
-        "engine": len(args.engines),
-        "espro": len(args.engines) * len(args.doors),
-        "kserve": len(args.doors),
-    }
-    total = len(cells) * sum(per_target[t] for t in args.targets)
+    per_target = {"engine": len(args.engines), "espro": len(args.engines) * len(args.doors)}
+    per_target |= {peer.name: len(peer.engines(args)) * len(args.doors) for peer in PEERS}
+    total = len(cells) * len(args.models) * sum(per_target[t] for t in args.targets)
     if "espro" in args.targets:  # and Serve's no-op ceiling, one-image cells
         total += sum(cell.images == 1 for cell in cells)
     results: list[Cell] = []
@@ -841,16 +947,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             progress.write(cell_row(cell))
             progress.update()
 
-        bundle = reference_bundle(Path(workdir) / "bundle")
+        bundles = {model: reference_bundle(Path(workdir) / model, model) for model in args.models}
         if "engine" in args.targets:
-            for engine in args.engines:
-                results += engine_cells(bundle, engine, cells, timing, report)
+            for model, bundle in bundles.items():
+                for engine in args.engines:
+                    results += engine_cells(bundle, model, engine, cells, timing, report)
         if "espro" in args.targets:
-            espro, processes["espro"] = espro_cells(args, bundle, loadgen, cells, timing, report)
+            espro, processes["espro"] = espro_cells(args, bundles, loadgen, cells, timing, report)
             results += espro
-        if "kserve" in args.targets:
-            peer, processes["kserve"] = kserve_cells(args, bundle, loadgen, cells, timing, report)
-            results += peer
+        for peer in PEERS:
+            if peer.name not in args.targets:
+                continue
+            processes[peer.name] = {}
+            for model, bundle in bundles.items():
+                theirs, processes[peer.name][model] = peer_cells(
+                    args, peer, model, bundle, loadgen, cells, timing, report
+                )
+                results += theirs
     return summary(args, results, processes, loadavg_before, time.perf_counter() - started)
 
 
@@ -880,10 +993,13 @@ def summary(
             "loadgen_core": args.loadgen_core,
         },
         "bundle": {
-            "architecture": "cnn",
-            "kwargs": CNN,
-            "input_shape": INPUT_SHAPE,
-            "members": SIMPLEXES * DRAWS,
+            model: {
+                "architecture": model,
+                "kwargs": ARCHITECTURES[model],
+                "input_shape": INPUT_SHAPE,
+                "members": SIMPLEXES * DRAWS,
+            }
+            for model in args.models
         },
         "cells": cells,
         "ratios": rows,
@@ -901,8 +1017,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 128])
     parser.add_argument("--images", nargs="+", type=int, default=[1, 16], help="per request")
     parser.add_argument("--max-inflight-images", type=int, default=256)
+    parser.add_argument(
+        "--models", nargs="+", choices=ARCHITECTURES, help="default: both (--quick: cnn)"
+    )
     parser.add_argument("--doors", nargs="+", default=list(DOORS), choices=DOORS)
-    parser.add_argument("--engines", nargs="+", default=["reference", "fused"])
+    parser.add_argument("--engines", nargs="+", default=["auto"])
     parser.add_argument("--targets", nargs="+", default=list(TARGET_NAMES), choices=TARGET_NAMES)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (and replica CPUs)")
     parser.add_argument(
@@ -915,12 +1034,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--http-port", type=int, default=28000)
     parser.add_argument("--grpc-port", type=int, default=28001)
     parser.add_argument("--direct-grpc-port", type=int, default=28002)
+    parser.add_argument("--direct-http-port", type=int, default=28003)
     parser.add_argument("--metrics-port", type=int, default=28080)
-    parser.add_argument("--kserve-http-port", type=int, default=28500)
-    parser.add_argument("--kserve-grpc-port", type=int, default=28501)
-    parser.add_argument(
-        "--kserve-python", default=str(HERE.parent / ".venv-kserve" / "bin" / "python")
-    )
+    for peer in PEERS:
+        venv = HERE.parent / f".venv-{peer.name}"
+        parser.add_argument(f"--{peer.name}-python", default=str(venv / "bin" / "python"))
+        parser.add_argument(f"--{peer.name}-http-port", type=int, default=peer.http_port)
+        parser.add_argument(f"--{peer.name}-grpc-port", type=int, default=peer.grpc_port)
     parser.add_argument("--out", type=Path, default=RESULTS / "serving-cpu.json")
     parser.add_argument(
         "--markdown", type=Path, help="print the tables of a report JSON for the docs, and stop"
@@ -931,32 +1051,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.command = " ".join(["benchmarks/serving_load.py", *given])
     if args.quick:
         args.duration, args.warmup, args.concurrency, args.images = 1.0, 0.5, [1, 4], [1, 4]
+    args.models = args.models or (["cnn"] if args.quick else list(ARCHITECTURES))
     return args
 
 
 def markdown(report: dict[str, Any]) -> str:
     """The report's ratios and targets as the Markdown tables of docs/performance.md."""
-
-    def cell(value: float | None, digits: int) -> str:
-        return "–" if value is None else f"{value:.{digits}f}"
-
     lines = [
-        "| engine | door | c | images | espro img/s | p99 ms | × engine | × KServe | "
-        "KServe p99 ms | × Serve no-op |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| " + " | ".join(heading for heading, _, _ in COLUMNS) + " |",
+        "|" + "|".join("---" if digits is None else "---:" for _, _, digits in COLUMNS) + "|",
+        *("| " + " | ".join(columns(row)) + " |" for row in report["ratios"]),
+        "",
+        "| target | model | engine | door | ratio | met |",
+        "|---|---|---|---|---:|---|",
     ]
-    for r in report["ratios"]:
-        lines.append(
-            f"| {r['engine']} | {r['door']} | {r['concurrency']} | {r['images_per_request']} | "
-            f"{cell(r['server_images_per_s'], 1)} | {cell(r['server_p99_ms'], 0)} | "
-            f"{cell(r['server_over_engine'], 2)} | {cell(r['server_over_kserve'], 2)} | "
-            f"{cell(r['kserve_p99_ms'], 0)} | {cell(r.get('server_over_serve_noop'), 2)} |"
-        )
-    lines += ["", "| target | engine | door | ratio | met |", "|---|---|---|---:|---|"]
     for t in report["targets"]:
         met = {True: "yes", False: "no", None: "–"}[t["met"]]
+        ratio = "–" if t["ratio"] is None else f"{t['ratio']:.2f}"
         lines.append(
-            f"| {t['target']} | {t['engine']} | {t['door']} | {cell(t['ratio'], 2)} | {met} |"
+            f"| {t['target']} | {t['model']} | {t['engine']} | {t['door']} | {ratio} | {met} |"
         )
     return "\n".join(lines)
 
@@ -972,7 +1085,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     report = run(args)
     print(ratio_table(report["ratios"]))
     for target in report["targets"]:
-        print(f"{target['engine']:11} {target['door']:11} {target['target']}: {target['met']}")
+        name = f"{target['model']:8} {target['engine']:11} {target['door']:18}"
+        print(f"{name} {target['target']}: {target['met']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -43,14 +43,17 @@ def loadgen(bench: ModuleType) -> Iterator[Any]:
 def measured(bench: ModuleType, loadgen: Any, server: Server) -> list[dict[str, Any]]:
     """One second of load at concurrency 2 over every door of the server, and the in-process
     engine at the batch the server would form."""
-    endpoint = bench.Endpoint(server.http, server.grpc, "tiny", INPUT_SHAPE, server.direct)
+    endpoint = bench.Endpoint(
+        server.http, server.grpc, "tiny", INPUT_SHAPE, server.direct, server.direct_http
+    )
     cells = [bench.GridCell(concurrency=2, images=IMAGES)]
     timing = bench.Timing(warmup_s=0.3, duration_s=1.0, timeout_s=20.0)
     espro = bench.door_cells(
-        loadgen, "espro", "reference", endpoint, bench.DOORS, cells, timing, lambda _: None
-    )
+        loadgen, "espro", "tiny", "reference", endpoint, bench.DOORS, cells, timing,
+        lambda _: None,
+    )  # fmt: skip
     engine = bench.engine_cells(
-        server.bundles["tiny/2"], "reference", cells, timing, lambda _: None
+        server.bundles["tiny/2"], "tiny", "reference", cells, timing, lambda _: None
     )
     return espro + engine
 
@@ -86,19 +89,18 @@ def test_the_engine_runs_the_batch_the_server_would_form(
 def test_a_door_that_refuses_is_recorded_with_its_reason(
     bench: ModuleType, loadgen: Any, server: Server
 ) -> None:
-    endpoint = bench.Endpoint(server.http, server.grpc, "no-such-model", INPUT_SHAPE, server.direct)
+    endpoint = bench.Endpoint(
+        server.http, server.grpc, "no-such-model", INPUT_SHAPE, server.direct, server.direct_http
+    )
     timing = bench.Timing(warmup_s=0.0, duration_s=0.1, timeout_s=20.0)
     cells = bench.door_cells(
-        loadgen, "espro", "reference", endpoint, bench.DOORS, [bench.GridCell(2, 1)], timing,
-        lambda _: None,
+        loadgen, "espro", "no-such-model", "reference", endpoint, bench.DOORS,
+        [bench.GridCell(2, 1)], timing, lambda _: None,
     )  # fmt: skip
     reasons = [cell["skipped"] for cell in cells]
     assert [reason.split(":")[0] for reason in reasons] == [
-        "the door answers 404",
-        "the door answers 404",
-        "the door answers 404",
-        "the door answers NOT_FOUND",
-        "the door answers NOT_FOUND",
+        *["the door answers 404"] * 5,  # native, its direct door, REST JSON, binary, direct
+        *["the door answers NOT_FOUND"] * 2,
     ]
     assert all("no-such-model" in reason for reason in reasons)
 
@@ -114,16 +116,16 @@ def test_the_report_has_its_fields_and_ratios(
     assert {"cpu", "nproc", "torch", "threads"} <= set(report["machine"])
     for cell in report["cells"]:
         assert {
-            "target", "door", "concurrency", "images_per_request", "requests", "images_per_s",
-            "p50_ms", "p99_ms",
+            "target", "model", "door", "concurrency", "images_per_request", "requests",
+            "images_per_s", "p50_ms", "p99_ms",
         } <= set(cell)  # fmt: skip
     assert [row["door"] for row in report["ratios"]] == list(bench.DOORS)
     for row in report["ratios"]:
-        assert row["server_over_engine"] > 0
-        assert row["server_over_kserve"] is None  # no peer measured
+        assert row["server_over_engine"] > 0 and row["server_over_grpc"] > 0
+        assert row["server_over_kserve"] is None and row["server_over_mlserver"] is None
     table = bench.markdown(report)
-    assert table.count("\n| reference |") == len(bench.DOORS)  # one row per measured door
-    assert "| – |" in table  # no KServe ratio without a peer
+    assert table.count("\n| tiny | reference |") == len(bench.DOORS)  # a row per measured door
+    assert "| – |" in table  # no peer ratio without a peer
 
 
 def test_the_concurrency_128_target_compares_with_c32_and_needs_every_answer(
@@ -131,9 +133,9 @@ def test_the_concurrency_128_target_compares_with_c32_and_needs_every_answer(
 ) -> None:
     def cell(concurrency: int, images_per_s: float, **errors: int) -> dict[str, Any]:
         return {
-            "target": "espro", "engine": "fused", "door": "grpc", "concurrency": concurrency,
-            "images_per_request": 1, "images_per_s": images_per_s, "requests_per_s": images_per_s,
-            "p99_ms": 100.0, "errors": errors,
+            "target": "espro", "model": "cnn", "engine": "fused", "door": "grpc",
+            "concurrency": concurrency, "images_per_request": 1, "images_per_s": images_per_s,
+            "requests_per_s": images_per_s, "p99_ms": 100.0, "errors": errors,
         }  # fmt: skip
 
     def c128_target(*cells: dict[str, Any]) -> dict[str, Any]:
@@ -147,23 +149,36 @@ def test_the_concurrency_128_target_compares_with_c32_and_needs_every_answer(
     assert c128_target(cell(128, 95.0))["met"] is None  # no c = 32 cell to compare with
 
 
-def test_both_grpc_doors_are_compared_with_the_peers_grpc(bench: ModuleType) -> None:
-    def cell(target: str, door: str, images_per_s: float) -> dict[str, Any]:
+def test_direct_doors_are_compared_with_the_peers_door_of_the_same_requests(
+    bench: ModuleType,
+) -> None:
+    def cell(target: str, engine: str, door: str, images_per_s: float) -> dict[str, Any]:
         return {
-            "target": target, "engine": "fused", "door": door, "concurrency": 32,
+            "target": target, "model": "cnn", "engine": engine, "door": door, "concurrency": 32,
             "images_per_request": 1, "images_per_s": images_per_s, "requests_per_s": images_per_s,
             "p99_ms": 100.0, "errors": {},
         }  # fmt: skip
 
     rows = bench.ratios(
         [
-            cell("espro", "grpc", 100.0),
-            cell("espro", "grpc-direct", 200.0),
-            cell("espro", "rest-json", 60.0),
-            cell("kserve", "grpc", 50.0),
+            cell("espro", "fused", "grpc", 100.0),
+            cell("espro", "fused", "grpc-direct", 200.0),
+            cell("espro", "fused", "rest-binary-direct", 90.0),
+            cell("espro", "fused", "rest-json", 60.0),
+            cell("kserve", "member-loop", "grpc", 50.0),
+            cell("kserve", "member-loop", "rest-binary", 30.0),
+            cell("mlserver", "fused", "grpc", 80.0),
+            cell("mlserver", "onnx", "grpc", 10.0),  # another engine: not fused's peer
         ]
     )
-    over_kserve = {row["door"]: row["server_over_kserve"] for row in rows}
-    assert over_kserve == {"grpc": pytest.approx(2.0), "grpc-direct": pytest.approx(4.0)} | {
-        "rest-json": None
+    ratios = {row["door"]: row for row in rows}
+    assert {door: row["server_over_kserve"] for door, row in ratios.items()} == {
+        "grpc": pytest.approx(2.0),
+        "grpc-direct": pytest.approx(4.0),
+        "rest-binary-direct": pytest.approx(3.0),
+        "rest-json": None,
     }
+    assert ratios["grpc-direct"]["server_over_mlserver"] == pytest.approx(2.5)
+    assert ratios["rest-binary-direct"]["server_over_grpc"] == pytest.approx(0.9)
+    (rest_binary,) = [t for t in bench.targets(rows) if "REST binary" in t["target"]]
+    assert rest_binary["door"] == "rest-binary-direct" and rest_binary["met"] is True
