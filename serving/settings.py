@@ -60,12 +60,12 @@ class AppConfig(Tuning):
     present; read by each replica at start and at every reconfiguration. None: no auth."""
     engine: str = "auto"
     """How replicas compute member outputs. ``auto`` times the exact engines on each bundle
-    as it loads (2 s of calls at most, plus each one's preparation: an ONNX export takes
-    seconds) and answers each range of batch sizes with the fastest, never slower than
-    ``reference`` where measured; ``auto:bf16`` also times bf16 ones. Or one engine:
-    ``reference`` (one forward per member), ``fused`` (every member at once), ``shortcut``,
-    ``onnx``, with options such as ``fused:bf16,graphs`` (see :mod:`serving.engine`). Every
-    fp32 engine answers the numbers of ``reference`` to 1e-5."""
+    as it loads (one row each, then 2 s of calls at most, plus each one's preparation: an
+    ONNX export takes seconds) and answers each range of batch sizes with the fastest,
+    never slower than ``reference`` where measured; ``auto:bf16`` also times bf16 ones. Or
+    one engine: ``reference`` (one forward per member), ``fused`` (every member at once),
+    ``shortcut``, ``onnx``, with options such as ``fused:bf16,graphs`` (see
+    :mod:`serving.engine`). Every fp32 engine answers the numbers of ``reference`` to 1e-5."""
 
     direct_grpc_port: int | None = Field(default=None, ge=1, le=65535)
     """A port where each replica also serves the OIP gRPC service itself, past Serve's proxy

@@ -264,6 +264,18 @@ def test_the_budget_bounds_the_charged_calls_not_the_preparation(
     assert engine.choice == {"1-7": "fused", "8+": "shortcut"}
 
 
+def test_the_smallest_size_is_timed_in_full_whatever_the_budget(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A bundle whose one-row calls alone outlast the budget (a large model on a slow CPU)
+    # still gets the fastest engine at one row, for every size: larger ones are not timed.
+    engine, timer = _direct(monkeypatch, tmp_path, budget_s=1e-6)
+    assert list(engine.timings) == [1]
+    assert set(engine.timings[1]) == {"reference", "fused", "shortcut"}
+    assert engine.choice == {"1+": "fused"}
+    assert {rows for _, rows, _ in timer.calls} == {1}
+
+
 def test_without_a_counted_size_the_reference_answers(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

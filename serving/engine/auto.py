@@ -14,15 +14,19 @@ reduced precision (``auto:bf16``) ``fused`` and ``shortcut`` are also timed in i
 Each candidate runs every stored member on random rows of the bundle's input shape, at each
 of :data:`ROWS` in turn: one untimed call, then the median of ``repeats`` timed calls. A
 candidate's first call ever, one more, prepares it (stacks, an ONNX export, graph capture) and
-is not charged to ``budget_s``; every other call is, and no call starts once the budget is
-spent. At a size, candidates run fastest first (by the previous size's medians), and one whose
-calls there all took over ``slack`` times the best median so far is stopped as slower. A size
-counts only if every candidate was timed or stopped at it. A candidate that raises (an export it
-cannot do, memory at a size) is left out from there on; the reference raising at the first
-size fails the engine, as the bundle's members do not run.
+is not charged to ``budget_s``; every other call is. The smallest size is timed in full
+whatever it costs, so that a bundle whose few rows already outlast the budget (a large model
+on a slow CPU) still gets the fastest engine rather than the reference by default; at a
+larger size no call starts once the budget is spent. At a size, candidates run fastest first
+(by the previous size's medians), and one whose calls there all took over ``slack`` times
+the best median so far is stopped as slower. A size counts only if every candidate was timed
+or stopped at it. A candidate that raises (an export it cannot do, memory at a size) is left
+out from there on; the reference raising at the first size fails the engine, as the bundle's
+members do not run.
 
 The rule: a batch of n rows runs on the winner of the largest counted size ≤ n (the smallest
-counted size's winner below it); with no counted size, the reference answers every batch.
+counted size's winner below it); with no counted size (a zero budget), the reference answers
+every batch.
 Only the winners are kept; the others, with what they prepared, are dropped. All of them share
 the members' tensors, materialised once on the device; each kept ``fused`` or ``shortcut``
 engine also holds its stacked copies of the members it ran, and ``onnx`` its graph's.
@@ -91,9 +95,11 @@ class _Budget:
 
     seconds: float
     spent: float = 0.0
+    binding: bool = True
+    """Whether a call may not start once the seconds are spent."""
 
     def call(self, engine: Engine, x: torch.Tensor, *, charged: bool) -> float:
-        if self.spent >= self.seconds:
+        if self.binding and self.spent >= self.seconds:
             raise _OutOfBudget
         seconds = time_call(engine, x)
         self.spent += seconds if charged else 0.0
@@ -139,7 +145,8 @@ def measure(
     reference = order[0]
     timings: Timings = {}
     failed: dict[str, str] = {}
-    for n in sorted(rows):
+    for k, n in enumerate(sorted(rows)):
+        budget.binding = k > 0 or budget_s <= 0  # the smallest size in full, unless told 0 s
         row: dict[str, float | None] = {}
         try:
             for name in list(order):
