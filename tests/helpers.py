@@ -8,13 +8,15 @@ Fixtures live in conftest.py; this module is plain code. Replicas import it too 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import ipaddress
 import os
+import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -459,3 +461,22 @@ def benchmark_module(name: str) -> Iterator[ModuleType]:
         yield importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCHMARKS))
+
+
+def free_port() -> int:
+    """A loopback port no socket holds now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_async(test: Callable[[], Awaitable[None]], timeout_s: float = 30) -> None:
+    """Run the coroutine ``test()`` to its end, failing it after ``timeout_s`` (a bound on a
+    hang, not on speed)."""
+    asyncio.run(asyncio.wait_for(test(), timeout=timeout_s))
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Return once ``condition()`` holds (the caller's timeout bounds a hang)."""
+    while not condition():
+        await asyncio.sleep(0.005)

@@ -11,16 +11,10 @@ from typing import Any
 import grpc
 import pytest
 
+from helpers import free_port, run_async, until
 from serving.app.direct import RPCS, DirectServicer, start_direct_door
 from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.proto.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 PORT = free_port()
 ADDRESS = f"127.0.0.1:{PORT}"
@@ -51,16 +45,6 @@ class Replica:
             return pb.ModelInferResponse(model_name="m", id=self.name)
 
         return {name: live for name in RPCS} | {"ModelInfer": infer}
-
-
-def run(test: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(test(), timeout=30))
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Return once ``condition()`` holds (``run``'s timeout bounds a hang)."""
-    while not condition():
-        await asyncio.sleep(0.005)
 
 
 async def start(replica: Replica, port: int, **limits: int) -> grpc.aio.Server:
@@ -104,7 +88,7 @@ def test_the_door_answers_with_the_methods_and_their_status_codes():
                 await stub.ModelInfer(large)
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    run(test)
+    run_async(test)
 
 
 def test_calls_past_the_concurrency_bound_are_refused_not_queued():
@@ -120,7 +104,7 @@ def test_calls_past_the_concurrency_bound_are_refused_not_queued():
         assert [a.code() for a in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
         assert all("backpressure" in a.details() for a in refused)  # clients retry these
 
-    run(test)
+    run_async(test)
 
 
 def test_replicas_share_the_port_and_a_stopped_one_leaves_it_to_the_other():
@@ -131,7 +115,7 @@ def test_replicas_share_the_port_and_a_stopped_one_leaves_it_to_the_other():
             await first.stop(1.0)
             assert {(await infer_on_a_new_connection()).id for _ in range(10)} == {"b"}
 
-    run(test)
+    run_async(test)
 
 
 def test_a_stopping_door_finishes_the_calls_in_flight():
@@ -152,7 +136,7 @@ def test_a_stopping_door_finishes_the_calls_in_flight():
                 await infer(channel, timeout=2)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
-    run(test)
+    run_async(test)
 
 
 def test_a_port_held_by_another_program_is_a_clear_error():
@@ -164,7 +148,7 @@ def test_a_port_held_by_another_program_is_a_clear_error():
             with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
                 await start(Replica("a"), port)
 
-    run(test)
+    run_async(test)
 
 
 def test_every_rpc_needs_a_method():

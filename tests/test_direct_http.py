@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -14,14 +14,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from helpers import free_port, run_async, until
 from serving.app.direct import DIRECT_SCOPE, DirectHttpDoor, start_direct_http_door
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 PORT = free_port()
 URL = f"http://127.0.0.1:{PORT}"
@@ -47,16 +41,6 @@ class Replica:
             return JSONResponse({"replica": self.name, "direct": direct, "bytes": len(body)})
 
         return Starlette(routes=[Route("/answer", answer, methods=["POST"])])
-
-
-def run(test: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(test(), timeout=30))
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Return once ``condition()`` holds (``run``'s timeout bounds a hang)."""
-    while not condition():
-        await asyncio.sleep(0.005)
 
 
 async def start(replica: Replica, port: int = PORT, max_in_flight: int = 16) -> DirectHttpDoor:
@@ -92,7 +76,7 @@ def test_the_door_runs_the_app_and_marks_its_requests():
         assert answer.json() == {"replica": "a", "direct": True, "bytes": 5}
         assert "server" not in answer.headers  # no uvicorn banner
 
-    run(test)
+    run_async(test)
 
 
 def test_requests_past_the_concurrency_bound_are_refused_not_queued():
@@ -109,7 +93,7 @@ def test_requests_past_the_concurrency_bound_are_refused_not_queued():
         assert all("backpressure" in a.json()["error"] for a in refused)  # clients retry these
         assert replica.entered == 2
 
-    run(test)
+    run_async(test)
 
 
 def test_replicas_share_the_port_and_a_stopped_one_leaves_it_to_the_other():
@@ -120,7 +104,7 @@ def test_replicas_share_the_port_and_a_stopped_one_leaves_it_to_the_other():
             await first.stop()
             assert {(await post()).json()["replica"] for _ in range(10)} == {"b"}
 
-    run(test)
+    run_async(test)
 
 
 def test_a_stopping_door_finishes_the_requests_in_flight():
@@ -140,7 +124,7 @@ def test_a_stopping_door_finishes_the_requests_in_flight():
             answer = await call
         assert answer.status_code == 200 and answer.json()["replica"] == "a"
 
-    run(test)
+    run_async(test)
 
 
 def test_a_port_held_by_another_program_is_a_clear_error():
@@ -152,4 +136,4 @@ def test_a_port_held_by_another_program_is_a_clear_error():
             with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
                 await start(Replica("a"), port)
 
-    run(test)
+    run_async(test)
