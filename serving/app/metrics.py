@@ -31,7 +31,7 @@ class ServerMetrics(BatchObserver):
         door = ("door", "model", "status")
         self.requests = metrics.Counter(
             "espro_requests_total",
-            "Requests answered, by door (native, rest, grpc), model and status code.",
+            "Requests answered, by door (native, rest, grpc; *-direct past Serve), model, status.",
             tag_keys=door,
         )
         self.latency = metrics.Histogram(
