@@ -6,10 +6,8 @@ KServe is not tested here: its peer needs its own virtual environment.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -17,20 +15,15 @@ from typing import Any
 
 import pytest
 
-from helpers import INPUT_SHAPE, Server
+from helpers import INPUT_SHAPE, Server, benchmark_module
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 IMAGES = 3
 
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
-    """``benchmarks/serving_load.py``, imported with its folder on ``sys.path`` as when run."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("serving_load")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_module("serving_load") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +92,8 @@ def test_a_door_that_refuses_is_recorded_with_its_reason(
     )  # fmt: skip
     reasons = [cell["skipped"] for cell in cells]
     assert [reason.split(":")[0] for reason in reasons] == [
-        *["the door answers 404"] * 5,  # native, its direct door, REST JSON, binary, direct
-        *["the door answers NOT_FOUND"] * 2,
+        "the door answers NOT_FOUND" if door.startswith("grpc") else "the door answers 404"
+        for door in bench.DOORS
     ]
     assert all("no-such-model" in reason for reason in reasons)
 
