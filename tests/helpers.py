@@ -470,6 +470,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@contextlib.contextmanager
+def held_port() -> Iterator[int]:
+    """A loopback port another program listens on, bound without ``SO_REUSEPORT`` so that
+    nothing can share it, until the block ends."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
 def run_async(test: Callable[[], Awaitable[None]], timeout_s: float = 30) -> None:
     """Run the coroutine ``test()`` to its end, failing it after ``timeout_s`` (a bound on a
     hang, not on speed)."""

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,7 +32,14 @@ import tritonclient.http as thttp
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from helpers import FP32_ATOL, Gate, listeners, reachable_beyond_loopback, wait_until
+from helpers import (
+    FP32_ATOL,
+    Gate,
+    held_port,
+    listeners,
+    reachable_beyond_loopback,
+    wait_until,
+)
 from serving.bundle import load_bundle
 from serving.errors import STATUS_TRAILER
 from serving.manifest import TENSORS_FILE
@@ -736,10 +742,7 @@ def test_espro_serve_stopped_while_it_deploys_still_exits_cleanly(server, tmp_pa
 def test_espro_serve_names_why_its_replicas_did_not_start(server):
     """A direct-door port another program holds: the replicas cannot start, and ``espro
     serve`` says why in one line and exits, instead of a traceback of Serve's."""
-    with socket.socket() as holder:  # no SO_REUSEPORT: the port is not shared
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        port = holder.getsockname()[1]
+    with held_port() as port:
         command = [sys.executable, "-m", "serving.cli", "serve", str(server.bundles["tiny/1"])]
         command += ["--ray-cpus", "1", "--http-port", "18300", "--grpc-port", "19300"]
         command += ["--metrics-port", "18380", "--direct-grpc-port", str(port)]

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 import pytest
 
-from helpers import free_port, run_async, until
+from helpers import free_port, held_port, run_async, until
 from serving.app.direct import RPCS, DirectServicer, start_direct_door
 from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.proto.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
@@ -141,12 +140,11 @@ def test_a_stopping_door_finishes_the_calls_in_flight():
 
 def test_a_port_held_by_another_program_is_a_clear_error():
     async def test() -> None:
-        with socket.socket() as holder:  # bound without SO_REUSEPORT, so it is not shared
-            holder.bind(("127.0.0.1", 0))
-            holder.listen()
-            port = holder.getsockname()[1]
-            with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
-                await start(Replica("a"), port)
+        with (
+            held_port() as port,
+            pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"),
+        ):
+            await start(Replica("a"), port)
 
     run_async(test)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 
 import httpx
@@ -14,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from helpers import free_port, run_async, until
+from helpers import free_port, held_port, run_async, until
 from serving.app.direct import DIRECT_SCOPE, DirectHttpDoor, start_direct_http_door
 
 PORT = free_port()
@@ -129,11 +128,10 @@ def test_a_stopping_door_finishes_the_requests_in_flight():
 
 def test_a_port_held_by_another_program_is_a_clear_error():
     async def test() -> None:
-        with socket.socket() as holder:  # bound without SO_REUSEPORT, so it is not shared
-            holder.bind(("127.0.0.1", 0))
-            holder.listen()
-            port = holder.getsockname()[1]
-            with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
-                await start(Replica("a"), port)
+        with (
+            held_port() as port,
+            pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"),
+        ):
+            await start(Replica("a"), port)
 
     run_async(test)
