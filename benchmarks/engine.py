@@ -76,7 +76,7 @@ DEFAULT_MEMBERS: dict[str, tuple[int, ...]] = {"resnet18": (15,)}
 """Members per model without ``--members`` (else :data:`TOY_MEMBERS`): ResNet-18's as asked
 for, fifteen, which also keeps its cells to minutes on two CPU cores."""
 TOY_MEMBERS = (1, 4, 16, 64)
-CPU_ENGINES = ("reference", "fused", "shortcut", "fused:bf16", "shortcut:bf16", "onnx")
+CPU_ENGINES = ("reference", "fused", "shortcut", "fused:bf16", "shortcut:bf16", "onnx", "auto")
 CUDA_ENGINES = (
     "reference",
     "fused",
@@ -88,6 +88,7 @@ CUDA_ENGINES = (
     "fused:fp16,graphs",
     "shortcut:fp16,graphs",
     "onnx",
+    "auto",
 )
 NUM_VERTICES = 3
 
@@ -278,9 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             del engines
     return {
         "command": args.command,
-        "commit": subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": commit(),
         "device": str(device),
         "machine": machine(device),
         "loadavg_before": load_before,
@@ -293,6 +292,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "results": results,
         "targets": targets(results),
     }
+
+
+def commit() -> str:
+    """The checkout's commit, for the report."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    return head.stdout.strip()
 
 
 def members_of(args: argparse.Namespace, model_name: str) -> Sequence[int]:

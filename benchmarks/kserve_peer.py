@@ -49,26 +49,28 @@ def member_networks(bundle: Bundle) -> list[torch.nn.Module]:
 class MemberLoop(Model):
     """A KServe model answering the mean softmax of a bundle's members, one member at a time."""
 
-    def __init__(self, bundle_path: str) -> None:
+    def __init__(self, bundle_path: str, device: str = "cpu") -> None:
         self.bundle = load_bundle(bundle_path)
         super().__init__(self.bundle.manifest.name)
+        self.device = torch.device(device)
         self.members: list[torch.nn.Module] = []
 
     def load(self) -> bool:
-        self.members = member_networks(self.bundle)
+        self.members = [network.to(self.device) for network in member_networks(self.bundle)]
         self.ready = True
         return self.ready
 
     @torch.inference_mode()
     def predict(self, payload: InferRequest, headers: Any = None) -> InferResponse:
         manifest = self.bundle.manifest
-        x = manifest.input.normalise(torch.from_numpy(payload.inputs[0].as_numpy()).float())
+        x = torch.from_numpy(payload.inputs[0].as_numpy()).to(self.device, torch.float32)
+        x = manifest.input.normalise(x)
         probabilities = torch.stack(
             [(network(x) / manifest.temperature).softmax(-1) for network in self.members]
         ).mean(0)
         binary = payload.use_binary_outputs
         output = InferOutput("probabilities", list(probabilities.shape), "FP32")
-        output.set_data_from_numpy(probabilities.numpy(), binary_data=binary)
+        output.set_data_from_numpy(probabilities.cpu().numpy(), binary_data=binary)
         return InferResponse(
             response_id=payload.id or generate_uuid(),  # KServe's JSON answer needs an id
             model_name=self.name,
@@ -99,11 +101,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--http-port", type=int, default=28500)
     parser.add_argument("--grpc-port", type=int, default=28501)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--device", default="cpu", help="torch device of the members")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     kserve_model_server.RESTServer = LoopbackRESTServer
     kserve_grpc_server.aio = types.SimpleNamespace(server=loopback_grpc_server)
-    model = MemberLoop(args.bundle)
+    model = MemberLoop(args.bundle, args.device)
     model.load()
     ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=1).start([model])
 

@@ -54,7 +54,10 @@ class EsproModel(MLModel):
     async def load(self) -> bool:
         parameters = self.settings.parameters
         torch.set_num_threads(parameters.extra["threads"])
-        self.predictor = Predictor.from_path(parameters.uri, engine=parameters.extra["engine"])
+        extra = parameters.extra
+        self.predictor = Predictor.from_path(
+            parameters.uri, engine=extra["engine"], device=extra["device"]
+        )
         self.predictor.warm_up()  # an ONNX export takes seconds: not on a request
         engine, threads = self.predictor.describe_engine(), torch.get_num_threads()
         logger.info("%s engine %s, %d torch threads", self.name, engine, threads)
@@ -94,7 +97,7 @@ def model_settings(args: argparse.Namespace) -> ModelSettings:
         max_batch_time=args.max_batch_time_ms / 1000,
         parameters=ModelParameters(
             uri=str(Path(args.bundle).resolve()),
-            extra={"engine": args.engine, "threads": args.threads},
+            extra={"engine": args.engine, "threads": args.threads, "device": args.device},
         ),
     )
 
@@ -111,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grpc-port", type=int, default=28601)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--engine", default="auto", help="espro's engine (serving.engine)")
+    parser.add_argument("--device", default="cpu", help="the engine's torch device")
     parser.add_argument("--max-batch-size", type=int, default=32, help="requests per batch")
     parser.add_argument("--max-batch-time-ms", type=float, default=2.0)
     parser.add_argument("--debug", action="store_true", help="MLServer's debug logging")

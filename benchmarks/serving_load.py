@@ -34,18 +34,20 @@ request when the previous answer arrives, for ``--warmup`` seconds and then ``--
 seconds in which answers are counted (requests still in flight at the end are awaited and
 counted as sent, not as throughput). A cell reports requests/s, images/s, p50/p99 latency, the
 errors by code (all phases), and the load generator's CPU use (100 % = its core saturated).
-A cell with more than ``--max-inflight-images`` images in flight is recorded as skipped: on a
-small CPU one round of it takes longer than a cell. Run it where Ray may open ports, i.e. in a
-loopback-only network namespace::
+The in-process engine runs first and sets each model's cells: a cell's window lasts at least
+four rounds (every worker answered once) at the engine's rate, its warm-up one, so a slow model
+gets longer cells rather than a window with one answer in it; a cell whose rounds would outlast
+``--max-window`` is recorded as skipped with its round's length. Run it where Ray may open
+ports, i.e. in a loopback-only network namespace::
 
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 \\
     unshare --net sh -c 'ip link set lo up; exec .venv/bin/python benchmarks/serving_load.py'
 
 ``--quick`` runs tiny cells (1 s windows): about 3 minutes on 2 cores with both peers. The
-default grid is ``cnn``'s (6 s windows, 4 concurrencies × 2 request sizes, eight doors, both
-peers). ``resnet18`` needs cells of its own (docs/performance.md gives the command): on one
-torch thread of a small CPU its engine answers a few images/s, so one round of 32 images
-outlasts a 6 s window.
+default grid is 4 concurrencies × 2 request sizes over eight doors and both peers, for ``cnn``;
+``--models cnn resnet18`` adds the ResNet-18, whose cells on a small CPU last up to a minute.
+``--device cuda`` runs the engine, espro's replica and the peers on the GPU
+(``benchmarks/gpu_serving.sh``).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +73,7 @@ import httpx
 import numpy as np
 import torch
 from bundles import simplex_bundle
-from engine import machine
+from engine import commit, machine
 from soak import memory
 from tqdm import tqdm
 
@@ -459,24 +461,63 @@ class GridCell:
     concurrency: int
     images: int
     skipped: str | None = None
+    timing: Timing | None = None
+    """Its own warm-up, window and time limit (see :func:`fitted`); None: the run's."""
+
+    @property
+    def batch_rows(self) -> int:
+        """The rows of the batches the server forms under this cell's load."""
+        return min(self.concurrency, MAX_BATCH_SIZE) * self.images
+
+    def round_s(self, images_per_s: float) -> float:
+        """How long one round takes (every worker's request answered once) at a rate."""
+        return self.concurrency * self.images / images_per_s
 
 
-def grid(
-    concurrencies: Sequence[int], sizes: Sequence[int], max_inflight_images: int
+def grid(concurrencies: Sequence[int], sizes: Sequence[int]) -> list[GridCell]:
+    """Every (concurrency, images per request)."""
+    return [GridCell(concurrency, images) for images in sizes for concurrency in concurrencies]
+
+
+ROUNDS = 4
+"""A cell's window holds at least this many rounds at the in-process engine's rate."""
+
+
+def too_long(cell: GridCell, images_per_s: float, max_window_s: float) -> str | None:
+    """Why ``cell`` is not run when the engine answers ``images_per_s``: its rounds would
+    outlast ``max_window_s``; None when they do not."""
+    round_s = cell.round_s(images_per_s)
+    if ROUNDS * round_s <= max_window_s:
+        return None
+    return (
+        f"one round of {cell.concurrency * cell.images} images takes {round_s:.1f} s at the "
+        f"engine's {images_per_s:.1f} images/s: {ROUNDS} rounds outlast --max-window "
+        f"{max_window_s:g} s"
+    )
+
+
+def fitted(
+    cells: Sequence[GridCell], rates: dict[int, float], timing: Timing, max_window_s: float
 ) -> list[GridCell]:
-    """Every (concurrency, images per request); too many images in flight are skipped."""
-    cells = []
-    for images in sizes:
-        for concurrency in concurrencies:
-            inflight = concurrency * images
-            reason = (
-                f"{inflight} images in flight exceed --max-inflight-images "
-                f"{max_inflight_images}: one round would outlast the cell on this CPU"
-                if inflight > max_inflight_images
-                else None
-            )
-            cells.append(GridCell(concurrency, images, reason))
-    return cells
+    """``cells`` timed for a model whose engine answers ``rates[batch_rows]`` images/s (a
+    batch it did not run: its fastest rate): each window holds :data:`ROUNDS` rounds and the
+    warm-up one (the run's timing where that is longer); a cell whose rounds outlast
+    ``max_window_s`` is skipped with the reason."""
+    results = []
+    for cell in cells:
+        rate = rates.get(cell.batch_rows, max(rates.values()))
+        why = cell.skipped or too_long(cell, rate, max_window_s)
+        if why:
+            results.append(replace(cell, skipped=why))
+            continue
+        round_s = cell.round_s(rate)
+        own = Timing(
+            max(timing.warmup_s, round_s),
+            max(timing.duration_s, ROUNDS * round_s),
+            max(timing.timeout_s, 3 * round_s),
+        )
+        results.append(replace(cell, timing=own))
+    return results
 
 
 def label(target: str, model: str, engine: str, door: str, cell: GridCell) -> Cell:
@@ -525,28 +566,43 @@ def engine_cells(
     cells: Sequence[GridCell],
     timing: Timing,
     report: Callable[[Cell], None],
+    *,
+    device: str = "cpu",
+    max_window_s: float = float("inf"),
 ) -> list[Cell]:
     """The in-process engine at the batch the server would form for every cell (each batch
-    size measured once)."""
-    predictor = Predictor.from_path(bundle, engine=engine)
+    size measured once, the smallest first). A cell whose rounds would outlast
+    ``max_window_s`` at the fastest rate measured so far is skipped (see :func:`too_long`)."""
+    predictor = Predictor.from_path(bundle, engine=engine, device=device)
     measured: dict[int, dict[str, Any]] = {}
-    results = []
-    for cell in cells:
+    results: dict[GridCell, Cell] = {}
+    for cell in sorted(cells, key=lambda cell: cell.batch_rows):
         result = label("engine", model, engine, "in-process", cell)
-        if cell.skipped:
-            result["skipped"] = cell.skipped
+        fastest = max((m["images_per_s"] for m in measured.values()), default=None)
+        why = cell.skipped or (too_long(cell, fastest, max_window_s) if fastest else None)
+        if why:
+            result["skipped"] = why
         else:
-            rows = min(cell.concurrency, MAX_BATCH_SIZE) * cell.images
-            if rows not in measured:
-                measured[rows] = engine_capacity(predictor, rows, timing)
-            capacity = measured[rows]
+            if cell.batch_rows not in measured:
+                measured[cell.batch_rows] = engine_capacity(predictor, cell.batch_rows, timing)
+            capacity = measured[cell.batch_rows]
             result |= capacity | {
                 "requests": capacity["images"] / cell.images,
                 "requests_per_s": capacity["images_per_s"] / cell.images,
             }
         report(result)
-        results.append(result)
-    return results
+        results[cell] = result
+    return [results[cell] for cell in cells]
+
+
+def engine_rates(cells: Sequence[Cell], model: str) -> dict[int, float]:
+    """The in-process engine's images/s per batch rows for ``model``: the slowest engine's."""
+    rates: dict[int, float] = {}
+    for cell in cells:
+        if cell["target"] == "engine" and cell["model"] == model and "images_per_s" in cell:
+            rows, rate = cell["batch_rows"], cell["images_per_s"]
+            rates[rows] = min(rate, rates.get(rows, rate))
+    return rates
 
 
 def door_cells(
@@ -602,8 +658,9 @@ def skipped_cells(
 
 
 def make_load(endpoint: Endpoint, door: str, cell: GridCell, timing: Timing) -> Load:
-    """The traffic of one cell of ``endpoint``'s ``door``."""
-    return Load(endpoint, timing, door, cell.concurrency, cell.images)
+    """The traffic of one cell of ``endpoint``'s ``door``, with the cell's own timing if it
+    has one, else ``timing``."""
+    return Load(endpoint, cell.timing or timing, door, cell.concurrency, cell.images)
 
 
 # --------------------------------------------------------------------------- the targets
@@ -613,7 +670,7 @@ def espro_cells(
     args: argparse.Namespace,
     bundles: dict[str, Path],
     loadgen: LoadGenerator,
-    cells: Sequence[GridCell],
+    plans: dict[str, list[GridCell]],
     timing: Timing,
     report: Callable[[Cell], None],
 ) -> tuple[list[Cell], dict[str, Any]]:
@@ -627,6 +684,7 @@ def espro_cells(
         return AppConfig(
             bundles=[str(bundle) for bundle in bundles.values()],
             engine=engine,
+            device=args.device,
             torch_threads=args.threads,
             direct_grpc_port=args.direct_grpc_port,
             direct_http_port=args.direct_http_port,
@@ -655,8 +713,10 @@ def espro_cells(
                 launch.deploy(config(engine))
             for model, endpoint in endpoints.items():
                 results += door_cells(
-                    loadgen, "espro", model, engine, endpoint, args.doors, cells, timing, report
-                )
+                    loadgen, "espro", model, engine, endpoint, args.doors, plans[model], timing,
+                    report,
+                )  # fmt: skip
+        cells = grid(args.concurrency, args.images)
         results += serve_ceiling_cells(endpoints[args.models[0]], loadgen, cells, timing, report)
         info = {
             "memory": memory(),
@@ -751,7 +811,7 @@ def peer_cells(
     )
     command = [python, str(HERE / f"{peer.name}_peer.py"), str(bundle)]
     command += ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
-    command += ["--threads", str(args.threads)]
+    command += ["--threads", str(args.threads), "--device", args.device]
     wait_ms = str(args.batch_wait_ms)
     results: list[Cell] = []
     info = {}
@@ -930,7 +990,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every target's cells, then the report."""
     torch.set_num_threads(args.threads)
     loadavg_before, started = os.getloadavg(), time.perf_counter()
-    cells = grid(args.concurrency, args.images, args.max_inflight_images)
+    cells = grid(args.concurrency, args.images)
     timing = Timing(args.warmup, args.duration, args.timeout)
     per_target = {"engine": len(args.engines), "espro": len(args.engines) * len(args.doors)}
     per_target |= {peer.name: len(peer.engines(args)) * len(args.doors) for peer in PEERS}
@@ -950,12 +1010,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             progress.update()
 
         bundles = {model: reference_bundle(Path(workdir) / model, model) for model in args.models}
+        plans = {model: cells for model in args.models}
         if "engine" in args.targets:
             for model, bundle in bundles.items():
                 for engine in args.engines:
-                    results += engine_cells(bundle, model, engine, cells, timing, report)
+                    results += engine_cells(
+                        bundle, model, engine, cells, timing, report,
+                        device=args.device, max_window_s=args.max_window,
+                    )  # fmt: skip
+                rates = engine_rates(results, model)
+                if rates:
+                    plans[model] = fitted(cells, rates, timing, args.max_window)
         if "espro" in args.targets:
-            espro, processes["espro"] = espro_cells(args, bundles, loadgen, cells, timing, report)
+            espro, processes["espro"] = espro_cells(args, bundles, loadgen, plans, timing, report)
             results += espro
         for peer in PEERS:
             if peer.name not in args.targets:
@@ -963,7 +1030,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             processes[peer.name] = {}
             for model, bundle in bundles.items():
                 theirs, processes[peer.name][model] = peer_cells(
-                    args, peer, model, bundle, loadgen, cells, timing, report
+                    args, peer, model, bundle, loadgen, plans[model], timing, report
                 )
                 results += theirs
     return summary(args, results, processes, loadavg_before, time.perf_counter() - started)
@@ -980,7 +1047,8 @@ def summary(
     rows = ratios(cells)
     return {
         "command": args.command,
-        "machine": machine(torch.device("cpu")) | {"nproc": len(os.sched_getaffinity(0))},
+        "commit": commit(),
+        "machine": machine(torch.device(args.device)) | {"nproc": len(os.sched_getaffinity(0))},
         "loadavg_before": loadavg_before,
         "loadavg_after": os.getloadavg(),
         "seconds": round(seconds, 1),
@@ -991,7 +1059,8 @@ def summary(
             "torch_threads": args.threads,
             "max_batch_size": MAX_BATCH_SIZE,
             "batch_wait_ms": args.batch_wait_ms,
-            "max_inflight_images": args.max_inflight_images,
+            "max_window_s": args.max_window,
+            "rounds_per_window": ROUNDS,
             "loadgen_core": args.loadgen_core,
         },
         "bundle": {
@@ -1018,7 +1087,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=60.0, help="one request's limit (s)")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 128])
     parser.add_argument("--images", nargs="+", type=int, default=[1, 16], help="per request")
-    parser.add_argument("--max-inflight-images", type=int, default=256)
+    parser.add_argument(
+        "--max-window",
+        type=float,
+        default=60.0,
+        help=f"longest measured window (s): a cell needs {ROUNDS} rounds at the engine's rate",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
         "--models", nargs="+", choices=ARCHITECTURES, default=["cnn"], help="default: cnn"
     )

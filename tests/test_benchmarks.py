@@ -175,3 +175,30 @@ def test_direct_doors_are_compared_with_the_peers_door_of_the_same_requests(
     assert ratios["rest-binary-direct"]["server_over_grpc"] == pytest.approx(0.9)
     (rest_binary,) = [t for t in bench.targets(rows) if "REST binary" in t["target"]]
     assert rest_binary["door"] == "rest-binary-direct" and rest_binary["met"] is True
+
+
+def test_a_slow_models_cells_last_four_rounds_and_the_longest_are_skipped(
+    bench: ModuleType,
+) -> None:
+    timing = bench.Timing(warmup_s=2.0, duration_s=6.0, timeout_s=60.0)
+    rates = {1: 100.0, 32: 8.0}  # the engine's images/s at 1 and 32 rows
+    fast, slow, slowest = bench.fitted(bench.grid([1, 32, 128], [1]), rates, timing, 60.0)
+    assert fast.skipped is None and fast.timing == timing  # the run's timing is long enough
+    assert slow.skipped is None and slow.timing == bench.Timing(4.0, 16.0, 60.0)  # 4 s rounds
+    assert slowest.timing is None
+    assert slowest.skipped.startswith("one round of 128 images takes 16.0 s")
+    assert "--max-window 60 s" in slowest.skipped
+
+
+def test_the_engine_skips_a_cell_whose_rounds_would_outlast_the_window(
+    bench: ModuleType, server: Server
+) -> None:
+    timing = bench.Timing(warmup_s=0.0, duration_s=0.05, timeout_s=20.0)
+    cells = [bench.GridCell(128, 16), bench.GridCell(1, 1)]
+    big, small = bench.engine_cells(
+        server.bundles["tiny/2"], "tiny", "reference", cells, timing, lambda _: None,
+        max_window_s=1e-6,
+    )  # fmt: skip
+    assert small["images_per_s"] > 0  # the smallest batch runs first, whatever it costs
+    assert big["concurrency"] == 128 and big["skipped"].startswith("one round of 2048 images")
+    assert "images_per_s" not in big

@@ -74,7 +74,7 @@ def test_lambda_search_and_diagnostics_run_on_cuda(tmp_path):
 
 
 @cuda
-@pytest.mark.parametrize("engine", ["fused:graphs", "shortcut:fp16,graphs"])
+@pytest.mark.parametrize("engine", ["fused:graphs", "shortcut:fp16,graphs", "auto"])
 def test_predictor_on_cuda_with_graphs_matches_the_cpu_reference(
     tmp_path, make_tiny_bundle, engine
 ):

@@ -135,3 +135,30 @@ def test_a_port_held_by_another_program_is_a_clear_error():
             await start(Replica("a"), port)
 
     run_async(test)
+
+
+# Python calls the replica's async __del__ once more as it collects the object: Serve awaits it.
+@pytest.mark.filterwarnings("ignore:coroutine .*__del__' was never awaited:RuntimeWarning")
+def test_a_stopping_replica_drains_its_two_direct_doors_at_once() -> None:
+    from serving.app.server import ModelServer
+
+    stopping: list[str] = []
+
+    class Door:
+        """Stops once both doors are stopping: one drained after the other never would."""
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def stop(self, *_: float) -> None:
+            stopping.append(self.name)
+            await until(lambda: len(stopping) == 2)
+
+    async def stop_replica() -> None:
+        replica = object.__new__(ModelServer.func_or_class)
+        replica._direct_grpc, replica._direct_http = Door("grpc"), Door("http")
+        await replica.__del__()
+        assert replica._direct_grpc is None and replica._direct_http is None
+
+    run_async(stop_replica, timeout_s=5.0)
+    assert sorted(stopping) == ["grpc", "http"]

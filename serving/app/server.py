@@ -162,13 +162,14 @@ class ModelServer(OipGrpcMethods):
 
     async def __del__(self) -> None:
         """Serve calls this as the replica stops: the direct doors take no new requests and
-        finish those in flight."""
+        finish those in flight, both at once."""
+        stops = []
         if self._direct_grpc is not None:
-            await self._direct_grpc.stop(DRAIN_S)
-            self._direct_grpc = None
+            stops.append(self._direct_grpc.stop(DRAIN_S))
         if self._direct_http is not None:
-            await self._direct_http.stop()
-            self._direct_http = None
+            stops.append(self._direct_http.stop())
+        self._direct_grpc = self._direct_http = None
+        await asyncio.gather(*stops)
 
     async def _refresh_model_info(self) -> None:
         while True:

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# espro served on one CUDA device through Ray Serve with the `auto` engine, end to end: the
+# ResNet-18 ensemble (15 members) and the CNN at c = 1, 32 and 128, 1 and 16 images per
+# request, over Serve gRPC, direct gRPC, REST binary (through Serve and direct) and native JSON,
+# beside the in-process engine; images/s and p50/p99 per cell, in about 6 minutes:
+#   bash benchmarks/gpu_serving.sh            # writes benchmarks/results/serving-cuda.json
+# PYTHON picks the interpreter (default: .venv/bin/python, else python3; it needs espro with
+# its `serving` extra), SERVING_JSON the output, CUDA_VISIBLE_DEVICES the device. Ray binds
+# loopback only inside the network namespace the script makes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+SERVING_JSON=${SERVING_JSON:-benchmarks/results/serving-cuda.json}
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PYTHON" -c 'import torch; assert torch.cuda.is_available(), "no CUDA device visible to torch"'
+timeout 480 unshare --net sh -c 'ip link set lo up; exec "$@"' sh \
+    "$PYTHON" benchmarks/serving_load.py --device cuda --models resnet18 cnn \
+    --targets engine espro --doors grpc grpc-direct rest-binary rest-binary-direct native \
+    --concurrency 1 32 128 --images 1 16 --threads 2 --duration 4 --warmup 1.5 \
+    --out "$SERVING_JSON"
