@@ -17,18 +17,21 @@ error against it. ::
 ResNet-18 (``--models resnet18``; not run by default) has BatchNorm, and ESPRO gives every
 drawn member statistics of its own, so each member's state holds the model's buffers as well
 as its parameters, with running statistics perturbed per member (:func:`member_buffers`).
-Without ``--members`` it runs 15 members. Its cells, about 1.1 GFLOP per member and image::
+Without ``--members`` it runs 15 members. Its cells, about 1.1 GFLOP per member and image,
+beside the CNN's::
 
-    python benchmarks/engine.py --threads 1 --models resnet18 --members 15 --batches 1 8 64 \\
-        --engines reference fused onnx auto --out benchmarks/results/engine-resnet18-cpu.json
+    python benchmarks/engine.py --threads 1 --models cnn resnet18 --members 15 \\
+        --batches 1 8 64 --engines reference fused shortcut onnx auto \\
+        --out benchmarks/results/engine-auto-cpu-amx.json
 
-take about 4-5 minutes on one free core (``--threads 1``, as the recorded CPU runs) and up to
+take about 7 minutes on one free core (``--threads 1``, as the recorded CPU runs) and up to
 7 GB of memory: ``onnx`` and ``auto`` each export the 15 members to ONNX on first use (about
-40 s each), batch 64 costs 7-9 s a call for every engine (four calls a cell), batches 1 and 8
+40 s each), batch 64 costs 7-13 s a call for every engine (four calls a cell), batches 1 and 8
 under 1.5 s. Two threads halve the compute only on otherwise idle cores; beside other work they
 are many times slower (threads waiting for each other at every operator). ``shortcut`` does
-not apply to ResNet-18 (not an ``nn.Sequential``: it runs as ``fused``), so it is left out
-above; ``--quick --models resnet18`` is the smoke test (4 members on 3x8x8 inputs).
+not apply to ResNet-18 (not an ``nn.Sequential``: it runs as ``fused``, and its column there
+is ``fused`` measured again); ``--quick --models resnet18`` is the smoke test (4 members on
+3x8x8 inputs).
 
 A cell whose smaller-K sibling (same model, engine and batch) took longer than
 ``--max-call-s`` per call is skipped (recorded with ``"skipped"``), and so are ONNX and

@@ -15,8 +15,8 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled RAY_USAGE_STAT
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PYTHON" -c 'import torch; assert torch.cuda.is_available(), "no CUDA device visible to torch"'
-timeout 480 unshare --net sh -c 'ip link set lo up; exec "$@"' sh \
+timeout 540 unshare --net sh -c 'ip link set lo up; exec "$@"' sh \
     "$PYTHON" benchmarks/serving_load.py --device cuda --models resnet18 cnn \
     --targets engine espro --doors grpc grpc-direct rest-binary rest-binary-direct native \
-    --concurrency 1 32 128 --images 1 16 --threads 2 --duration 4 --warmup 1.5 \
+    --concurrency 1 32 128 --images 1 16 --threads 2 --duration 3 --warmup 1 \
     --out "$SERVING_JSON"
