@@ -2,7 +2,7 @@
 # espro served on one CUDA device through Ray Serve with the `auto` engine, end to end: the
 # ResNet-18 ensemble (15 members) and the CNN at c = 1, 32 and 128, 1 and 16 images per
 # request, over Serve gRPC, direct gRPC, REST binary (through Serve and direct) and native JSON,
-# beside the in-process engine; images/s and p50/p99 per cell, in about 6 minutes:
+# beside the in-process engine; images/s and p50/p99 per cell, within a 9-minute limit:
 #   bash benchmarks/gpu_serving.sh            # writes benchmarks/results/serving-cuda.json
 # PYTHON picks the interpreter (default: .venv/bin/python, else python3; it needs espro with
 # its `serving` extra), SERVING_JSON the output, CUDA_VISIBLE_DEVICES the device. Ray binds

@@ -53,8 +53,8 @@ class EsproModel(MLModel):
 
     async def load(self) -> bool:
         parameters = self.settings.parameters
-        torch.set_num_threads(parameters.extra["threads"])
         extra = parameters.extra
+        torch.set_num_threads(extra["threads"])
         self.predictor = Predictor.from_path(
             parameters.uri, engine=extra["engine"], device=extra["device"]
         )

@@ -506,7 +506,7 @@ def fitted(
     results = []
     for cell in cells:
         rate = rates.get(cell.batch_rows, max(rates.values()))
-        why = cell.skipped or too_long(cell, rate, max_window_s)
+        why = too_long(cell, rate, max_window_s)
         if why:
             results.append(replace(cell, skipped=why))
             continue
@@ -579,7 +579,7 @@ def engine_cells(
     for cell in sorted(cells, key=lambda cell: cell.batch_rows):
         result = label("engine", model, engine, "in-process", cell)
         fastest = max((m["images_per_s"] for m in measured.values()), default=None)
-        why = cell.skipped or (too_long(cell, fastest, max_window_s) if fastest else None)
+        why = too_long(cell, fastest, max_window_s) if fastest else None
         if why:
             result["skipped"] = why
         else:
