@@ -5,12 +5,26 @@
 # beside the in-process engine; images/s and p50/p99 per cell, within a 9-minute limit:
 #   bash benchmarks/gpu_serving.sh            # writes benchmarks/results/serving-cuda.json
 # PYTHON picks the interpreter (default: .venv/bin/python, else python3; it needs espro with
-# its `serving` extra), SERVING_JSON the output, CUDA_VISIBLE_DEVICES the device. Ray binds
+# its `serving` extra, or PyTorch and SITE), SERVING_JSON the output, CUDA_VISIBLE_DEVICES the
+# device. SITE (default .gpu/site.tar.xz, from benchmarks/pack_site.sh), where it exists, is
+# unpacked and espro installed beside it, for a machine without a package index. Ray binds
 # loopback only inside the network namespace the script makes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 SERVING_JSON=${SERVING_JSON:-benchmarks/results/serving-cuda.json}
+SITE=${SITE:-.gpu/site.tar.xz}
+for tool in unshare ip; do
+    command -v "$tool" >/dev/null ||
+        { echo "gpu_serving.sh needs $tool for a loopback-only namespace" >&2; exit 2; }
+done
+if [ -f "$SITE" ]; then
+    site=$(mktemp -d)
+    tar -xJf "$SITE" -C "$site"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade \
+        --target "$site" .
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
