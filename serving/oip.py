@@ -18,6 +18,7 @@ A server answers an inference request in this order: decode (``decode_rest_reque
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
@@ -255,10 +256,11 @@ def _check_count(spec: _Spec, count: int) -> None:
         )
 
 
-def _typed_array(spec: _Spec, values: list[Any]) -> np.ndarray:
-    """Python values as a flat array of the spec's datatype, if they are of its kind and range."""
+def _typed_array(spec: _Spec, values: list[Any], numbers: bool = False) -> np.ndarray:
+    """Python values as a flat array of the spec's datatype, if they are of its kind and range;
+    ``numbers``: they are known to be ints and floats."""
     allowed, kind = _VALUE_TYPES[spec.datatype]
-    found = set(map(type, values))
+    found = allowed if numbers and allowed >= _NUMBERS else set(map(type, values))
     if not found <= allowed:
         wrong = ", ".join(sorted(t.__name__ for t in found - allowed))
         raise ServiceError(400, f"{spec.label}: {spec.datatype} data must be {kind}, got {wrong}")
@@ -329,7 +331,8 @@ def _from_json(spec: _Spec, data: Any) -> np.ndarray:
         _check_count(spec, len(data))
     elif data.shape != spec.shape:
         _refuse_nesting(spec, data.shape)
-    return data.to_numpy(spec.dtype, lambda values: _typed_array(spec, values)).reshape(spec.shape)
+    convert = functools.partial(_typed_array, spec, numbers=data.plain)
+    return data.to_numpy(spec.dtype, convert).reshape(spec.shape)
 
 
 def _refuse_nesting(spec: _Spec, shape: tuple[int, ...]) -> None:

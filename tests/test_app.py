@@ -415,6 +415,29 @@ def test_the_direct_http_door_answers_as_serves_and_counts_its_requests(server):
     np.testing.assert_allclose(answer, offline(server, "tiny/2").probs, atol=FP32_ATOL)
     unknown = requests.post(f"{server.direct_http}/v1/models/nope/predict", json=body, timeout=30)
     assert unknown.status_code == 404 and "nope" in unknown.json()["error"]
+    # The model routes are answered past FastAPI's router; the rest go through it, as in Serve.
+    oip_json = {"inputs": [{"name": INPUT, "shape": list(X.shape), "datatype": "FP32"}]}
+    oip_json["inputs"][0]["data"] = X.ravel().tolist()
+    for path in ("/v2/models/tiny/versions/1/infer", "/v2/models/tiny/infer"):
+        direct, served = (
+            requests.post(f"{base}{path}", json=oip_json, timeout=30)
+            for base in (server.direct_http, server.http)
+        )
+        assert direct.status_code == served.status_code == 200
+        assert direct.json()["model_version"] == served.json()["model_version"]
+    bad = {"inputs": [{"name": INPUT, "shape": [5, 3], "datatype": "FP32", "data": [0.0] * 15}]}
+    direct, served = (
+        requests.post(f"{base}/v2/models/tiny/infer", json=bad, timeout=30)
+        for base in (server.direct_http, server.http)
+    )
+    assert direct.status_code == served.status_code == 400
+    assert direct.json() == served.json()
+    for method, path in (("GET", "/v2/models/tiny/infer"), ("POST", "/v2/models/tiny")):
+        direct, served = (
+            requests.request(method, f"{base}{path}", timeout=30)
+            for base in (server.direct_http, server.http)
+        )
+        assert direct.status_code == served.status_code == 405
     for door in ("native-direct", "rest-direct"):
         wait_until(
             lambda door=door: any(

@@ -10,11 +10,11 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from helpers import free_port, held_port, run_async, until
-from serving.app.direct import DIRECT_SCOPE, DirectHttpDoor, start_direct_http_door
+from serving.app.direct import DIRECT_SCOPE, DirectHttpDoor, Routes, start_direct_http_door
 
 PORT = free_port()
 URL = f"http://127.0.0.1:{PORT}"
@@ -74,6 +74,45 @@ def test_the_door_runs_the_app_and_marks_its_requests():
         assert answer.status_code == 200
         assert answer.json() == {"replica": "a", "direct": True, "bytes": 5}
         assert "server" not in answer.headers  # no uvicorn banner
+
+    run_async(test)
+
+
+def test_routes_answer_posts_to_their_paths_and_hand_the_rest_to_the_app():
+    async def infer(request: Request, name: str, version: str | None = None) -> Response:
+        return JSONResponse({"name": name, "version": version, "bytes": len(await request.body())})
+
+    async def app_answer(request: Request) -> Response:
+        return JSONResponse({"app": request.method + " " + request.url.path})
+
+    app = Starlette(routes=[Route("/{path:path}", app_answer, methods=["GET", "POST"])])
+    routes = Routes(
+        app,
+        {"/v2/models/{name}/infer": infer, "/v2/models/{name}/versions/{version}/infer": infer},
+    )
+
+    async def test() -> None:
+        transport = httpx.ASGITransport(routes)
+        async with httpx.AsyncClient(transport=transport, base_url="http://door") as client:
+            answers = [
+                (await client.post(path, content=b"123")).json()
+                for path in (
+                    "/v2/models/m/infer",
+                    "/v2/models/m/versions/7/infer",
+                    "/v2/models/a/b/infer",
+                    "/v2/models/m/infer/",
+                    "/v2/models/m",
+                )
+            ]
+            fetched = (await client.get("/v2/models/m/infer")).json()
+        assert answers == [
+            {"name": "m", "version": None, "bytes": 3},
+            {"name": "m", "version": "7", "bytes": 3},
+            {"app": "POST /v2/models/a/b/infer"},
+            {"app": "POST /v2/models/m/infer/"},
+            {"app": "POST /v2/models/m"},
+        ]
+        assert fetched == {"app": "GET /v2/models/m/infer"}
 
     run_async(test)
 

@@ -4,8 +4,9 @@ Through Serve, a one-image request costs more CPU in the proxy hop and the repli
 handling than its share of the engine (docs/performance.md). The direct gRPC door is a
 ``grpc.aio`` server on the replica's event loop that hands each call to the same methods
 Serve's gRPC proxy calls; the direct HTTP door is a uvicorn server on that loop running the
-replica's own FastAPI app, the one Serve's HTTP proxy forwards to. Their answers, refusals,
-auth, batching and metrics are Serve's doors'; only the hops are gone.
+replica's own FastAPI app, the one Serve's HTTP proxy forwards to, whose model endpoints it
+calls past the app's router (:class:`Routes`). Their answers, refusals, auth, batching and
+metrics are Serve's doors'; only the hops are gone.
 
 What they give up: Serve neither routes nor counts these requests (its autoscaling, queue
 bounds and ``request_timeout_s`` do not see them; each door refuses requests past its own bound,
@@ -27,6 +28,9 @@ from typing import Any
 
 import grpc
 import uvicorn
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import compile_path
 
 from serving.doors import http_error
 from serving.errors import STATUS_TRAILER, ServiceError
@@ -121,6 +125,32 @@ RETRY_AFTER_S = 1
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
+Endpoint = Callable[..., Awaitable[Response]]
+"""An app's endpoint: called with ``request=`` and the path's parameters by name."""
+
+
+class Routes:
+    """An ASGI app that answers a POST to one of ``endpoints``' path templates (such as
+    ``/v2/models/{name}/infer``) by calling that endpoint, and hands every other request to
+    ``app``.
+
+    The endpoints are ``app``'s own, so their answers are the app's; what is skipped is its
+    router and middleware, which for a one-image request cost the replica's event loop about
+    as much as decoding the request does (docs/performance.md).
+    """
+
+    def __init__(self, app: ASGIApp, endpoints: dict[str, Endpoint]) -> None:
+        self.app = app
+        self.routes = [(compile_path(path), endpoint) for path, endpoint in endpoints.items()]
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            for (pattern, _, convertors), endpoint in self.routes:
+                if match := pattern.match(scope["path"]):
+                    params = {k: convertors[k].convert(v) for k, v in match.groupdict().items()}
+                    response = await endpoint(request=Request(scope, receive), **params)
+                    return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class Bounded:

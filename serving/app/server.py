@@ -43,13 +43,24 @@ from serving.service import (
 from serving.settings import AppConfig, Tuning
 from serving.wire import PredictRequest, PredictResponse
 
-from .direct import DIRECT_SCOPE, RPCS, DirectHttpDoor, start_direct_door, start_direct_http_door
+from .direct import (
+    DIRECT_SCOPE,
+    RPCS,
+    DirectHttpDoor,
+    Routes,
+    start_direct_door,
+    start_direct_http_door,
+)
 from .metrics import ServerMetrics
 from .openapi import json_answer, json_body
 
 logger = logging.getLogger("ray.serve")
 DRAIN_S = 10.0
 """How long a stopping replica's direct doors let the requests in flight finish."""
+PREDICT = "/v1/models/{name}/predict"
+INFER = "/v2/models/{name}/infer"
+INFER_VERSION = "/v2/models/{name}/versions/{version}/infer"
+"""The routes that run the models, which the direct HTTP door answers past FastAPI's router."""
 
 api = FastAPI(
     title="espro",
@@ -152,8 +163,9 @@ class ModelServer(OipGrpcMethods):
                 max_in_flight=config.max_direct_rpcs,
             )
         if config.direct_http_port is not None and self._direct_http is None:
+            endpoints = {PREDICT: self.predict, INFER: self.infer, INFER_VERSION: self.infer}
             self._direct_http = await start_direct_http_door(
-                self.app,  # this replica's FastAPI app, as Serve's ingress bound it
+                Routes(self.app, endpoints),  # self.app: the FastAPI app Serve's ingress bound
                 host=config.direct_host,
                 port=config.direct_http_port,
                 max_in_flight=config.max_direct_rpcs,
@@ -222,7 +234,7 @@ class ModelServer(OipGrpcMethods):
         return self._json(request, lambda: model_list(self.service.repository))
 
     @api.post(
-        "/v1/models/{name}/predict",
+        PREDICT,
         summary="Calibrated prediction with uncertainty, one record per instance",
         openapi_extra=json_body(PredictRequest),
         responses=json_answer(PredictResponse),
@@ -265,13 +277,13 @@ class ModelServer(OipGrpcMethods):
         return self._json(request, answer)
 
     @api.post(
-        "/v2/models/{name}/infer",
+        INFER,
         summary="Inference (the newest version)",
         openapi_extra=json_body(InferenceRequest, binary=True),
         responses=json_answer(InferenceResponse),
     )
     @api.post(
-        "/v2/models/{name}/versions/{version}/infer",
+        INFER_VERSION,
         summary="Inference",
         openapi_extra=json_body(InferenceRequest, binary=True),
         responses=json_answer(InferenceResponse),
