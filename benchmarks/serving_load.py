@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import select
@@ -63,7 +64,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ import numpy as np
 import torch
 from bundles import simplex_bundle
 from engine import commit, machine
-from soak import memory
+from soak import cpu_seconds, descendants, memory
 from tqdm import tqdm
 
 from serving.predictor import Predictor
@@ -605,6 +606,27 @@ def engine_rates(cells: Sequence[Cell], model: str) -> dict[int, float]:
     return rates
 
 
+Processes = Callable[[], Iterable[int]]
+"""The pids of a target's server processes, looked up when called."""
+
+
+def ray_processes(loadgen: LoadGenerator) -> list[int]:
+    """Every process this driver started but the load generator: Ray's and Serve's, espro's
+    replica among them."""
+    others = {os.getpid(), *descendants(loadgen.process.pid)}
+    return [pid for pid in descendants(os.getpid()) if pid not in others]
+
+
+def server_cpu_ms(load: Callable[[], Cell], server: Processes) -> Cell:
+    """``load``'s cell with the CPU its server's processes used per request sent (warm-up
+    included), in milliseconds: what the answers cost, apart from the machine's speed."""
+    before = cpu_seconds(server())
+    result = load()
+    after = cpu_seconds(server())
+    used = sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+    return result | {"server_cpu_ms_per_request": 1e3 * used / max(result["sent"], 1)}
+
+
 def door_cells(
     loadgen: LoadGenerator,
     target: str,
@@ -616,9 +638,11 @@ def door_cells(
     timing: Timing,
     report: Callable[[Cell], None],
     unsupported: dict[str, str] | None = None,
+    server: Processes | None = None,
 ) -> list[Cell]:
-    """Every cell over every door of one running target. A door that is ``unsupported`` or
-    does not answer a first request has its cells recorded with the reason instead."""
+    """Every cell over every door of one running target, with the CPU per request of its
+    ``server`` processes where given. A door that is ``unsupported`` or does not answer a
+    first request has its cells recorded with the reason instead."""
     results = []
     for door in doors:
         why = (unsupported or {}).get(door)
@@ -630,7 +654,9 @@ def door_cells(
             if cell.skipped or why:
                 result["skipped"] = cell.skipped or why
             else:
-                result |= loadgen.run(make_load(endpoint, door, cell, timing))
+                load = make_load(endpoint, door, cell, timing)
+                run = functools.partial(loadgen.run, load)
+                result |= server_cpu_ms(run, server) if server else run()
             report(result)
             results.append(result)
     return results
@@ -714,7 +740,7 @@ def espro_cells(
             for model, endpoint in endpoints.items():
                 results += door_cells(
                     loadgen, "espro", model, engine, endpoint, args.doors, plans[model], timing,
-                    report,
+                    report, server=functools.partial(ray_processes, loadgen),
                 )  # fmt: skip
         cells = grid(args.concurrency, args.images)
         results += serve_ceiling_cells(endpoints[args.models[0]], loadgen, cells, timing, report)
@@ -750,8 +776,9 @@ def serve_ceiling_cells(
     try:
         noop = Endpoint(f"{endpoint.http}/noop", endpoint.grpc, "noop", endpoint.input_shape)
         return door_cells(
-            loadgen, "serve-noop", "none", "none", noop, ["native"], one_image, timing, report
-        )
+            loadgen, "serve-noop", "none", "none", noop, ["native"], one_image, timing, report,
+            server=functools.partial(ray_processes, loadgen),
+        )  # fmt: skip
     finally:
         serve.delete("noop")
 
@@ -823,7 +850,7 @@ def peer_cells(
             difference = probability_difference(endpoint, bundle, timing)
             results += door_cells(
                 loadgen, peer.name, model, engine, endpoint, args.doors, cells, timing, report,
-                unsupported=peer.unsupported,
+                unsupported=peer.unsupported, server=functools.partial(descendants, pid),
             )  # fmt: skip
             info[engine] = {"memory": memory(pid), "max_probability_difference": difference}
     return results, info
@@ -939,10 +966,12 @@ def cell_row(cell: Cell) -> str:
         return f"{name} skipped: {cell['skipped'][:90]}"
     errors = ",".join(f"{k}:{v}" for k, v in cell.get("errors", {}).items()) or "0"
     cpu = cell.get("loadgen_cpu_percent")
+    server = cell.get("server_cpu_ms_per_request")
     return (
         f"{name} {_number(cell['requests_per_s'], 8)} req/s {_number(cell['images_per_s'], 8)} "
         f"img/s p50 {_number(cell['p50_ms'], 8)} ms p99 {_number(cell['p99_ms'], 8)} ms "
-        f"errors {errors} loadgen cpu {_number(cpu, 5, 0)}%"
+        f"errors {errors} loadgen cpu {_number(cpu, 5, 0)}% server cpu "
+        f"{_number(server, 6, 2)} ms/req"
     )
 
 

@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,19 @@ def descendants(root: int) -> list[int]:
         found += children
         frontier = children
     return found
+
+
+def cpu_seconds(pids: Iterable[int]) -> dict[int, float]:
+    """The user and system CPU seconds each of ``pids`` still running has used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        used[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return used
 
 
 def memory(root: int | None = None) -> dict[str, Any]:

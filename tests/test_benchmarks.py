@@ -43,7 +43,7 @@ def measured(bench: ModuleType, loadgen: Any, server: Server) -> list[dict[str, 
     timing = bench.Timing(warmup_s=0.3, duration_s=1.0, timeout_s=20.0)
     espro = bench.door_cells(
         loadgen, "espro", "tiny", "reference", endpoint, bench.DOORS, cells, timing,
-        lambda _: None,
+        lambda _: None, server=lambda: bench.ray_processes(loadgen),
     )  # fmt: skip
     engine = bench.engine_cells(
         server.bundles["tiny/2"], "tiny", "reference", cells, timing, lambda _: None
@@ -53,6 +53,16 @@ def measured(bench: ModuleType, loadgen: Any, server: Server) -> list[dict[str, 
 
 def test_load_generator_runs_pinned_to_one_core(loadgen: Any) -> None:
     assert os.sched_getaffinity(loadgen.process.pid) == {loadgen.core}
+
+
+def test_the_servers_processes_are_rays_without_the_load_generator(
+    bench: ModuleType, loadgen: Any, server: Server
+) -> None:
+    processes = bench.ray_processes(loadgen)
+    assert loadgen.process.pid not in processes and os.getpid() not in processes
+    names = {Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] for pid in processes}
+    assert any(name.startswith(b"ray::ServeReplica:espro") for name in names), names
+    assert set(bench.cpu_seconds(processes)) <= set(processes)
 
 
 def test_every_door_is_answered_and_the_counts_add_up(
@@ -68,6 +78,7 @@ def test_every_door_is_answered_and_the_counts_add_up(
         assert cell["images_per_s"] == pytest.approx(cell["requests_per_s"] * IMAGES)
         assert 0 < cell["p50_ms"] <= cell["p99_ms"]
         assert cell["loadgen_cpu_percent"] > 0
+        assert 0 < cell["server_cpu_ms_per_request"] < 1e3 * cell["seconds"] * os.cpu_count()
 
 
 def test_the_engine_runs_the_batch_the_server_would_form(
