@@ -193,7 +193,7 @@ def _skeleton(body: bytes, start: int) -> tuple[bytearray, bool, int]:
         odd = piece.translate(None, _STRUCTURE)  # true, null, NaN, stray bytes, or the end
         if any(char in odd for char in _OUTSIDE_ARRAYS):
             stop = min(i for char in _OUTSIDE_ARRAYS if (i := body.find(char, lo, lo + CHUNK)) >= 0)
-            # the piece keeps the order of what it keeps, so its first such character is that
+            # translate keeps the order of what it keeps: the piece's first one is at stop
             piece = piece[: min(i for char in _OUTSIDE_ARRAYS if (i := piece.find(char)) >= 0)]
             odd = piece.translate(None, _STRUCTURE)
         structure += piece.translate(None, odd) if odd else piece

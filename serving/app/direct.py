@@ -135,8 +135,8 @@ class Routes:
     ``app``.
 
     The endpoints are ``app``'s own, so their answers are the app's; what is skipped is its
-    router and middleware, which for a one-image request cost the replica's event loop about
-    as much as decoding the request does (docs/performance.md).
+    router and middleware, a large share of a small request's CPU on the replica
+    (docs/performance.md, "The direct HTTP door's model routes").
     """
 
     def __init__(self, app: ASGIApp, endpoints: dict[str, Endpoint]) -> None:
